@@ -1,0 +1,1 @@
+"""Soft-prompt adapters: PEFT format parsing, encoder collapse, validation, registry, store."""

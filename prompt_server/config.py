@@ -1,0 +1,45 @@
+"""One settings object. Every limit lives here, with a default and a PROMPT_SERVER_* env var."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "prompt-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMPT_SERVER_", extra="ignore")
+
+    # model
+    model: str | None = Field(None, description="Local Hugging Face causal-LM directory; none means the embedded default")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the default model is cached")
+    threads: int = Field(0, ge=0, description="torch intra-op threads on the CPU; 0 leaves torch's default")
+
+    # adapters
+    adapters: Path | None = Field(None, description="Adapter store directory: loaded at start, uploads persist here")
+    max_virtual_tokens: int = Field(128, ge=1)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(None, description="Bearer key for every route but /health; none means open")
+    admin_key: str | None = Field(None, description="Bearer key for adapter writes; none means api_key rules")
+
+    # engine limits
+    max_batch_size: int = Field(32, ge=1, description="Rows in one forward pass")
+    max_batch_tokens: int = Field(16384, ge=1, description="Tokens in flight (prompt + virtual + generated) across rows")
+    max_input_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for")
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=1, description="Waiting requests; beyond it requests get 429")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds before a request is cancelled")
+    max_stop_sequences: int = Field(8, ge=0)

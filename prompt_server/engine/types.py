@@ -1,0 +1,97 @@
+"""What goes into the engine and what comes out of it. Plain data, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to its callers."""
+
+
+class InvalidRequest(EngineError):
+    """The request breaks a limit or is malformed; the message names the field, the limit and the value."""
+
+
+class AdapterNotFound(EngineError):
+    def __init__(self, adapter_id: str):
+        super().__init__(f"adapter '{adapter_id}' not found")
+        self.adapter_id = adapter_id
+
+
+class QueueFull(EngineError):
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__("the request queue is full, retry later")
+        self.retry_after = retry_after
+
+
+class EngineStopped(EngineError):
+    """The engine is not running (starting, stopping or dead)."""
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int | None = None  # None with do_sample: a random seed, reported back
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | list[int]  # text, or token ids already
+    adapter_id: str | None = None
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    prefill_logprobs: bool = False  # also return the prompt tokens with their logprobs
+    add_special_tokens: bool = True
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the new, complete text it adds (may be '' while a character is split)."""
+
+    token: Token
+    text: str
+    index: int  # 0-based position among generated tokens
+
+
+@dataclass
+class GenerationResult:
+    """The final event of a stream, and the result of a non-streamed request."""
+
+    text: str  # the whole generated text (stop sequence included, as TGI does)
+    tokens: list[Token]
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled"
+    prompt_tokens: int
+    seed: int | None
+    prefill: list[Token] = field(default_factory=list)  # filled when prefill_logprobs
+    adapter_version: int | None = None
+    queue_time: float = 0.0  # seconds between submit and admission
+    first_token_time: float = 0.0  # seconds between submit and first token
+
+
+@dataclass
+class ClassifyRequest:
+    inputs: list[str]
+    adapter_id: str | None = None
+    labels: list[str] | None = None  # verbalizers; None means the adapter's own labels / head
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
