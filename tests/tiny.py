@@ -1,0 +1,173 @@
+"""Tiny offline models, a tokenizer and PEFT soft-prompt adapters for tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VARIANTS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection")
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. Hello world! How are you today? I am fine, thank you.
+Once upon a time there was a little cat who lived in a small house by the river.
+The weather is good and the sun is shining. It was a great day, and the movie was wonderful.
+This film was terrible and boring. I loved it. I hated it. The food was bad. The service was excellent.
+Question: what is the capital of France? Answer: Paris. Translate to French: cheese, bread, wine.
+You are a helpful assistant. Please answer the question in one short sentence.
+positive negative neutral yes no true false good bad happy sad one two three four five six seven eight nine ten
+system user assistant message content the a an of to in is it and or not for with on at by from as be this that
+"""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a built-in text, so common words are single tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        min_frequency=1,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model(kind: str, path: str | Path) -> Path:
+    """Write a tiny random model ("llama" with GQA, or "gpt2") plus tokenizer to `path`; fixed seed."""
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model: PreTrainedModel
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
+            **ids,
+        )
+        model = LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                            initializer_range=0.1, **ids)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"kind must be 'llama' or 'gpt2', got {kind!r}")
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _peft_config(variant: str, task_type: str, num_virtual_tokens: int):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    common = dict(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
+    if variant == "prompt_tuning":
+        return PromptTuningConfig(**common)
+    if variant in ("p_tuning_mlp", "p_tuning_lstm"):
+        kind = "MLP" if variant == "p_tuning_mlp" else "LSTM"
+        return PromptEncoderConfig(encoder_reparameterization_type=kind, encoder_hidden_size=32, **common)
+    if variant in ("prefix", "prefix_projection"):
+        return PrefixTuningConfig(prefix_projection=variant == "prefix_projection", encoder_hidden_size=32, **common)
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def _randomize(module: torch.nn.Module, gen: torch.Generator, embedding_std: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("embedding.weight"):
+                std = embedding_std
+            elif p.dim() >= 2:
+                std = p.shape[-1] ** -0.5
+            else:
+                std = 0.1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+
+
+def make_peft(base_model, variant: str, *, task_type: str = "CAUSAL_LM", num_virtual_tokens: int = 4,
+              seed: int = 0, num_labels: int = 2):
+    """A PeftModel of `variant` over `base_model` (a model or a directory), encoder weights randomized, eval mode."""
+    from peft import get_peft_model
+
+    if isinstance(base_model, (str, Path)):
+        if task_type == "SEQ_CLS":
+            base_model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+        else:
+            base_model = AutoModelForCausalLM.from_pretrained(base_model)
+    elif task_type == "SEQ_CLS":
+        base_model = AutoModelForSequenceClassification.from_pretrained(
+            base_model.name_or_path, num_labels=num_labels, torch_dtype=base_model.dtype)
+    if task_type == "SEQ_CLS" and base_model.config.pad_token_id is None:
+        base_model.config.pad_token_id = base_model.config.eos_token_id
+    peft_model = get_peft_model(base_model, _peft_config(variant, task_type, num_virtual_tokens))
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(peft_model.prompt_encoder["default"], gen)
+    if task_type == "SEQ_CLS":
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.5)
+    peft_model.eval()
+    return peft_model
+
+
+def save_peft(peft_model, dir: str | Path, *, fmt: str = "safetensors") -> Path:
+    """PEFT's own save_pretrained, as safetensors or as a pickled .bin."""
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+    dir = Path(dir)
+    peft_model.save_pretrained(dir, safe_serialization=fmt == "safetensors")
+    return dir
+
+
+def raw_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The encoders' own weights as PeftModel.state_dict() names them, plus any SEQ_CLS head PEFT would save."""
+    from peft import get_peft_model_state_dict
+
+    sd = {k: v.detach().clone().contiguous() for k, v in peft_model.state_dict().items()
+          if k.startswith("prompt_encoder.")}
+    for k, v in get_peft_model_state_dict(peft_model).items():
+        if k != "prompt_embeddings":
+            sd[k] = v.detach().clone().contiguous()
+    return sd
+
+
+def save_raw_checkpoint(peft_model, dir: str | Path) -> Path:
+    """adapter_config.json + the encoders' own weights (a training checkpoint, not yet collapsed)."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config["default"].to_dict()
+    config = {k: (v.value if hasattr(v, "value") else v) for k, v in config.items()}
+    config["inference_mode"] = False
+    config["target_modules"] = list(config["target_modules"]) if config.get("target_modules") else None
+    config["modules_to_save"] = list(config["modules_to_save"]) if config.get("modules_to_save") else None
+    (dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    save_file(raw_state_dict(peft_model), str(dir / "adapter_model.safetensors"))
+    return dir
