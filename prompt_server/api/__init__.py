@@ -1,0 +1,23 @@
+"""HTTP layer: routes, schemas, auth, errors. Reaches the engine only through app.state.service; no torch."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from prompt_server.api import errors
+from prompt_server.api.deps import require_api_key
+from prompt_server.api.middleware import RequestCounter
+from prompt_server.api.routes import adapters, classify, generate, meta, openai
+
+
+def install_routes(app: FastAPI) -> None:
+    """Mount every route, the error handlers and the request counter on `app`."""
+    errors.install(app)
+    keyed = [Depends(require_api_key)]
+    app.include_router(meta.open_router)
+    app.include_router(meta.router)
+    app.include_router(generate.router, dependencies=keyed)
+    app.include_router(openai.router, dependencies=keyed)
+    app.include_router(classify.router, dependencies=keyed)
+    app.include_router(adapters.router, dependencies=keyed)
+    app.add_middleware(RequestCounter)

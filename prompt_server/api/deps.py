@@ -1,0 +1,53 @@
+"""Dependencies shared by the routes: the service handle and the two bearer-key checks."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from prompt_server.api.errors import UNAUTHORIZED, ApiError
+from prompt_server.api.service import Service
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _check(request: Request, keys: list[str], what: str) -> None:
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise ApiError(401, f"missing {what}: send 'Authorization: Bearer <key>'", UNAUTHORIZED,
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+        raise ApiError(401, f"invalid {what}", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key(request: Request, service: ServiceDep) -> None:
+    """Every route but /health: the API key (or the admin key) when an API key is configured."""
+    s = service.settings
+    if s.api_key is not None:
+        _check(request, [k for k in (s.api_key, s.admin_key) if k is not None], "API key")
+
+
+def require_admin_key(request: Request, service: ServiceDep) -> None:
+    """Adapter writes: the admin key when one is configured, otherwise the API key rules."""
+    s = service.settings
+    if s.admin_key is not None:
+        _check(request, [s.admin_key], "admin key")
+    elif s.api_key is not None:
+        _check(request, [s.api_key], "API key")

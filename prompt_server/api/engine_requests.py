@@ -1,0 +1,63 @@
+"""Turn HTTP bodies into engine requests, checking the limits from Settings with TGI-style messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prompt_server.api.errors import validation_error
+from prompt_server.api.schemas.tgi import Parameters
+from prompt_server.config import Settings
+from prompt_server.engine.types import GenerateRequest, SamplingParams
+
+
+def check_max_new_tokens(value: int, settings: Settings, field: str) -> int:
+    if value > settings.max_new_tokens:
+        raise validation_error(f"{field} must be <= {settings.max_new_tokens} (max_new_tokens limit), given {value}")
+    return value
+
+
+def check_stops(stops: list[str], settings: Settings, field: str) -> list[str]:
+    if len(stops) > settings.max_stop_sequences:
+        raise validation_error(
+            f"{field} may hold at most {settings.max_stop_sequences} sequences (max_stop_sequences), given {len(stops)}"
+        )
+    return stops
+
+
+def check_input_tokens(count: int, settings: Settings, field: str) -> None:
+    if count > settings.max_input_tokens:
+        raise validation_error(
+            f"{field} must have at most {settings.max_input_tokens} tokens (max_input_tokens), given {count}"
+        )
+
+
+def tgi_request(inputs: str, p: Parameters, settings: Settings, tokenizer: Any) -> GenerateRequest:
+    """A TGI/LoRAX body as an engine request; temperature, top_k or top_p turn sampling on, as in TGI."""
+    max_new = check_max_new_tokens(p.max_new_tokens or settings.default_max_new_tokens, settings,
+                                   "parameters.max_new_tokens")
+    sampling = SamplingParams(
+        do_sample=p.do_sample
+        or (p.temperature is not None and p.temperature != 1.0)
+        or p.top_k is not None
+        or (p.top_p is not None and p.top_p < 1.0),
+        temperature=p.temperature if p.temperature is not None else 1.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        seed=p.seed,
+    )
+    prompt: str | list[int] = inputs
+    add_special = True
+    if p.truncate is not None:
+        ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
+        prompt, add_special = ids[-p.truncate :], False
+    return GenerateRequest(
+        prompt=prompt,
+        adapter_id=p.adapter_id or None,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        stop=check_stops(list(p.stop), settings, "parameters.stop"),
+        ignore_eos=p.ignore_eos_token,
+        prefill_logprobs=p.decoder_input_details,
+        add_special_tokens=add_special,
+    )

@@ -1,0 +1,124 @@
+"""The one error shape of the API, {"error": str, "error_type": str}, and the handlers that produce it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
+from prompt_server.engine.types import AdapterNotFound, EngineStopped, InvalidRequest, QueueFull
+
+log = logging.getLogger(__name__)
+
+# error_type values follow TGI's where one exists, so its clients raise the matching exception
+VALIDATION = "validation"
+BAD_REQUEST = "bad_request"
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+TOO_LARGE = "too_large"
+OVERLOADED = "overloaded"
+UNAVAILABLE = "unavailable"
+TIMEOUT = "timeout"
+INTERNAL = "internal"
+
+
+class ApiError(Exception):
+    """An error answered with `status` and {"error": message, "error_type": error_type}."""
+
+    def __init__(self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.headers = headers
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "error_type": self.error_type}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def validation_error(message: str) -> ApiError:
+    return ApiError(422, message, VALIDATION)
+
+
+def from_exception(exc: Exception) -> ApiError:
+    """Map an engine or registry error to its HTTP form; anything unknown is a 500 that hides the detail."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, str(exc), VALIDATION)
+    if isinstance(exc, AdapterNotFound):
+        return ApiError(404, str(exc), NOT_FOUND)
+    if isinstance(exc, QueueFull):
+        retry = max(1, round(exc.retry_after))
+        return ApiError(429, str(exc), OVERLOADED, headers={"Retry-After": str(retry)})
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, str(exc) or "the engine is not running", UNAVAILABLE)
+    if isinstance(exc, AdapterTooLarge):
+        return ApiError(413, str(exc), TOO_LARGE)
+    if isinstance(exc, AdapterError):
+        return ApiError(400, str(exc), BAD_REQUEST)
+    log.exception("unexpected error", exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}", INTERNAL)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _given(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation(errors: list[Any]) -> str:
+    """One line per problem: `parameters.top_p: Input should be less than or equal to 1 (given 1.5)`."""
+    lines = []
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            lines.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            continue
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        where = _loc(tuple(err.get("loc", ())))
+        if err.get("type") == "missing":
+            lines.append(f"{where}: field required")
+        else:
+            lines.append(f"{where}: {msg} (given {_given(err.get('input'))})")
+    return "; ".join(lines)
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    return from_exception(exc).response()
+
+
+async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+    error_type = BAD_REQUEST if status == 400 else VALIDATION
+    return ApiError(status, format_validation(errors), error_type).response()
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kinds = {401: UNAUTHORIZED, 404: NOT_FOUND, 405: BAD_REQUEST, 413: TOO_LARGE, 503: UNAVAILABLE}
+    return ApiError(exc.status_code, str(exc.detail), kinds.get(exc.status_code, BAD_REQUEST), exc.headers).response()
+
+
+def install(app: FastAPI) -> None:
+    """Route every error through the one shape."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for exc_type in (InvalidRequest, AdapterNotFound, QueueFull, EngineStopped, AdapterError, AdapterTooLarge, Exception):
+        app.add_exception_handler(exc_type, _api_error)

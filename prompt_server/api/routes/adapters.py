@@ -1,0 +1,76 @@
+"""Adapter management: list, show, upload (create or replace), delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from prompt_server.api.deps import ServiceDep, require_admin_key
+from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception
+from prompt_server.api.schemas.adapters import AdapterPublic, AdaptersPublic
+from prompt_server.api.upload import read_upload
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+def public(record: Any) -> AdapterPublic:
+    return AdapterPublic(
+        id=record.id,
+        peft_type=record.peft_type,
+        task_type=record.task_type,
+        num_virtual_tokens=record.num_virtual_tokens,
+        version=record.version,
+        sha256=record.sha256,
+        size_bytes=record.size_bytes,
+        created_at=record.created_at,
+        labels=list(record.labels) if record.labels is not None else None,
+        base_model=record.base_model,
+        has_classifier=record.classifier is not None,
+    )
+
+
+def _not_found(adapter_id: str) -> ApiError:
+    return ApiError(404, f"adapter '{adapter_id}' not found", NOT_FOUND)
+
+
+@router.get("", response_model=AdaptersPublic)
+async def list_adapters(service: ServiceDep) -> AdaptersPublic:
+    """Every adapter in the registry."""
+    return AdaptersPublic(adapters=[public(r) for r in sorted(service.registry.list(), key=lambda r: r.id)])
+
+
+@router.get("/{adapter_id}", response_model=AdapterPublic)
+async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) -> AdapterPublic:
+    """One adapter's record."""
+    request.state.adapter = adapter_id
+    record = service.registry.get(adapter_id)
+    if record is None:
+        raise _not_found(adapter_id)
+    return public(record)
+
+
+@router.put("/{adapter_id}", response_model=AdapterPublic, status_code=201,
+            dependencies=[Depends(require_admin_key)],
+            responses={200: {"description": "replaced"}, 201: {"description": "created"}})
+async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) -> JSONResponse:
+    """Upload a PEFT adapter (multipart files or one archive part); 201 when created, 200 when replaced."""
+    request.state.adapter = adapter_id
+    upload = await read_upload(request, service.settings.max_upload_bytes)
+    try:
+        record, created = await run_in_threadpool(service.registry.put, adapter_id, upload.files, upload.labels)
+    except Exception as exc:  # AdapterError -> 400, AdapterTooLarge -> 413, the rest -> 500
+        raise from_exception(exc) from None
+    return JSONResponse(public(record).model_dump(), status_code=201 if created else 200)
+
+
+@router.delete("/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)])
+async def delete_adapter(adapter_id: str, request: Request, service: ServiceDep) -> Response:
+    """Remove an adapter; requests already running with it finish with the version they started with."""
+    request.state.adapter = adapter_id
+    deleted = await run_in_threadpool(service.registry.delete, adapter_id)
+    if not deleted:
+        raise _not_found(adapter_id)
+    return Response(status_code=204)

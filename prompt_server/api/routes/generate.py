@@ -1,0 +1,141 @@
+"""TGI / LoRAX routes: POST /generate, POST /generate_stream, and POST / (what their Python clients call)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from prompt_server.api.deps import ServiceDep
+from prompt_server.api.engine_requests import tgi_request
+from prompt_server.api.errors import ApiError
+from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
+from prompt_server.api.service import ClientGone, Service
+from prompt_server.api.sse import event, finite, stream_response
+from prompt_server.engine.types import GenerationResult, Token, TokenEvent
+
+router = APIRouter(tags=["generate"])
+
+_LOWEST = -1e30  # stands in for a generated token's -inf log-probability (clients want a float)
+
+
+def token_dict(token: Token) -> dict[str, Any]:
+    logprob = finite(token.logprob)
+    return {"id": token.id, "text": token.text, "logprob": _LOWEST if logprob is None else logprob,
+            "special": token.special}
+
+
+def details_dict(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": len(result.tokens),
+        "seed": result.seed,
+        "prefill": [{"id": t.id, "text": t.text, "logprob": finite(t.logprob)} for t in result.prefill],
+        "tokens": [token_dict(t) for t in result.tokens],
+        "adapter_version": result.adapter_version,
+    }
+
+
+def _response(body: GenerateRequest, result: GenerationResult) -> dict[str, Any]:
+    p = body.parameters
+    text = body.inputs + result.text if p.return_full_text else result.text
+    return {"generated_text": text, "details": details_dict(result) if p.details else None}
+
+
+def _submit(service: Service, request: Request, body: GenerateRequest) -> Any:
+    request.state.adapter = body.parameters.adapter_id or ""
+    req = tgi_request(body.inputs, body.parameters, service.settings, service.tokenizer)
+    return service.submit(req)
+
+
+async def _generate(service: Service, request: Request, body: GenerateRequest) -> dict[str, Any]:
+    started = time.monotonic()
+    handle = _submit(service, request, body)
+    try:
+        result = await service.result(handle, request)
+    except ClientGone:
+        raise ApiError(499, "client closed the request", "cancelled") from None
+    service.observe(result, started)
+    return _response(body, result)
+
+
+def _may_be_last(ev: TokenEvent, text: str, body: GenerateRequest, max_new: int) -> bool:
+    """Whether this token can end generation, so that it must travel with generated_text and details."""
+    p = body.parameters
+    return (
+        ev.index + 1 >= max_new
+        or (ev.token.special and not p.ignore_eos_token)
+        or any(stop in text for stop in p.stop)
+    )
+
+
+async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -> AsyncIterator[str]:
+    """TGI stream events; the last one carries the last token, generated_text and details."""
+    started = time.monotonic()
+    max_new = body.parameters.max_new_tokens or service.settings.default_max_new_tokens
+    held: TokenEvent | None = None
+    last: TokenEvent | None = None
+    text = ""
+    try:
+        async for ev in service.events(handle):
+            if isinstance(ev, TokenEvent):
+                if held is not None:
+                    yield event(StreamResponse(index=held.index, token=token_dict(held.token)).model_dump())
+                    held = None
+                text += ev.text
+                last = ev
+                if _may_be_last(ev, text, body, max_new):
+                    held = ev
+                else:
+                    yield event(StreamResponse(index=ev.index, token=token_dict(ev.token)).model_dump())
+                continue
+            service.observe(ev, started)
+            yield event(_final_event(body, ev, held, last))
+    except ApiError as exc:
+        yield event(exc.body())
+
+
+def _final_event(body: GenerateRequest, result: GenerationResult, held: TokenEvent | None,
+                 last: TokenEvent | None) -> dict[str, Any]:
+    if held is not None:
+        index, token = held.index, token_dict(held.token)
+    else:
+        # generation ended without a token we could foresee as the last: an empty special token closes the stream
+        index = last.index + 1 if last else 0
+        token = {"id": last.token.id if last else 0, "text": "", "logprob": 0.0, "special": True}
+    generated = body.inputs + result.text if body.parameters.return_full_text else result.text
+    details = {
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": len(result.tokens),
+        "seed": result.seed,
+    }
+    return {"index": index, "token": token, "generated_text": generated, "details": details}
+
+
+def _stream(service: Service, request: Request, body: GenerateRequest) -> Response:
+    handle = _submit(service, request, body)
+    return stream_response(_stream_events(service, handle, body), handle.cancel)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=False)
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> JSONResponse:
+    """Generate text (TGI / LoRAX shape)."""
+    return JSONResponse(await _generate(service, request, body))
+
+
+@router.post("/generate_stream", response_class=Response)
+async def generate_stream(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
+    """Generate text as server-sent events, one per token (TGI / LoRAX shape)."""
+    return _stream(service, request, body)
+
+
+@router.post("/", response_class=Response)
+async def compat(body: CompatRequest, request: Request, service: ServiceDep) -> Response:
+    """The route the text-generation and lorax-client packages post to: a JSON list, or the stream."""
+    if body.stream:
+        return _stream(service, request, body)
+    return JSONResponse([await _generate(service, request, body)])

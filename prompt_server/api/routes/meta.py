@@ -1,0 +1,36 @@
+"""Service routes: GET /health, GET /info, GET /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from prompt_server.api.deps import ServiceDep, require_api_key
+
+open_router = APIRouter(tags=["service"])
+router = APIRouter(tags=["service"], dependencies=[Depends(require_api_key)])
+
+
+@open_router.get("/health")
+async def health(service: ServiceDep) -> JSONResponse:
+    """Liveness: 200 while the engine runs, 503 otherwise. Needs no key."""
+    if not service.ready:
+        return JSONResponse({"status": "unavailable", "error": "the engine is not running",
+                             "error_type": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/info")
+async def info(service: ServiceDep) -> dict[str, Any]:
+    """Model, dtype, device, limits and version."""
+    return service.info_dict()
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(service: ServiceDep) -> PlainTextResponse:
+    """Prometheus text exposition."""
+    stats = {k: float(v) for k, v in service.engine.stats().items()}
+    text = service.metrics.render(stats, len(service.registry))
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

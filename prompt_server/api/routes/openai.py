@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from prompt_server import __version__
+from prompt_server.api.deps import ServiceDep
+from prompt_server.api.engine_requests import check_max_new_tokens, check_stops
+from prompt_server.api.errors import NOT_FOUND, ApiError, validation_error
+from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from prompt_server.api.service import ClientGone, Service
+from prompt_server.api.sse import event, finite, stream_response
+from prompt_server.api.stops import StopTrimmer, trim_at_stop
+from prompt_server.engine.types import GenerateRequest, GenerationResult, SamplingParams, Token, TokenEvent
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+FINGERPRINT = f"prompt-server-{__version__}"
+
+
+def _adapter_for(model: str | None, service: Service) -> str | None:
+    """`model` names an adapter, or the base model (or nothing) for no adapter."""
+    if model is None or model == "" or model == service.info.model_id:
+        return None
+    if service.registry.get(model) is None:
+        raise ApiError(404, f"model '{model}' not found: use the base model id '{service.info.model_id}' "
+                       "or the id of a loaded adapter (see GET /v1/models)", NOT_FOUND)
+    return model
+
+
+def _engine_request(body: SamplingFields, prompt: str | list[int], max_tokens: int | None, service: Service,
+                    add_special_tokens: bool, adapter_id: str | None) -> GenerateRequest:
+    s = service.settings
+    temperature = 1.0 if body.temperature is None else body.temperature
+    max_new = check_max_new_tokens(max_tokens or s.default_max_new_tokens, s, "max_tokens")
+    sampling = SamplingParams(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=max(body.top_k or 0, 0),
+        top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+    )
+    return GenerateRequest(
+        prompt=prompt,
+        adapter_id=adapter_id,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        stop=check_stops(body.stop_list(), s, "stop"),
+        ignore_eos=body.ignore_eos,
+        add_special_tokens=add_special_tokens,
+    )
+
+
+def _completion_prompt(body: CompletionRequest) -> str | list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise validation_error(f"prompt: one prompt per request is supported, given a batch of {len(prompt)}")
+        prompt = prompt[0]
+    if not prompt:
+        raise validation_error("prompt: must not be empty")
+    return prompt
+
+
+def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
+    tokenizer = service.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise validation_error("messages: the base model's tokenizer has no chat template; use /v1/completions")
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own checks (e.g. alternating roles) raise arbitrary errors
+        raise validation_error(f"messages: the chat template rejected them: {exc}") from None
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    n = len(result.tokens)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+
+
+def _kept_tokens(tokens: list[Token], text_len: int) -> list[Token]:
+    """The tokens whose text starts before `text_len` (those that survive stop-sequence trimming)."""
+    kept, offset = [], 0
+    for t in tokens:
+        if offset >= text_len and kept:
+            break
+        kept.append(t)
+        offset += len(t.text)
+    return kept
+
+
+def _completion_logprobs(tokens: list[Token], start: int) -> dict[str, Any]:
+    offsets, at = [], start
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [finite(t.logprob) for t in tokens],
+        "top_logprobs": [{t.text: finite(t.logprob)} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
+    return {"content": [{"token": t.text, "logprob": finite(t.logprob), "bytes": list(t.text.encode()),
+                         "top_logprobs": []} for t in tokens]}
+
+
+async def _run(service: Service, request: Request, req: GenerateRequest) -> GenerationResult:
+    started = time.monotonic()
+    handle = service.submit(req)
+    try:
+        result = await service.result(handle, request)
+    except ClientGone:
+        raise ApiError(499, "client closed the request", "cancelled") from None
+    service.observe(result, started)
+    return result
+
+
+def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: bool) -> Response:
+    """OpenAI streaming: `chunk(delta_text, finish_reason, first)` builds each chunk; then usage, then [DONE]."""
+    handle = service.submit(req)
+    trimmer = StopTrimmer(req.stop)
+
+    async def events() -> AsyncIterator[str]:
+        started = time.monotonic()
+        text = ""
+        yield event(chunk("", None, True))
+        try:
+            async for ev in service.events(handle):
+                if isinstance(ev, TokenEvent):
+                    text += ev.text
+                    delta = trimmer.push(text)
+                    if delta:
+                        yield event(chunk(delta, None, False))
+                    continue
+                service.observe(ev, started)
+                rest = trimmer.finish(ev.text)
+                yield event(chunk(rest, FINISH.get(ev.finish_reason, "stop"), False))
+                if include_usage:
+                    yield event(chunk(None, None, False) | {"choices": [], "usage": _usage(ev)})
+        except ApiError as exc:
+            yield event(exc.body())
+        yield event("[DONE]")
+
+    return stream_response(events(), handle.cancel)
+
+
+@router.post("/completions", response_class=Response)
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
+    """OpenAI text completion; `model` is an adapter id or the base model id."""
+    adapter = _adapter_for(body.model, service)
+    request.state.adapter = adapter or ""
+    prompt = _completion_prompt(body)
+    req = _engine_request(body, prompt, body.max_tokens, service, True, adapter)
+    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
+    echo = ""
+    if body.echo:
+        echo = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt)
+
+    def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+        choice = {"index": 0, "text": (echo if first else "") + (text or ""), "logprobs": None,
+                  "finish_reason": finish}
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": FINGERPRINT, "choices": [choice]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(service, req, chunk, include_usage)
+    result = await _run(service, request, req)
+    text = trim_at_stop(result.text, req.stop)
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = _completion_logprobs(_kept_tokens(result.tokens, len(text)), len(echo))
+    choice = {"index": 0, "text": echo + text, "logprobs": logprobs,
+              "finish_reason": FINISH.get(result.finish_reason, "stop")}
+    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                         "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(result)})
+
+
+@router.post("/chat/completions", response_class=Response)
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
+    """OpenAI chat completion, prompted through the tokenizer's chat template."""
+    adapter = _adapter_for(body.model, service)
+    request.state.adapter = adapter or ""
+    prompt = _chat_prompt(body, service)
+    req = _engine_request(body, prompt, body.max_completion_tokens or body.max_tokens, service, False, adapter)
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
+
+    def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": None}
+        if not first and text == "" and finish is not None:
+            delta = {"role": "assistant", "content": None, "tool_calls": None}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": FINGERPRINT, "choices": [choice]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(service, req, chunk, include_usage)
+    result = await _run(service, request, req)
+    text = trim_at_stop(result.text, req.stop)
+    logprobs = _chat_logprobs(_kept_tokens(result.tokens, len(text))) if body.logprobs else None
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+              "finish_reason": FINISH.get(result.finish_reason, "stop")}
+    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                         "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(result)})
+
+
+@router.get("/models")
+async def models(service: ServiceDep) -> dict[str, Any]:
+    """The base model and every adapter, as OpenAI model objects."""
+    base = {"id": service.info.model_id, "object": "model", "created": int(service.started_at),
+            "owned_by": "prompt-server", "root": service.info.model_id, "parent": None}
+    adapters = [{"id": a.id, "object": "model", "created": int(a.created_at), "owned_by": "prompt-server",
+                 "root": service.info.model_id, "parent": service.info.model_id, "peft_type": a.peft_type,
+                 "version": a.version} for a in service.registry.list()]
+    return {"object": "list", "data": [base, *adapters]}

@@ -1,0 +1,139 @@
+"""The one object routes reach the engine and the registry through (app.state.service). No torch here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+
+from prompt_server import __version__
+from prompt_server.api.errors import TIMEOUT, ApiError
+from prompt_server.api.metrics import Metrics
+from prompt_server.config import Settings
+from prompt_server.engine.types import GenerateRequest, GenerationResult, TokenEvent
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    dtype: str
+    device: str
+    path: str
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Service:
+    """Engine, registry, settings and metrics behind one handle; the lifespan builds it."""
+
+    def __init__(self, engine: Any, registry: Any, settings: Settings, info: ModelInfo, skipped: list[tuple[str, str]]):
+        self.engine = engine
+        self.registry = registry
+        self.settings = settings
+        self.info = info
+        self.skipped = skipped
+        self.metrics = Metrics()
+        self.started_at = time.time()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.engine.ready)
+
+    def submit(self, req: GenerateRequest) -> Any:
+        """Hand a request to the engine; raises the engine's errors at once (bad input, unknown adapter, full queue)."""
+        return self.engine.submit(req)
+
+    async def result(self, handle: Any, request: Request) -> GenerationResult:
+        """The final result; cancels generation when the client leaves or the request timeout passes."""
+        result_task = asyncio.ensure_future(handle.result())
+        gone_task = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait(
+                {result_task, gone_task}, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone_task.cancel()
+        if result_task in done:
+            result = result_task.result()
+            if result.finish_reason == "cancelled":
+                raise self.timeout_error()
+            return result
+        handle.cancel()
+        result_task.cancel()
+        if gone_task in done:
+            raise ClientGone()
+        raise self.timeout_error()
+
+    async def events(self, handle: Any) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """The handle's events; raises the timeout error once request_timeout has passed."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        iterator = handle.__aiter__()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                event = await asyncio.wait_for(iterator.__anext__(), timeout=max(remaining, 0.0))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                handle.cancel()
+                raise self.timeout_error() from None
+            if isinstance(event, GenerationResult):
+                if event.finish_reason == "cancelled":
+                    raise self.timeout_error()
+                yield event
+                return
+            yield event
+
+    def timeout_error(self) -> ApiError:
+        limit = self.settings.request_timeout
+        return ApiError(504, f"the request did not finish within request_timeout={limit:g} s and was cancelled", TIMEOUT)
+
+    def observe(self, result: GenerationResult, started: float) -> None:
+        self.metrics.observe_generation(
+            queue=result.queue_time,
+            first_token=result.first_token_time,
+            total=time.monotonic() - started,
+            prompt_tokens=result.prompt_tokens,
+            generated=len(result.tokens),
+        )
+
+    def info_dict(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "model_id": self.info.model_id,
+            "model_path": self.info.path,
+            "model_dtype": self.info.dtype,
+            "model_device": self.info.device,
+            "version": __version__,
+            "adapters_loaded": len(self.registry),
+            "adapters_skipped": [{"id": i, "error": e} for i, e in self.skipped],
+            "limits": {
+                "max_input_tokens": s.max_input_tokens,
+                "max_new_tokens": s.max_new_tokens,
+                "default_max_new_tokens": s.default_max_new_tokens,
+                "max_batch_size": s.max_batch_size,
+                "max_batch_tokens": s.max_batch_tokens,
+                "max_queue": s.max_queue,
+                "max_stop_sequences": s.max_stop_sequences,
+                "max_virtual_tokens": s.max_virtual_tokens,
+                "max_upload_bytes": s.max_upload_bytes,
+                "request_timeout": s.request_timeout,
+            },
+            "auth": {"api_key": s.api_key is not None, "admin_key": s.admin_key is not None},
+        }

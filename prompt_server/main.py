@@ -1,0 +1,69 @@
+"""The app factory: create_app(settings) wires the model, the adapter registry and the engine into the HTTP layer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from prompt_server import __version__
+from prompt_server.api import install_routes
+from prompt_server.api.service import ModelInfo, Service
+from prompt_server.config import Settings
+
+log = logging.getLogger("prompt_server")
+
+
+def build_service(settings: Settings) -> Service:
+    """Load the model and the adapter store, start the engine; what the lifespan holds while serving."""
+    import torch
+
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.engine.engine import Engine
+    from prompt_server.model.loader import load_model
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    registry = AdapterRegistry(
+        loaded.spec,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        store=settings.adapters,
+        max_virtual_tokens=settings.max_virtual_tokens,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    skipped = registry.load_store()
+    for adapter_id, error in skipped:
+        log.warning("adapter %s skipped: %s", adapter_id, error)
+    engine = Engine(loaded, registry, settings)
+    engine.start()
+    info = ModelInfo(
+        model_id=engine.model_id,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        path=str(loaded.path),
+    )
+    log.info("serving %s on %s (%s) with %d adapters", info.model_id, info.device, info.dtype, len(registry))
+    return Service(engine, registry, settings, info, skipped)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app whose lifespan loads everything from `settings` and stops the engine on shutdown."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = build_service(settings)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(title="prompt-server", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    install_routes(app)
+    return app
