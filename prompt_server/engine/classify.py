@@ -1,0 +1,105 @@
+"""Classification through the engine: a classifier head on the last hidden state, or labels scored as continuations."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from prompt_server.adapters.types import SoftPrompt
+from prompt_server.engine.types import InvalidRequest, Prediction
+from prompt_server.model.batch import PrefillRow
+
+
+@dataclass
+class ClassifyJob:
+    """All rows of one /classify call; finished in the prefill that admits it."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    inputs: list[list[int]]  # token ids per input
+    adapter: SoftPrompt | None
+    labels: list[str]
+    label_ids: list[list[int]] | None  # verbalizer tokens per label; None when the adapter's head is used
+    cancelled: bool = False
+    rows: list[PrefillRow] = field(default_factory=list)
+
+    @property
+    def uses_head(self) -> bool:
+        return self.label_ids is None
+
+    def build_rows(self) -> list[PrefillRow]:
+        virtual = None if self.adapter is None else self.adapter.virtual_tokens
+        prefix = None if self.adapter is None else self.adapter.prefix
+        rows = []
+        for ids in self.inputs:
+            if self.label_ids is None:
+                rows.append(PrefillRow(ids=ids, virtual=virtual, prefix=prefix, n_logits=0))
+                continue
+            for lab in self.label_ids:
+                # logits at the last len(lab)+1 positions: position j scores the token at j+1
+                rows.append(PrefillRow(ids=ids + lab, virtual=virtual, prefix=prefix, n_logits=len(lab) + 1))
+        self.rows = rows
+        return rows
+
+    def score(self, hidden: torch.Tensor, logits_fn) -> list[Prediction]:
+        """hidden: [n, S, hidden] for this job's rows in order -> one prediction per input."""
+        if self.label_ids is None:
+            head = self.adapter.classifier
+            h = hidden[:, -1].to(head.weight.dtype)  # [n, hidden]
+            scores = h @ head.weight.T  # [n, labels]
+            if head.bias is not None:
+                scores = scores + head.bias
+            return [_prediction(self.labels, row.float()) for row in scores]
+        preds = []
+        n_labels = len(self.label_ids)
+        for i in range(len(self.inputs)):
+            totals = []
+            for j, lab in enumerate(self.label_ids):
+                row = i * n_labels + j
+                k = len(lab)
+                logp = logits_fn(hidden[row, -(k + 1) : -1]).log_softmax(-1)  # [k, vocab]
+                totals.append(logp.gather(-1, torch.tensor(lab, device=logp.device)[:, None]).sum())
+            preds.append(_prediction(self.labels, torch.stack(totals)))
+        return preds
+
+    def resolve(self, predictions: list[Prediction] | BaseException) -> None:
+        def set_result() -> None:
+            if self.future.done():
+                return
+            if isinstance(predictions, BaseException):
+                self.future.set_exception(predictions)
+            else:
+                self.future.set_result(predictions)
+
+        self.loop.call_soon_threadsafe(set_result)
+
+
+def _prediction(labels: list[str], scores: torch.Tensor) -> Prediction:
+    probs = scores.float().softmax(-1).tolist()
+    best = max(range(len(labels)), key=lambda i: probs[i])
+    return Prediction(label=labels[best], score=probs[best], scores=dict(zip(labels, probs)))
+
+
+def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer) -> tuple[list[str], list | None]:
+    """Decide head or verbalizers; -> (label names, verbalizer token ids or None for the head)."""
+    head = adapter.classifier if adapter is not None else None
+    if head is not None:
+        n = head.weight.shape[0]
+        names = list(labels) if labels else list(adapter.labels or [f"LABEL_{i}" for i in range(n)])
+        if len(names) != n:
+            raise InvalidRequest(f"labels: the adapter's classifier head has {n} outputs, got {len(names)} labels")
+        return names, None
+    names = list(labels) if labels else list(adapter.labels or []) if adapter is not None else []
+    if len(names) < 2:
+        raise InvalidRequest("labels: at least 2 labels are needed to score as continuations, got " + str(len(names)))
+    if len(set(names)) != len(names):
+        raise InvalidRequest("labels: labels must be distinct")
+    ids = []
+    for name in names:
+        if not name.strip():
+            raise InvalidRequest("labels: a label must not be empty")
+        tok = tokenizer(" " + name.strip(), add_special_tokens=False).input_ids
+        ids.append(tok)
+    return names, ids

@@ -1,0 +1,175 @@
+"""One generation request inside the engine: its tokens, incremental text, stopping rules and async hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+from prompt_server.adapters.types import SoftPrompt
+from prompt_server.engine.types import GenerateRequest, GenerationResult, Token, TokenEvent
+from prompt_server.model.sampling import RowSampler
+
+
+class Detokenizer:
+    """Incremental decoding that never emits half a character: text is released once it decodes cleanly."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        new_text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+
+class RequestHandle:
+    """The caller's side of a request: an async stream of TokenEvents closed by one GenerationResult."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int, wake):
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._wake = wake
+        self._result: GenerationResult | None = None
+        self.prompt_tokens = prompt_tokens
+        self.cancelled = False
+
+    def push(self, event) -> None:
+        """Called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step; safe to call any number of times, from any thread."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._wake()
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while self._result is None:
+            event = await self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, GenerationResult):
+                self._result = event
+            yield event
+
+    async def result(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+
+@dataclass
+class Sequence:
+    """Engine-side state of one generation request."""
+
+    handle: RequestHandle
+    request: GenerateRequest
+    prompt_ids: list[int]
+    adapter: SoftPrompt | None
+    sampler: RowSampler
+    eos_ids: frozenset[int]
+    detok: Detokenizer
+    special_ids: frozenset[int]
+    max_position: int  # positions the model can take; generation stops before it
+    submitted_at: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    generated: list[int] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    text: str = ""
+    prefill: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def soft_len(self) -> int:
+        """Prefix or virtual-token columns this row carries."""
+        return 0 if self.adapter is None else self.adapter.num_virtual_tokens
+
+    @property
+    def budget(self) -> int:
+        """Tokens this row may hold at its longest."""
+        return self.soft_len + len(self.prompt_ids) + self.request.max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.generated)
+
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def append(self, token_id: int, logprob: float, tokenizer, position: int) -> TokenEvent:
+        """Record one generated token, decide whether the row is finished, and tell the caller."""
+        now = time.monotonic()
+        if not self.generated:
+            self.first_token_at = now
+        self.generated.append(token_id)
+        special = token_id in self.special_ids
+        if special:
+            delta = ""
+            shown = tokenizer.decode([token_id], skip_special_tokens=False)
+        else:
+            delta = self.detok.add(token_id)
+            shown = delta
+        self.text += delta
+        token = Token(id=token_id, text=shown, logprob=logprob, special=special)
+        self.tokens.append(token)
+        event = TokenEvent(token=token, text=delta, index=len(self.generated) - 1)
+        self.handle.push(event)
+        if token_id in self.eos_ids and not self.request.ignore_eos:
+            self.finish_reason = "eos_token"
+        elif delta and self._hit_stop(len(delta)):
+            self.finish_reason = "stop_sequence"
+        elif self.remaining <= 0 or position + 1 >= self.max_position:
+            self.finish_reason = "length"
+        return event
+
+    def _hit_stop(self, added: int) -> bool:
+        for stop in self.request.stop:
+            if stop and stop in self.text[-(len(stop) + added) :]:
+                return True
+        return False
+
+    def finish(self, reason: str | None = None) -> GenerationResult:
+        """Close the stream with the final result."""
+        if reason is not None:
+            self.finish_reason = reason
+        final_text = self.tokenizer_text()
+        result = GenerationResult(
+            text=final_text,
+            tokens=self.tokens,
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.prompt_ids),
+            seed=self.sampler.seed,
+            prefill=self.prefill,
+            adapter_version=None if self.adapter is None else self.adapter.version,
+            queue_time=max(0.0, self.admitted_at - self.submitted_at) if self.admitted_at else 0.0,
+            first_token_time=max(0.0, self.first_token_at - self.submitted_at) if self.first_token_at else 0.0,
+        )
+        self.handle.push(result)
+        return result
+
+    def tokenizer_text(self) -> str:
+        """The whole text: what was streamed plus anything held back waiting for the rest of a character."""
+        tail = self.detok.tokenizer.decode(
+            self.detok.ids[self.detok.prefix_offset :], skip_special_tokens=True
+        )
+        done = self.detok.tokenizer.decode(
+            self.detok.ids[self.detok.prefix_offset : self.detok.read_offset], skip_special_tokens=True
+        )
+        return self.text + tail[len(done) :]

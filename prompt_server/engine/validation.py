@@ -1,0 +1,39 @@
+"""Request checks the engine makes before queueing; messages name the field, the limit and the value given."""
+
+from __future__ import annotations
+
+from prompt_server.engine.types import GenerateRequest, InvalidRequest
+
+
+def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, settings, max_position: int) -> None:
+    s = req.sampling
+    if not 1 <= req.max_new_tokens <= settings.max_new_tokens:
+        raise InvalidRequest(
+            f"max_new_tokens must be between 1 and {settings.max_new_tokens}, got {req.max_new_tokens}"
+        )
+    if prompt_tokens > settings.max_input_tokens:
+        raise InvalidRequest(
+            f"inputs: {prompt_tokens} tokens exceed max_input_tokens {settings.max_input_tokens}"
+        )
+    total = soft_tokens + prompt_tokens + req.max_new_tokens
+    if total > max_position:
+        raise InvalidRequest(
+            f"inputs + max_new_tokens: {soft_tokens} virtual + {prompt_tokens} prompt + {req.max_new_tokens} new "
+            f"tokens = {total} exceed the model's context of {max_position}"
+        )
+    if total > settings.max_batch_tokens:
+        raise InvalidRequest(
+            f"inputs + max_new_tokens: {total} tokens exceed max_batch_tokens {settings.max_batch_tokens}"
+        )
+    if s.do_sample and not s.temperature > 0:
+        raise InvalidRequest(f"temperature must be > 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
+    if not s.repetition_penalty > 0:
+        raise InvalidRequest(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    if len(req.stop) > settings.max_stop_sequences:
+        raise InvalidRequest(f"stop: at most {settings.max_stop_sequences} stop sequences, got {len(req.stop)}")
+    if any(not stop for stop in req.stop):
+        raise InvalidRequest("stop: stop sequences must not be empty")

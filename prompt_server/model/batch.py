@@ -1,0 +1,178 @@
+"""Batch layout for mixed soft prompts: every row right-aligned, prefixes in the past cache, virtual tokens inline.
+
+A prefill of n rows looks like this (P = prefix columns, S = embedding columns):
+
+    cache columns  [ 0 .. Pmax )            inputs_embeds columns [ Pmax .. Pmax+S )
+    prefix row     [ 0 0 | k k k ]          [ pad pad | prompt ............ ]
+    prompt-tuning  [ 0 0   0 0 0 ]          [ pad | virtual | prompt ...... ]
+    plain row      [ 0 0   0 0 0 ]          [ pad pad pad | prompt ........ ]
+
+The attention mask is 1 exactly on each row's own prefix, virtual and prompt columns. Positions: prefix rows start
+at P (PEFT uses the prefix raw, without rotary), virtual-token rows at 0, over virtual and real tokens alike.
+After the prefill every row's last token sits in the last column, and decoding appends one column a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillRow:
+    """One sequence entering the batch."""
+
+    ids: list[int]  # prompt token ids, at least one
+    virtual: torch.Tensor | None = None  # [V, hidden]
+    prefix: torch.Tensor | None = None  # [L, 2, kv_heads, P, head_dim]
+    n_logits: int = 1  # trailing positions whose logits are wanted (1 = next token only)
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[3]
+
+    @property
+    def embed_len(self) -> int:
+        return len(self.ids) + (0 if self.virtual is None else self.virtual.shape[0])
+
+
+@dataclass
+class PrefillInputs:
+    ids: torch.Tensor  # [n, S] token ids, pad where virtual tokens or padding sit
+    virtual_mask: torch.Tensor | None  # [n, S] bool, True where a virtual token replaces the embedding
+    virtual: torch.Tensor | None  # [sum V, hidden], in row order
+    past: torch.Tensor | None  # [L, 2, n, kv_heads, Pmax, head_dim] or None when no row has a prefix
+    mask: torch.Tensor  # [n, Pmax + S] bool
+    positions: torch.Tensor  # [n, S] long
+
+    @property
+    def prefix_width(self) -> int:
+        return 0 if self.past is None else self.past.shape[4]
+
+
+def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
+    """Lay out rows as in the module docstring."""
+    n = len(rows)
+    pmax = max(r.prefix_len for r in rows)
+    s = max(r.embed_len for r in rows)
+    ids = torch.full((n, s), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, pmax + s, dtype=torch.bool)
+    positions = torch.zeros(n, s, dtype=torch.long)
+    has_virtual = any(r.virtual is not None for r in rows)
+    virtual_mask = torch.zeros(n, s, dtype=torch.bool) if has_virtual else None
+    for i, r in enumerate(rows):
+        p, e, t = r.prefix_len, r.embed_len, len(r.ids)
+        ids[i, s - t :] = torch.tensor(r.ids, dtype=torch.long)
+        mask[i, pmax - p : pmax] = True
+        mask[i, pmax + s - e :] = True
+        positions[i, s - e :] = torch.arange(p, p + e)
+        if r.virtual is not None and virtual_mask is not None:
+            virtual_mask[i, s - e : s - t] = True
+    past = None
+    if pmax:
+        ref = next(r.prefix for r in rows if r.prefix is not None)
+        L, _, kvh, _, d = ref.shape
+        past = torch.zeros(L, 2, n, kvh, pmax, d, dtype=ref.dtype, device=ref.device)
+        for i, r in enumerate(rows):
+            if r.prefix is not None:
+                past[:, :, i, :, pmax - r.prefix_len :] = r.prefix
+    virtual = None
+    if has_virtual:
+        virtual = torch.cat([r.virtual for r in rows if r.virtual is not None])
+        virtual_mask = virtual_mask.to(device)
+    return PrefillInputs(
+        ids=ids.to(device),
+        virtual_mask=virtual_mask,
+        virtual=virtual,
+        past=past,
+        mask=mask.to(device),
+        positions=positions.to(device),
+    )
+
+
+def embed(inputs: PrefillInputs, embed_tokens: torch.nn.Module) -> torch.Tensor:
+    """Token embeddings with each row's virtual tokens written over its virtual columns. -> [n, S, hidden]"""
+    x = embed_tokens(inputs.ids)
+    if inputs.virtual is not None:
+        x = x.clone()
+        x[inputs.virtual_mask] = inputs.virtual.to(x.dtype)
+    return x
+
+
+class KV:
+    """Per-layer keys and values of a running batch, [B, kv_heads, capacity, head_dim]; `width` columns are used.
+
+    Column j holds the same step for every row (rows are right-aligned), so a decode step writes one column for
+    all rows at once. Spare capacity lets the fast runner write in place instead of concatenating.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int):
+        self.keys = keys
+        self.values = values
+        self.width = width
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i][:, :, : self.width], self.values[i][:, :, : self.width]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for `columns` more columns beyond `width`."""
+        need = self.width + columns
+        if need <= self.capacity:
+            return
+        self.keys = [_resized(k, self.width, need) for k in self.keys]
+        self.values = [_resized(v, self.width, need) for v in self.values]
+
+    def select(self, rows: torch.Tensor, start: int, spare: int) -> KV:
+        """Keep `rows`, drop the columns before `start`, leave `spare` free columns."""
+        width = self.width - start
+        keys = [_copy_into(k[rows, :, start : self.width], width + spare) for k in self.keys]
+        values = [_copy_into(v[rows, :, start : self.width], width + spare) for v in self.values]
+        return KV(keys, values, width)
+
+    @staticmethod
+    def concatenate(parts: list[KV], spare: int) -> KV:
+        """Stack batches row-wise, right-aligning the narrower ones (their new left columns are masked out)."""
+        width = max(p.width for p in parts)
+        ref = parts[0].keys[0]
+        total = sum(p.batch_size for p in parts)
+        n_layers = len(parts[0].keys)
+        keys, values = [], []
+        for i in range(n_layers):
+            k = ref.new_zeros(total, ref.shape[1], width + spare, ref.shape[3])
+            v = ref.new_zeros(total, ref.shape[1], width + spare, ref.shape[3])
+            row = 0
+            for p in parts:
+                b = p.batch_size
+                k[row : row + b, :, width - p.width : width] = p.keys[i][:, :, : p.width]
+                v[row : row + b, :, width - p.width : width] = p.values[i][:, :, : p.width]
+                row += b
+            keys.append(k)
+            values.append(v)
+        return KV(keys, values, width)
+
+
+def _copy_into(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    # t: [B, kv, w, d] -> a fresh [B, kv, capacity, d] holding t in its first w columns
+    out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+    out[:, :, : t.shape[2]] = t
+    return out
+
+
+def _resized(t: torch.Tensor, width: int, capacity: int) -> torch.Tensor:
+    return _copy_into(t[:, :, :width], capacity)
+
+
+def pad_mask_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, w] -> [B, width], new columns on the left are False."""
+    if mask.shape[1] == width:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)

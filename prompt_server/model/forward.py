@@ -1,0 +1,189 @@
+"""Forward passes over a mixed batch: a lean path for Llama-family models and a generic one for any HF causal LM.
+
+Both take the layout of batch.py and return final-layer hidden states (after the last norm); logits are computed
+only for the positions that need them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from prompt_server.model.batch import KV, PrefillInputs, embed
+
+# Llama-style decoders whose layers are exactly: norm -> q/k/v (rotary) -> attention -> o, norm -> gated MLP.
+FAST_MODEL_TYPES = ("llama", "qwen2")
+
+
+class Runner(ABC):
+    """What the engine needs from a model: prefill new rows, decode one token for all rows, project to logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.lm_head = model.get_output_embeddings()
+        self.embed_tokens = model.get_input_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    @abstractmethod
+    def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
+        """Run new rows; -> hidden [n, S, hidden] and their cache with `spare` free columns."""
+
+    @abstractmethod
+    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row: ids [B], mask [B, W+1] bool, positions [B] -> hidden [B, hidden]; kv grows by one."""
+
+
+def make_runner(model: torch.nn.Module, fast: bool = True) -> Runner:
+    """The lean runner where the architecture allows it, the generic one otherwise."""
+    if fast and getattr(model.config, "model_type", "") in FAST_MODEL_TYPES:
+        return LlamaRunner(model)
+    return HFRunner(model)
+
+
+class HFRunner(Runner):
+    """Any HF causal LM: the model's own forward with a DynamicCache, 2-D mask with holes, explicit positions."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.base = model.base_model
+
+    def _cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+        layers = []
+        for k, v in zip(keys, values):
+            layer = DynamicLayer()
+            layer.lazy_initialization(k)
+            layer.keys, layer.values = k, v
+            layers.append(layer)
+        cache = DynamicCache()
+        cache.layers = layers
+        return cache
+
+    def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
+        x = embed(inputs, self.embed_tokens)  # [n, S, hidden]
+        if inputs.past is not None:
+            cache = self._cache([p[0] for p in inputs.past], [p[1] for p in inputs.past])
+        else:
+            cache = DynamicCache()
+        out = self.base(
+            inputs_embeds=x,
+            attention_mask=inputs.mask.long(),
+            position_ids=inputs.positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        kv = KV([la.keys for la in cache.layers], [la.values for la in cache.layers], x.shape[1] + inputs.prefix_width)
+        return out.last_hidden_state, kv
+
+    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        views = [kv.layer(i) for i in range(len(kv.keys))]
+        cache = self._cache([k for k, _ in views], [v for _, v in views])
+        out = self.base(
+            inputs_embeds=self.embed_tokens(ids[:, None]),
+            attention_mask=mask.long(),
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        kv.keys = [la.keys for la in cache.layers]
+        kv.values = [la.values for la in cache.layers]
+        kv.width += 1
+        return out.last_hidden_state[:, -1]
+
+
+class LlamaRunner(Runner):
+    """Llama-family forward written out: KV written in place, grouped-query attention without repeating KV heads."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        inner = model.model
+        self.layers = inner.layers
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.head_dim**-0.5
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # q: [B, H, S, d], k: [B, kv, S, d], cos/sin: [B, S, d]
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        attn = layer.self_attn
+        b, s, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, d]
+        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv, S, d]
+        v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv, S, d]
+        q, k = self._rope(q, k, cos, sin)
+        return q, k, v
+
+    def _finish(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + layer.self_attn.o_proj(attn_out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
+        x = embed(inputs, self.embed_tokens)  # [n, S, hidden]
+        n, s, _ = x.shape
+        pw = inputs.prefix_width
+        width = pw + s
+        cos, sin = self.rotary(x, inputs.positions)
+        # mask: [n, 1, S, Pmax+S]; causal over the S columns, each row's holes closed; every query sees itself
+        # so that padding rows stay finite (their outputs are never used).
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        mask = inputs.mask[:, None, None, :].expand(n, 1, s, width).clone()
+        mask[:, :, :, pw:] &= causal
+        mask[:, :, :, pw:] |= torch.eye(s, dtype=torch.bool, device=x.device)
+        ref = self.layers[0].self_attn.k_proj.weight
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            kc = ref.new_zeros(n, self.n_kv, width + spare, self.head_dim)
+            vc = ref.new_zeros(n, self.n_kv, width + spare, self.head_dim)
+            if inputs.past is not None:
+                kc[:, :, :pw] = inputs.past[i, 0]
+                vc[:, :, :pw] = inputs.past[i, 1]
+            kc[:, :, pw:width] = k
+            vc[:, :, pw:width] = v
+            out = F.scaled_dot_product_attention(
+                q, kc[:, :, :width], vc[:, :, :width], attn_mask=mask, scale=self.scale, enable_gqa=True
+            )  # [n, H, S, d]
+            x = self._finish(layer, x, out.transpose(1, 2).reshape(n, s, -1))
+            keys.append(kc)
+            values.append(vc)
+        return self.norm(x), KV(keys, values, width)
+
+    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kv.reserve(1)
+        x = self.embed_tokens(ids[:, None])  # [B, 1, hidden]
+        b = x.shape[0]
+        col = kv.width
+        cos, sin = self.rotary(x, positions[:, None])
+        group = self.n_heads // self.n_kv
+        attn_mask = mask[:, None, None, :]  # [B, 1, 1, W+1]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            kv.keys[i][:, :, col] = k[:, :, 0]
+            kv.values[i][:, :, col] = v[:, :, 0]
+            # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
+            qg = q.reshape(b, self.n_kv, group, self.head_dim)  # [B, kv, g, d]
+            out = F.scaled_dot_product_attention(
+                qg, kv.keys[i][:, :, : col + 1], kv.values[i][:, :, : col + 1], attn_mask=attn_mask, scale=self.scale
+            )  # [B, kv, g, d]
+            x = self._finish(layer, x, out.reshape(b, 1, -1))
+        kv.width += 1
+        return self.norm(x)[:, -1]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
