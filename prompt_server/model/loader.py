@@ -1,0 +1,162 @@
+"""Load the frozen base model: any local Hugging Face causal-LM directory, or the embedded default."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prompt_server.adapters.types import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelLoadError(ValueError):
+    """The base model could not be loaded; the message says what is wrong and where."""
+
+
+@dataclass
+class LoadedModel:
+    """The frozen base model with everything the engine and the adapter registry need to know about it."""
+
+    model: Any  # PreTrainedModel, eval mode, no grad
+    tokenizer: Any  # PreTrainedTokenizerBase with a pad token
+    spec: ModelSpec
+    model_id: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" picks cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but torch sees no CUDA GPU; use device 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is float32 on the CPU, bfloat16 on a GPU that supports it, else float16."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    resolved = DTYPES[dtype]
+    if resolved == torch.float16 and device.type == "cpu":
+        # Allowed, since some setups want it, but CPU half-precision kernels are slow and less accurate.
+        log.warning("dtype float16 on the CPU is slow and less accurate than float32 or bfloat16")
+    return resolved
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` torch intra-op threads on the CPU; 0 keeps torch's default."""
+    if threads < 0:
+        raise ModelLoadError(f"threads must be >= 0, got {threads}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail early, with the reason, when `path` is not a loadable causal-LM directory."""
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory (expected a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json")
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {path} has no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+
+
+def load_model(
+    path: str | Path | None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a local causal LM (None = the embedded default model) frozen, in eval mode, on `device`."""
+    if path is None:
+        from prompt_server.model.default import ensure_default_model
+
+        path = ensure_default_model(cache_dir, progress=progress)
+    path = Path(path).expanduser().resolve()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    check_model_dir(path)
+    tokenizer = _load_tokenizer(path)
+    model = _load_weights(path, torch_dtype)
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        # Rows are padded on the left and masked, so which token pads does not matter; eos is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ModelLoadError(f"the tokenizer in {path} has neither a pad token nor an eos token")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=ModelSpec.from_config(model.config),
+        model_id=path.name,
+        path=path,
+        device=torch_device,
+        dtype=torch_dtype,
+    )
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer from {path}: {exc}") from exc
+
+
+def _load_weights(path: Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from exc
+    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
+            raise ModelLoadError(_weights_error(path, config, exc)) from exc
+        # Some architectures have no SDPA path; fall back to their own attention.
+        log.info("model type %s does not support sdpa attention; using its default", config.model_type)
+    except Exception as exc:
+        raise ModelLoadError(_weights_error(path, config, exc)) from exc
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(_weights_error(path, config, exc)) from exc
+
+
+def _weights_error(path: Path, config: Any, exc: Exception) -> str:
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        return f"model_type {config.model_type!r} in {path / 'config.json'} is not a causal language model"
+    return f"could not load the weights from {path}: {exc}"
