@@ -62,8 +62,8 @@ def save_tiny_model(kind: str, path: str | Path) -> Path:
     path = Path(path)
     tokenizer = build_tokenizer()
     vocab = len(tokenizer)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(0)
     model: PreTrainedModel
     if kind == "llama":
@@ -88,7 +88,7 @@ def save_tiny_model(kind: str, path: str | Path) -> Path:
 def _peft_config(variant: str, task_type: str, num_virtual_tokens: int):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    common = dict(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
+    common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
     if variant == "prompt_tuning":
         return PromptTuningConfig(**common)
     if variant in ("p_tuning_mlp", "p_tuning_lstm"):

@@ -11,7 +11,6 @@ import zlib
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 
 
-
 def _junk(name: str) -> bool:
     return name.startswith("__MACOSX/") or posixpath.basename(name) == ".DS_Store"
 
@@ -54,11 +53,7 @@ def _members(data: bytes, max_bytes: int) -> dict[str, bytes]:
             raise AdapterError(f"archive is corrupt or uses an unsupported compression: {e}") from None
         return out
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    except tarfile.TarError:
-        raise AdapterError("archive is not a .zip, .tar or .tar.gz file") from None
-    with tf:
-        try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
             for member in tf:
                 if member.isdir():
                     _check_name(member.name)
@@ -66,8 +61,8 @@ def _members(data: bytes, max_bytes: int) -> dict[str, bytes]:
                 if not member.isfile():
                     raise AdapterError(f"archive member {member.name!r} is a link or device, expected a regular file")
                 add(member.name, member.size, lambda m=member: tf.extractfile(m).read())  # type: ignore[union-attr]
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise AdapterError(f"archive is corrupt: {e}") from None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise AdapterError(f"archive is not a readable .zip, .tar or .tar.gz file: {e}") from None
     return out
 
 

@@ -119,7 +119,7 @@ def parse_weights(name: str, data: bytes) -> dict[str, torch.Tensor]:
     elif name == BIN_FILE:
         try:
             tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler raises many types; all mean "not an acceptable file"
+        except Exception as e:  # noqa: BLE001 -- the unpickler raises many types; all mean "not an acceptable file"
             raise AdapterError(f"{name} could not be read as a weights-only torch file: {e}") from None
     else:
         raise AdapterError(f"weights file {name!r} is not supported: expected one of {', '.join(WEIGHT_FILES)}")

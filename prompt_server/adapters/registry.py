@@ -29,7 +29,7 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype")
+        raise TypeError(f"dtype {dtype!r} is not a torch dtype")
     return value
 
 
@@ -106,7 +106,7 @@ class AdapterRegistry:
         check_adapter_id(adapter_id)
         files = self._unpack(files)
         labels = list(check_labels(labels) or ()) or None
-        config, weights_name, weights = split_files(files)
+        weights = split_files(files)[2]
         kept = {name: data for name, data in files.items() if name not in IGNORED_FILES}
         with self._lock:
             if self.store is None:

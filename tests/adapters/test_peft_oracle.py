@@ -20,7 +20,7 @@ def base(request, tiny_llama_dir, tiny_gpt2_dir):
     path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(path)(TEXT, return_tensors="pt")["input_ids"]
-    return path, model, ModelSpec.from_config(model.config), ids
+    return model, ModelSpec.from_config(model.config), ids
 
 
 def _load(path, spec):
@@ -30,7 +30,7 @@ def _load(path, spec):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_saved_adapter_matches_peft_logits(base, variant, fmt, tmp_path):
-    path, model, spec, ids = base
+    model, spec, ids = base
     peft = make_peft(model, variant, num_virtual_tokens=5, seed=3)
     with torch.no_grad():
         expected = peft(input_ids=ids).logits[0, -ids.shape[1]:]  # prompt tuning returns logits for virtual tokens too
@@ -45,7 +45,7 @@ def test_saved_adapter_matches_peft_logits(base, variant, fmt, tmp_path):
 
 @pytest.mark.parametrize("variant", ["p_tuning_mlp", "p_tuning_lstm", "prefix_projection", "prompt_tuning", "prefix"])
 def test_raw_checkpoint_collapses_to_peft_saved_embeddings(base, variant, tmp_path):
-    path, model, spec, ids = base
+    model, spec, ids = base
     peft = make_peft(model, variant, num_virtual_tokens=6, seed=7)
     saved = _load(save_peft(peft, tmp_path / "saved"), spec)
     raw = _load(save_raw_checkpoint(peft, tmp_path / "raw"), spec)
@@ -61,7 +61,7 @@ def test_raw_checkpoint_collapses_to_peft_saved_embeddings(base, variant, tmp_pa
 
 
 def test_prefix_layout_puts_layer_keys_then_values(base, tmp_path):
-    path, model, spec, ids = base
+    model, spec, _ = base
     peft = make_peft(model, "prefix", num_virtual_tokens=3)
     record = _load(save_peft(peft, tmp_path / "a"), spec)
     L, H, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
@@ -92,7 +92,7 @@ def test_seq_cls_head_matches_peft_classification_logits(variant, tiny_llama_dir
 
 
 def test_dtype_and_device_follow_the_model(base, tmp_path):
-    path, model, spec, ids = base
+    model, spec, _ = base
     peft = make_peft(model, "prefix_projection")
     record = load_adapter_dir(save_peft(peft, tmp_path / "a"), spec, device="cpu", dtype=torch.bfloat16)
     assert record.prefix.dtype == torch.bfloat16 and record.prefix.device.type == "cpu"
