@@ -80,7 +80,7 @@ class Metrics:
                 self.hist["time_per_output_token_seconds"].observe(max(0.0, total - first_token) / (generated - 1))
 
     def render(self, engine_stats: dict[str, float], adapters_loaded: int) -> str:
-        """The exposition text; engine counters ending in steps/tokens/sum are counters, the rest gauges."""
+        """The exposition text; the engine's queue_depth and running are gauges, its other stats counters."""
         lines = [
             "# HELP prompt_server_requests_total HTTP requests by route, adapter and status code.",
             "# TYPE prompt_server_requests_total counter",
@@ -106,11 +106,11 @@ class Metrics:
                 f"prompt_server_batch_size_mean {_number(engine_stats.get('batch_size_sum', 0.0) / steps)}",
             ]
         for key, value in sorted(engine_stats.items()):
-            kind = "counter" if key in _ENGINE_COUNTERS else "gauge"
+            kind = "gauge" if key in _ENGINE_GAUGES else "counter"
             metric = "prompt_server_engine_" + re.sub(r"[^A-Za-z0-9_]", "_", key) + ("_total" if kind == "counter" else "")
             lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric} {_number(value)}")
         return "\n".join(lines) + "\n"
 
 
-_ENGINE_COUNTERS = {"steps", "batch_size_sum", "generated_tokens", "prompt_tokens"}
+_ENGINE_GAUGES = {"queue_depth", "running"}

@@ -71,7 +71,7 @@ class Service:
             gone_task.cancel()
         if result_task in done:
             result = result_task.result()
-            if result.finish_reason == "cancelled":
+            if result.finish_reason in ("cancelled", "timeout"):
                 raise self.timeout_error()
             return result
         handle.cancel()
@@ -94,7 +94,7 @@ class Service:
                 handle.cancel()
                 raise self.timeout_error() from None
             if isinstance(event, GenerationResult):
-                if event.finish_reason == "cancelled":
+                if event.finish_reason in ("cancelled", "timeout"):
                     raise self.timeout_error()
                 yield event
                 return
