@@ -56,12 +56,13 @@ def _lstm(weights: dict[str, torch.Tensor]) -> nn.LSTM:
 def _load(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
     own = {k[len(prefix) + 1:]: v.float() for k, v in weights.items() if k.startswith(prefix + ".")}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(own))
-    unknown = sorted(set(own) - set(expected))
-    if missing or unknown:
-        raise AdapterError(
-            f"encoder weights under {prefix}: missing keys {missing or 'none'}, unknown keys {unknown or 'none'}"
-        )
+    missing = [f"{prefix}.{k}" for k in sorted(set(expected) - set(own))]
+    unknown = [f"{prefix}.{k}" for k in sorted(set(own) - set(expected))]
+    if missing:
+        raise AdapterError(f"encoder key(s) {', '.join(missing)} missing")
+    if unknown:
+        raise AdapterError(f"unknown encoder key(s) {', '.join(unknown)}: expected {', '.join(sorted(expected))}"
+                           f" under {prefix}")
     for k, v in own.items():
         if v.shape != expected[k].shape:
             raise AdapterError(
