@@ -1,0 +1,60 @@
+# make serve   set up .venv if needed and serve the default model with the sample adapters
+# make test    set up .venv if needed, fetch the default model, run the whole test suite (slow tests too)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+# Optional index for torch alone, e.g. https://download.pytorch.org/whl/cpu for the CPU-only build.
+TORCH_INDEX ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Adapter store for `make serve`: seeded with the sample adapters, uploads persist here.
+ADAPTERS ?= .cache/adapter-store
+PYTEST_ARGS ?=
+
+# Reinstall only when pyproject.toml or the torch pin changes.
+INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(INSTALL_KEY)
+
+.PHONY: install serve test model deps-system lint clean
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+model: install
+	$(PY) -m prompt_server.model.default
+
+serve: install
+	@mkdir -p $(ADAPTERS)
+	@for d in adapters/*/; do \
+		[ -d "$$d" ] && [ ! -e "$(ADAPTERS)/$$(basename $$d)" ] && cp -R "$$d" "$(ADAPTERS)/" || true; \
+	done
+	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+
+# pytest's exit code passes through: failures (1) and "no tests ran" (5) both fail the target.
+test: install deps-system model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# System packages the tests use: nginx, for the load-balanced replica test.
+deps-system:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "nginx is missing and apt-get is not available: install nginx to run the replica test" >&2; exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1 \
+		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends nginx; }
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check prompt_server tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
