@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prompt_server.adapters.loader import META_FILE
-from prompt_server.adapters.peft_format import ID_PATTERN
+from prompt_server.adapters.peft_format import CONFIG_FILE, ID_PATTERN
 
 Signature = tuple[int, int, int]  # (inode, mtime_ns, size) of meta.json: changes whenever a version is published
 
@@ -43,12 +43,14 @@ class AdapterStore:
         return self.root / adapter_id
 
     def signature(self, adapter_id: str) -> Signature | None:
-        """One stat of the adapter's meta.json; None when the adapter is not in the store."""
-        try:
-            st = os.stat(os.path.join(self.root, adapter_id, META_FILE))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        """One stat of the adapter's meta.json (adapter_config.json for a plain PEFT directory); None if absent."""
+        for name in (META_FILE, CONFIG_FILE):
+            try:
+                st = os.stat(os.path.join(self.root, adapter_id, name))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return None
 
     def ids(self) -> list[str]:
         """Ids of the adapter directories in the store (hidden staging directories excluded)."""
