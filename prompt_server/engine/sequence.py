@@ -45,8 +45,11 @@ class RequestHandle:
         self.cancelled = False
 
     def push(self, event) -> None:
-        """Called from the engine thread."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        """Called from the engine thread; a caller whose event loop is gone is simply not told."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            self.cancelled = True
 
     def cancel(self) -> None:
         """Leave the batch at the next step; safe to call any number of times, from any thread."""

@@ -1,0 +1,203 @@
+"""Side-by-side throughput benchmark: PEFT, plain HF generate and this engine, on one model and one prompt set.
+
+    prompt-server bench [--model DIR] [--requests 32] [--new-tokens 32] [--virtual-tokens 8] [--rounds 2]
+
+Modes (all greedy, exactly --new-tokens tokens per request):
+  a  PEFT, mixed adapters, one request at a time (what PEFT users do today)
+  b  PEFT, batched, every request on one prompt-tuning adapter (PEFT's best case)
+  c  HF generate, batched, no adapter (the bare model)
+  d  this engine, every request on a different adapter, all five kinds mixed
+  e  this engine, no adapter
+peft is needed for a, b and for writing the benchmark's adapters (it is a test dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection")
+MODES = {
+    "a": "PEFT, mixed adapters, one request at a time",
+    "b": "PEFT, batched, one adapter",
+    "c": "HF generate, batched, no adapter",
+    "d": "prompt-server, every request a different adapter",
+    "e": "prompt-server, no adapter",
+}
+TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bicycles", "tea", "comets", "bees", "glass", "maps",
+          "clocks"]
+
+
+def make_prompts(n: int) -> list[str]:
+    """Prompts of varied length, as a real mix of requests would be."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        detail = " Explain it simply, with one example, for a curious reader." * (i % 3)
+        out.append(f"Write a short paragraph about {topic} (note {i}).{detail}")
+    return out
+
+
+def peft_config(variant: str, n_virtual: int):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
+    if variant == "prompt_tuning":
+        return PromptTuningConfig(**common)
+    if variant.startswith("p_tuning"):
+        kind = "MLP" if variant.endswith("mlp") else "LSTM"
+        return PromptEncoderConfig(encoder_reparameterization_type=kind, encoder_hidden_size=128, **common)
+    return PrefixTuningConfig(prefix_projection=variant == "prefix_projection", encoder_hidden_size=128, **common)
+
+
+def write_adapters(model, root: Path, n: int, n_virtual: int) -> list[tuple[str, str]]:
+    """n PEFT adapters cycling through the five kinds, small random encoders, saved with save_pretrained."""
+    from peft import get_peft_model
+
+    made = []
+    for i in range(n):
+        variant = VARIANTS[i % len(VARIANTS)]
+        pm = get_peft_model(model, peft_config(variant, n_virtual))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in pm.prompt_encoder["default"].named_parameters():
+                std = 0.02 if name.endswith("embedding.weight") else p.shape[-1] ** -0.5 if p.dim() > 1 else 0.0
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        adapter_id = f"{variant}-{i}"
+        pm.save_pretrained(root / adapter_id)
+        pm.base_model.peft_config = {}
+        made.append((adapter_id, variant))
+        model = pm.get_base_model()
+    return made
+
+
+def run_peft_sequential(model, tok, adapters, prompts, root, new_tokens) -> float:
+    from peft import PeftModel
+
+    wrapped = {}
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        adapter_id, variant = adapters[i % len(adapters)]
+        if variant not in wrapped:
+            wrapped[variant] = PeftModel.from_pretrained(model, root / adapter_id, adapter_name=adapter_id)
+        pm = wrapped[variant]
+        if adapter_id not in pm.peft_config:
+            pm.load_adapter(root / adapter_id, adapter_name=adapter_id)
+        pm.set_adapter(adapter_id)
+        enc = tok(prompt, return_tensors="pt")
+        pm.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id)
+    elapsed = time.perf_counter() - start
+    return len(prompts) * new_tokens / elapsed
+
+
+def run_hf_batched(model, tok, prompts, new_tokens) -> float:
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    start = time.perf_counter()
+    model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=tok.pad_token_id)
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+async def _engine_all(engine, prompts, adapter_ids, new_tokens) -> float:
+    from prompt_server.engine.types import GenerateRequest
+
+    start = time.perf_counter()
+    handles = [
+        engine.submit(GenerateRequest(prompt=p, adapter_id=a, max_new_tokens=new_tokens, ignore_eos=True))
+        for p, a in zip(prompts, adapter_ids)
+    ]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    elapsed = time.perf_counter() - start
+    assert all(len(r.tokens) == new_tokens for r in results)
+    return len(prompts) * new_tokens / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prompt-server bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    parser.add_argument("--requests", type=int, default=32, help="requests in flight")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--virtual-tokens", type=int, default=8, help="virtual tokens / prefix length per adapter")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per mode (the median is reported)")
+    parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.config import Settings
+    from prompt_server.engine.engine import Engine
+    from prompt_server.model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = make_prompts(args.requests)
+    rates: dict[str, list[float]] = {m: [] for m in args.modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        adapters = write_adapters(model, root, args.requests, args.virtual_tokens)
+        settings = Settings(max_batch_size=max(args.requests, 1))
+        registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
+                                   max_virtual_tokens=max(128, args.virtual_tokens))
+        for adapter_id, _ in adapters:
+            files = {f.name: f.read_bytes() for f in (root / adapter_id).iterdir() if f.is_file()}
+            registry.put(adapter_id, files)
+        engine = Engine(loaded, registry, settings)
+        engine.start()
+        ids = [a for a, _ in adapters]
+        single = [(ids[0], VARIANTS[0])]
+
+        def once(mode: str) -> float:
+            if mode == "a":
+                return run_peft_sequential(model, tok, adapters, prompts, root, args.new_tokens)
+            if mode == "b":
+                from peft import PeftModel
+
+                pm = PeftModel.from_pretrained(model, root / single[0][0])
+                rate = run_hf_batched(pm, tok, prompts, args.new_tokens)
+                model.peft_config = {}
+                return rate
+            if mode == "c":
+                return run_hf_batched(model, tok, prompts, args.new_tokens)
+            adapter_ids = ids if mode == "d" else [None] * len(prompts)
+            return asyncio.run(_engine_all(engine, prompts, adapter_ids, args.new_tokens))
+
+        # warm-up: one short pass of each engine/HF path so first-call costs are not measured
+        asyncio.run(_engine_all(engine, prompts[:4], ids[:4], 2))
+        run_hf_batched(model, tok, prompts[:4], 2)
+        for r in range(args.rounds):
+            for mode in args.modes:
+                rate = once(mode)
+                rates[mode].append(rate)
+                print(f"round {r + 1} {mode}: {rate:7.1f} tok/s", file=sys.stderr)
+        engine.stop()
+
+    med = {m: statistics.median(v) for m, v in rates.items()}
+    print(f"\nmodel {loaded.model_id}, {args.requests} requests x {args.new_tokens} new tokens, "
+          f"{args.virtual_tokens} virtual tokens per adapter, torch threads {torch.get_num_threads()}, "
+          f"median of {args.rounds} rounds\n")
+    print("| mode | what | tokens/s |")
+    print("|---|---|---:|")
+    for m in args.modes:
+        print(f"| {m} | {MODES[m]} | {med[m]:.1f} |")
+    print()
+    for num, den in (("d", "a"), ("d", "b"), ("d", "c"), ("d", "e")):
+        if num in med and den in med:
+            print(f"({num})/({den}) = {med[num] / med[den]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

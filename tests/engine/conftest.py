@@ -1,0 +1,76 @@
+"""A tiny model with one adapter of every kind, its PEFT twins as the oracle, and an engine over them."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from prompt_server.adapters.registry import AdapterRegistry
+from prompt_server.config import Settings
+from prompt_server.engine.engine import Engine
+from prompt_server.model.loader import LoadedModel, load_model
+from tests.tiny import VARIANTS, make_peft, save_peft
+
+
+@dataclass
+class World:
+    loaded: LoadedModel
+    registry: AdapterRegistry
+    peft: dict  # adapter id -> PeftModel
+    dirs: dict  # adapter id -> saved PEFT directory
+
+    def oracle(self, adapter_id: str | None, prompt: str, n: int) -> list[int]:
+        """Greedy tokens PeftModel (or the bare model) generates for this request alone."""
+        tok = self.loaded.tokenizer
+        ids = tok(prompt, return_tensors="pt").input_ids
+        model = self.peft[adapter_id] if adapter_id else self.loaded.model
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        return out[0, ids.shape[1]:].tolist()
+
+
+def put_dir(registry: AdapterRegistry, adapter_id: str, path: Path, labels=None):
+    files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()}
+    return registry.put(adapter_id, files, labels)
+
+
+def build_world(model_dir: Path, tmp: Path) -> World:
+    loaded = load_model(model_dir, device="cpu", dtype="float32", progress=False)
+    registry = AdapterRegistry(loaded.spec, device="cpu", dtype=torch.float32)
+    peft, dirs = {}, {}
+    for i, variant in enumerate(VARIANTS):
+        pm = make_peft(model_dir, variant, seed=i, num_virtual_tokens=3 + i)
+        dirs[variant] = save_peft(pm, tmp / variant)
+        put_dir(registry, variant, dirs[variant])
+        peft[variant] = pm
+    return World(loaded, registry, peft, dirs)
+
+
+@pytest.fixture(scope="session")
+def llama_world(tiny_llama_dir, tmp_path_factory) -> World:
+    return build_world(tiny_llama_dir, tmp_path_factory.mktemp("llama-adapters"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_world(tiny_gpt2_dir, tmp_path_factory) -> World:
+    return build_world(tiny_gpt2_dir, tmp_path_factory.mktemp("gpt2-adapters"))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def world(request) -> World:
+    return request.getfixturevalue(f"{request.param}_world")
+
+
+def run_engine(world: World, coro_fn, **settings):
+    """Start an engine on the world, run `coro_fn(engine)` to completion on a fresh loop, stop the engine."""
+    engine = Engine(world.loaded, world.registry, Settings(**settings))
+    engine.start()
+    try:
+        return asyncio.run(coro_fn(engine))
+    finally:
+        engine.stop()

@@ -1,0 +1,271 @@
+"""The engine against PEFT: mixed batches, joining mid-flight, seeds, cancellation, stopping, hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prompt_server.engine.types import (
+    AdapterNotFound,
+    EngineStopped,
+    GenerateRequest,
+    InvalidRequest,
+    QueueFull,
+    SamplingParams,
+)
+from tests.engine.conftest import put_dir, run_engine
+from tests.tiny import VARIANTS
+
+PROMPTS = ["the cat sat on the mat", "hello world", "once upon a time there was", "a b c"]
+
+
+def greedy(prompt, adapter_id=None, n=8, **kw) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, adapter_id=adapter_id, max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def test_mixed_batch_matches_peft_for_every_row(world):
+    cases = [(a, p) for a in (None, *VARIANTS) for p in PROMPTS[:2]]
+
+    async def go(engine):
+        handles = [engine.submit(greedy(p, a)) for a, p in cases]
+        return [await h.result() for h in handles]
+
+    results = run_engine(world, go)
+    for (adapter_id, prompt), result in zip(cases, results):
+        assert [t.id for t in result.tokens] == world.oracle(adapter_id, prompt, 8), (adapter_id, prompt)
+        assert result.finish_reason == "length"
+        assert result.prompt_tokens == len(world.loaded.tokenizer(prompt).input_ids)
+
+
+def test_rows_joining_a_running_batch_match_running_alone(llama_world):
+    world = llama_world
+
+    async def go(engine):
+        first = engine.submit(greedy(PROMPTS[2], "prefix", n=24))
+        early = [engine.submit(greedy(PROMPTS[0], "p_tuning_lstm", n=16))]
+        seen = 0
+        late = []
+        async for event in first:
+            seen += 1
+            if seen == 4:  # the batch is running: newcomers of other kinds join it now
+                late = [engine.submit(greedy(PROMPTS[1], v, n=10)) for v in ("prompt_tuning", "prefix_projection")]
+                late.append(engine.submit(greedy(PROMPTS[3], None, n=10)))
+        return await first.result(), [await h.result() for h in early + late]
+
+    first, others = run_engine(world, go)
+    assert [t.id for t in first.tokens] == world.oracle("prefix", PROMPTS[2], 24)
+    expected = [
+        world.oracle("p_tuning_lstm", PROMPTS[0], 16),
+        world.oracle("prompt_tuning", PROMPTS[1], 10),
+        world.oracle("prefix_projection", PROMPTS[1], 10),
+        world.oracle(None, PROMPTS[3], 10),
+    ]
+    assert [[t.id for t in r.tokens] for r in others] == expected
+
+
+def test_same_seed_same_text_whatever_the_batch(llama_world):
+    params = SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=1234)
+    req = GenerateRequest(prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, sampling=params,
+                          ignore_eos=True)
+
+    async def alone(engine):
+        return await engine.submit(req).result()
+
+    async def crowded(engine):
+        others = [engine.submit(greedy(p, v, n=12)) for v in VARIANTS for p in PROMPTS[:2]]
+        noisy = [engine.submit(GenerateRequest(prompt=PROMPTS[1], max_new_tokens=12, ignore_eos=True,
+                                               sampling=SamplingParams(do_sample=True, seed=s))) for s in range(3)]
+        mine = engine.submit(req)
+        await asyncio.gather(*(h.result() for h in others + noisy))
+        return await mine.result()
+
+    a = run_engine(llama_world, alone)
+    b = run_engine(llama_world, crowded)
+    assert a.seed == b.seed == 1234
+    assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+    c = run_engine(llama_world, lambda e: _one(e, GenerateRequest(
+        prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, ignore_eos=True,
+        sampling=SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=99))))
+    assert [t.id for t in c.tokens] != [t.id for t in a.tokens]  # the seed matters
+
+
+async def _one(engine, req):
+    return await engine.submit(req).result()
+
+
+def test_cancelling_one_row_leaves_the_others_unchanged(llama_world):
+    world = llama_world
+
+    async def go(engine):
+        keep = [engine.submit(greedy(PROMPTS[0], "prefix", n=20)), engine.submit(greedy(PROMPTS[1], "prompt_tuning", n=20))]
+        victim = engine.submit(greedy(PROMPTS[2], "p_tuning_lstm", n=200))
+        n = 0
+        async for _ in victim:
+            n += 1
+            if n == 3:
+                victim.cancel()
+        return [await h.result() for h in keep], await victim.result(), engine.stats()
+
+    kept, cancelled, stats = run_engine(world, go)
+    assert cancelled.finish_reason == "cancelled"
+    assert len(cancelled.tokens) < 200
+    assert [t.id for t in kept[0].tokens] == world.oracle("prefix", PROMPTS[0], 20)
+    assert [t.id for t in kept[1].tokens] == world.oracle("prompt_tuning", PROMPTS[1], 20)
+    assert stats["running"] == 0
+
+
+def test_finish_reasons_eos_stop_and_length(llama_world):
+    world = llama_world
+    tok = world.loaded.tokenizer
+    reference = world.oracle(None, PROMPTS[0], 8)
+    stop_text = tok.decode(reference[2:4])
+
+    async def go(engine):
+        length = await engine.submit(greedy(PROMPTS[0], n=8)).result()
+        stop = await engine.submit(GenerateRequest(prompt=PROMPTS[0], max_new_tokens=8, stop=[stop_text],
+                                                   ignore_eos=True)).result()
+        return length, stop
+
+    length, stop = run_engine(world, go)
+    assert length.finish_reason == "length" and len(length.tokens) == 8
+    assert length.text == tok.decode(reference, skip_special_tokens=True)
+    assert stop.finish_reason == "stop_sequence"
+    assert stop.text.endswith(stop_text) or stop_text in stop.text
+    assert len(stop.tokens) <= 4
+
+
+def test_eos_ends_generation_unless_ignored(llama_world):
+    world = llama_world
+    reference = world.oracle(None, PROMPTS[1], 6)
+    first = reference[0]
+    # declare the first greedy token an end-of-sequence token for this engine only
+    async def go(engine):
+        engine.eos_ids = frozenset({first})
+        stopped = await engine.submit(GenerateRequest(prompt=PROMPTS[1], max_new_tokens=6)).result()
+        ignored = await engine.submit(greedy(PROMPTS[1], n=6)).result()
+        return stopped, ignored
+
+    stopped, ignored = run_engine(world, go)
+    assert stopped.finish_reason == "eos_token" and [t.id for t in stopped.tokens] == [first]
+    assert [t.id for t in ignored.tokens] == reference
+
+
+def test_streamed_text_adds_up_to_the_final_text(llama_world):
+    async def go(engine):
+        handle = engine.submit(greedy(PROMPTS[2], "prefix", n=16))
+        deltas, final = [], None
+        async for event in handle:
+            if hasattr(event, "token"):
+                deltas.append(event.text)
+            else:
+                final = event
+        return deltas, final
+
+    deltas, final = run_engine(llama_world, go)
+    assert len(deltas) == 16
+    assert "".join(deltas) == final.text
+
+
+def test_replacing_an_adapter_does_not_disturb_requests_already_admitted(llama_world, tmp_path):
+    world = llama_world
+    registry = world.registry
+    put_dir(registry, "swap", world.dirs["prefix"])
+    v1 = registry.get("swap").version
+
+    async def go(engine):
+        old = engine.submit(greedy(PROMPTS[0], "swap", n=20))
+        n = 0
+        async for _ in old:
+            n += 1
+            if n == 2:
+                put_dir(registry, "swap", world.dirs["prompt_tuning"])  # replace mid-flight
+                break
+        new = engine.submit(greedy(PROMPTS[0], "swap", n=8))
+        deleted_during = engine.submit(greedy(PROMPTS[1], "swap", n=8))
+        registry.delete("swap")
+        with pytest.raises(AdapterNotFound):
+            engine.submit(greedy(PROMPTS[0], "swap", n=8))
+        return await old.result(), await new.result(), await deleted_during.result()
+
+    old, new, during = run_engine(world, go)
+    assert old.adapter_version == v1
+    assert new.adapter_version == v1 + 1
+    assert [t.id for t in old.tokens] == world.oracle("prefix", PROMPTS[0], 20)
+    assert [t.id for t in new.tokens] == world.oracle("prompt_tuning", PROMPTS[0], 8)
+    assert [t.id for t in during.tokens] == world.oracle("prompt_tuning", PROMPTS[1], 8)
+
+
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (GenerateRequest(prompt="hi", max_new_tokens=0), "max_new_tokens must be between 1 and 1024, got 0"),
+        (GenerateRequest(prompt="hi", max_new_tokens=5000), "max_new_tokens must be between 1 and 1024, got 5000"),
+        (GenerateRequest(prompt="", max_new_tokens=5), "inputs: must not be empty"),
+        (GenerateRequest(prompt="hi", sampling=SamplingParams(do_sample=True, temperature=0.0)),
+         "temperature must be > 0, got 0.0"),
+        (GenerateRequest(prompt="hi", sampling=SamplingParams(top_p=1.5)), "top_p must be in (0, 1], got 1.5"),
+        (GenerateRequest(prompt="hi", sampling=SamplingParams(top_k=-1)), "top_k must be >= 0, got -1"),
+        (GenerateRequest(prompt="hi", sampling=SamplingParams(repetition_penalty=0)),
+         "repetition_penalty must be > 0, got 0"),
+        (GenerateRequest(prompt="hi", stop=[""]), "stop: stop sequences must not be empty"),
+        (GenerateRequest(prompt=[10**9]), "inputs: token id 1000000000 is outside the vocabulary"),
+        (GenerateRequest(prompt="hello " * 100), "tokens exceed max_input_tokens 50"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_message_naming_the_field(llama_world, req, message):
+    async def go(engine):
+        with pytest.raises(InvalidRequest) as err:
+            engine.submit(req)
+        return str(err.value)
+
+    assert message in run_engine(llama_world, go, max_input_tokens=50)
+
+
+def test_unknown_adapter_full_queue_and_stopped_engine(llama_world):
+    async def go(engine):
+        with pytest.raises(AdapterNotFound, match="adapter 'nope' not found"):
+            engine.submit(greedy("hi", "nope"))
+        handles = []
+        with pytest.raises(QueueFull):
+            for _ in range(12):
+                handles.append(engine.submit(greedy("hi", n=50)))
+        for h in handles:
+            h.cancel()
+        await asyncio.gather(*(h.result() for h in handles))
+        engine.stop()
+        with pytest.raises(EngineStopped):
+            engine.submit(greedy("hi"))
+
+    run_engine(llama_world, go, max_queue=2, max_batch_size=1)
+
+
+def test_repetition_penalty_changes_the_greedy_choice_like_hf(llama_world):
+    world = llama_world
+    tok = world.loaded.tokenizer
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    import torch
+
+    with torch.inference_mode():
+        out = world.loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                          do_sample=False, repetition_penalty=1.8, eos_token_id=None,
+                                          pad_token_id=tok.pad_token_id)
+    expected = out[0, ids.shape[1]:].tolist()
+    got = run_engine(world, lambda e: _one(e, greedy(PROMPTS[0], n=10,
+                                                      sampling=SamplingParams(repetition_penalty=1.8))))
+    assert [t.id for t in got.tokens] == expected
+
+
+def test_prefill_logprobs_match_the_model(llama_world):
+    import torch
+
+    world = llama_world
+    tok = world.loaded.tokenizer
+    ids = tok(PROMPTS[2]).input_ids
+    got = run_engine(world, lambda e: _one(e, greedy(PROMPTS[2], n=2, prefill_logprobs=True)))
+    assert [t.id for t in got.prefill] == ids
+    with torch.inference_mode():
+        logits = world.loaded.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [logits[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert got.prefill[1:] and all(abs(t.logprob - e) < 1e-4 for t, e in zip(got.prefill[1:], expected))
+    assert abs(got.tokens[0].logprob - logits[-1].max().item()) < 1e-4
