@@ -1,0 +1,70 @@
+"""GET /health, /info and /metrics in process, and the pure helpers behind them."""
+
+from __future__ import annotations
+
+import re
+
+from prompt_server import __version__
+from prompt_server.api.metrics import Metrics
+from prompt_server.api.stops import StopTrimmer, trim_at_stop
+
+
+def test_health_and_info(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["version"] == __version__
+    assert info["model_dtype"] == "float32" and info["model_device"] == "cpu"
+    assert info["limits"]["max_new_tokens"] == 512 and info["limits"]["max_input_tokens"] == 256
+    assert info["model_id"]
+
+
+def _sample(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
+    values = [float(m.group(1)) for line in text.splitlines() if (m := re.match(pattern, line))]
+    assert values, f"{name}{{{want}}} not in metrics"
+    return values[0]
+
+
+def test_metrics_count_requests_and_latencies(client):
+    before = client.get("/metrics").text
+    client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3, "ignore_eos_token": True}})
+    client.post("/generate", json={"inputs": "Hello", "parameters": {"adapter_id": "ghost"}})
+    text = client.get("/metrics").text
+    ok = _sample(text, "prompt_server_requests_total", route="/generate", adapter="none", status="200")
+    assert ok >= 1
+    assert _sample(text, "prompt_server_requests_total", route="/generate", adapter="unknown", status="404") >= 1
+    count = "prompt_server_time_to_first_token_seconds_count"
+    assert _sample(text, count) == _sample(before, count) + 1
+    assert _sample(text, "prompt_server_time_per_output_token_seconds_count") >= 1
+    assert _sample(text, "prompt_server_queue_seconds_count") >= 1
+    assert _sample(text, "prompt_server_engine_generated_tokens_total") >= 3
+    assert _sample(text, "prompt_server_adapters_loaded") >= 0
+    assert _sample(text, "prompt_server_batch_size_mean") >= 1
+    for line in text.splitlines():  # every sample line is `name{labels} value`
+        assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+$", line), line
+
+
+def test_histogram_buckets_are_cumulative():
+    m = Metrics()
+    for v in (0.003, 0.2, 7.0):
+        m.observe_generation(queue=v, first_token=v, total=2 * v, prompt_tokens=5, generated=3)
+    text = m.render({"queue_depth": 2, "steps": 4, "batch_size_sum": 10}, adapters_loaded=3)
+    assert 'prompt_server_queue_seconds_bucket{le="0.005"} 1' in text
+    assert 'prompt_server_queue_seconds_bucket{le="0.25"} 2' in text
+    assert 'prompt_server_queue_seconds_bucket{le="+Inf"} 3' in text
+    assert "prompt_server_batch_size_mean 2.5" in text
+    assert "# TYPE prompt_server_engine_queue_depth gauge" in text
+    assert "# TYPE prompt_server_engine_steps_total counter" in text
+
+
+def test_stop_trimming():
+    assert trim_at_stop("hello world", ["o w", "ld"]) == "hell"
+    assert trim_at_stop("hello", ["x"]) == "hello"
+    trimmer = StopTrimmer(["END"])
+    out = [trimmer.push(t) for t in ("ab", "abE", "abEN", "abENx", "abENxyE", "abENxyEND")]
+    assert out == ["ab", "", "", "ENx", "y", ""]
+    assert trimmer.finish("abENxyEND") == ""
+    trimmer = StopTrimmer(["END"])
+    assert trimmer.push("abE") == "ab"
+    assert trimmer.finish("abE") == "E"  # generation ended for another reason: the held-back tail is released
