@@ -234,7 +234,7 @@ def test_ten_thousand_adapters(peft_files):
     python_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(registry) == 10_000
-    assert python_bytes / 10_000 < 8_192  # bookkeeping per adapter stays small next to real tensors
+    assert python_bytes / 10_000 < 4_096  # bookkeeping per adapter stays small next to real tensors
     start = time.perf_counter()
     for i in range(0, 10_000, 7):
         assert registry.get(f"a{i}").id == f"a{i}"
