@@ -57,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace) -> int:
+    import httpx
+
     from prompt_server.client import AdminClient, ClientError
 
     try:
@@ -75,7 +77,7 @@ def _adapters(args: argparse.Namespace) -> int:
     except (ClientError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # connection refused, timeouts: say what and where
+    except httpx.HTTPError as exc:  # connection refused, timeouts: say what and where
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     return 0

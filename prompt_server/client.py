@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from typing_extensions import Self
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -57,7 +58,7 @@ class AdminClient:
     def __init__(self, url: str, key: str | None = None, timeout: float = 60.0):
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=_headers(key), timeout=timeout)
 
-    def __enter__(self) -> AdminClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

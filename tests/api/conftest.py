@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from prompt_server.config import Settings
 from prompt_server.main import create_app
 
-LIMITS = dict(max_new_tokens=512, max_input_tokens=256, default_max_new_tokens=8, max_stop_sequences=4)
+LIMITS = {"max_new_tokens": 512, "max_input_tokens": 256, "default_max_new_tokens": 8, "max_stop_sequences": 4}
 
 
 @pytest.fixture(scope="session")

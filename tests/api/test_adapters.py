@@ -72,7 +72,7 @@ def test_archive_upload(client, tiny_llama_dir, tmp_path, kind):
 
 
 def test_replace_bumps_version_and_delete_removes(client, tiny_llama_dir, tmp_path):
-    peft1, dir1 = saved_peft(tiny_llama_dir, "prefix", tmp_path / "v1", seed=1)
+    _, dir1 = saved_peft(tiny_llama_dir, "prefix", tmp_path / "v1", seed=1)
     peft2, dir2 = saved_peft(tiny_llama_dir, "prefix", tmp_path / "v2", seed=2)
     assert client.put("/adapters/swap", files=upload_parts(dir1)).status_code == 201
     first = _generate(client, "swap")

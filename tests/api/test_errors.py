@@ -62,7 +62,9 @@ def test_input_too_long(client):
 
 def test_openai_validation(client):
     msg = _err(client.post("/v1/completions", json={"prompt": PROMPT, "n": 3}), 422)
-    assert "n:" in msg and "given 3" in msg
+    assert "n: only n=1 is supported" in msg and "given 3" in msg
+    msg = _err(client.post("/v1/completions", json={"prompt": PROMPT, "presence_penalty": 0.5}), 422)
+    assert "presence_penalty" in msg and "given 0.5" in msg
     msg = _err(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100000}), 422)
     assert "max_tokens" in msg and "512" in msg
     msg = _err(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 422)

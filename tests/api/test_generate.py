@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from text_generation.types import Response as TgiResponse
-from text_generation.types import StreamResponse as TgiStreamResponse
 from lorax.types import Response as LoraxResponse
 from lorax.types import StreamResponse as LoraxStreamResponse
+from text_generation.types import Response as TgiResponse
+from text_generation.types import StreamResponse as TgiStreamResponse
 
 PROMPT = "The quick brown fox"
 

@@ -43,7 +43,7 @@ def test_cli_push_then_generate_at_once(server, tiny_llama_dir, tmp_path, capsys
     assert "created pp version 1" in capsys.readouterr().out
     assert _tokens(server, "pp")[0] == peft_greedy(peft, tiny_llama_dir, PROMPT, N)
     assert cli(["adapters", "list", "--url", server]) == 0
-    assert re.search(r"^pp\tPREFIX_TUNING\tv1\t", capsys.readouterr().out, re.M)
+    assert re.search(r"^pp\tPREFIX_TUNING\tv1\t", capsys.readouterr().out, re.MULTILINE)
     assert cli(["adapters", "rm", "pp", "--url", server]) == 0
     assert cli(["adapters", "rm", "pp", "--url", server]) == 1
     assert "HTTP 404" in capsys.readouterr().err
@@ -86,7 +86,15 @@ def test_replace_and_delete_while_requests_run(server, tiny_llama_dir, tmp_path)
 
 def _metric(server, name):
     text = httpx.get(f"{server}/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def _assert_cancelled(server, before, budget):
+    deadline = time.monotonic() + 30
+    while _metric(server, "prompt_server_engine_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _metric(server, "prompt_server_engine_running") == 0
+    assert _metric(server, "prompt_server_engine_generated_tokens_total") - before < budget
 
 
 def test_abandoned_stream_is_cancelled(server):
@@ -94,8 +102,17 @@ def test_abandoned_stream_is_cancelled(server):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{server}/generate_stream", json=body) as r:
         next(r.iter_lines())
-    deadline = time.monotonic() + 30
-    while _metric(server, "prompt_server_engine_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _metric(server, "prompt_server_engine_running") == 0
-    assert _metric(server, "prompt_server_engine_generated_tokens_total") - before < 480
+    _assert_cancelled(server, before, 480)
+
+
+def test_abandoned_request_is_cancelled(server):
+    before = _metric(server, "prompt_server_engine_generated_tokens_total")
+    body = {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
+    with httpx.Client() as http:
+        try:
+            http.post(f"{server}/v1/completions", json=body, timeout=0.3)
+        except httpx.TimeoutException:
+            pass
+        else:
+            raise AssertionError("480 tokens came back within 0.3 s: the test cannot tell cancelling apart")
+    _assert_cancelled(server, before, 480)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from prompt_server.api.deps import ServiceDep, require_admin_key
-from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception
+from prompt_server.api.errors import NOT_FOUND, ApiError
 from prompt_server.api.schemas.adapters import AdapterPublic, AdaptersPublic
 from prompt_server.api.upload import read_upload
 
@@ -59,10 +59,8 @@ async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) ->
     """Upload a PEFT adapter (multipart files or one archive part); 201 when created, 200 when replaced."""
     request.state.adapter = adapter_id
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    try:
-        record, created = await run_in_threadpool(service.registry.put, adapter_id, upload.files, upload.labels)
-    except Exception as exc:  # AdapterError -> 400, AdapterTooLarge -> 413, the rest -> 500
-        raise from_exception(exc) from None
+    # AdapterError answers 400 and AdapterTooLarge 413 through the error handlers
+    record, created = await run_in_threadpool(service.registry.put, adapter_id, upload.files, upload.labels)
     return JSONResponse(public(record).model_dump(), status_code=201 if created else 200)
 
 

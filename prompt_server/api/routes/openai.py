@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
 
 from prompt_server import __version__
 from prompt_server.api.deps import ServiceDep
@@ -77,7 +79,7 @@ def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template's own checks (e.g. alternating roles) raise arbitrary errors
+    except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template's own checks, e.g. role order
         raise validation_error(f"messages: the chat template rejected them: {exc}") from None
 
 
