@@ -1,6 +1,7 @@
 """Side-by-side throughput benchmark: PEFT, plain HF generate and this engine, on one model and one prompt set.
 
     prompt-server bench [--model DIR] [--requests 32] [--new-tokens 32] [--virtual-tokens 8] [--rounds 2]
+    prompt-server bench --http [--clients 32] [--requests 96] ...   (see prompt_server/bench_http.py)
 
 Modes (all greedy, exactly --new-tokens tokens per request):
   a  PEFT, mixed adapters, one request at a time (what PEFT users do today)
@@ -131,7 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per mode (the median is reported)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--http", action="store_true", help="benchmark the HTTP servers instead (see bench_http)")
+    parser.add_argument("--clients", type=int, default=32, help="--http: concurrent clients")
+    parser.add_argument("--transformers-cmd", default="transformers",
+                        help="--http: command that runs `transformers serve` (a transformers whose continuous "
+                             "batching runs on this device)")
+    parser.add_argument("--skip-transformers", action="store_true", help="--http: only measure prompt-server")
     args = parser.parse_args(argv)
+    if args.http:
+        return _main_http(args)
 
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
@@ -196,6 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     for num, den in (("d", "a"), ("d", "b"), ("d", "c"), ("d", "e")):
         if num in med and den in med:
             print(f"({num})/({den}) = {med[num] / med[den]:.2f}")
+    return 0
+
+
+def _main_http(args) -> int:
+    from prompt_server.bench_http import report, run_http
+    from prompt_server.model.loader import load_model
+
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    prompts = [f"Tell me a long story about {TOPICS[i % len(TOPICS)]}, in many sentences ({i})."
+               for i in range(args.requests)]
+
+    def adapters_into(store: Path):
+        return write_adapters(loaded.model, store, args.clients, args.virtual_tokens)
+
+    results = run_http(args, loaded.path, adapters_into, prompts)
+    report(results, args)
     return 0
 
 
