@@ -31,6 +31,7 @@ def _err(r, status, error_type=None):
         ({"max_new_tokens": 100000}, ["parameters.max_new_tokens", "512", "100000"]),
         ({"repetition_penalty": -1}, ["parameters.repetition_penalty", "given -1"]),
         ({"seed": -3}, ["parameters.seed", "given -3"]),
+        ({"seed": 2**70, "do_sample": True}, ["parameters.seed", "18446744073709551615"]),
         ({"stop": ["a", "b", "c", "d", "e"]}, ["parameters.stop", "4", "given 5"]),
         ({"best_of": 2}, ["parameters.best_of", "given 2"]),
         ({"typical_p": 0.5}, ["typical_p", "not supported", "0.5"]),

@@ -31,7 +31,7 @@ class Parameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     return_full_text: bool = False
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
