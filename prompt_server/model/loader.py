@@ -94,9 +94,12 @@ def load_model(
 ) -> LoadedModel:
     """Load a local causal LM (None = the embedded default model) frozen, in eval mode, on `device`."""
     if path is None:
-        from prompt_server.model.default import ensure_default_model
+        from prompt_server.model.default import DefaultModelError, ensure_default_model
 
-        path = ensure_default_model(cache_dir, progress=progress)
+        try:
+            path = ensure_default_model(cache_dir, progress=progress)
+        except DefaultModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
     path = Path(path).expanduser().resolve()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

