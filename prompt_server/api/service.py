@@ -14,7 +14,7 @@ from prompt_server import __version__
 from prompt_server.api.errors import TIMEOUT, ApiError
 from prompt_server.api.metrics import Metrics
 from prompt_server.config import Settings
-from prompt_server.engine.types import GenerateRequest, GenerationResult, TokenEvent
+from prompt_server.engine.types import ClassifyRequest, GenerateRequest, GenerationResult, Prediction, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ class Service:
     def submit(self, req: GenerateRequest) -> Any:
         """Hand a request to the engine; raises the engine's errors at once (bad input, unknown adapter, full queue)."""
         return self.engine.submit(req)
+
+    async def classify(self, req: ClassifyRequest) -> list[Prediction]:
+        """Score labels for every input; cancelled after request_timeout."""
+        try:
+            return await asyncio.wait_for(self.engine.classify(req), timeout=self.settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise self.timeout_error() from None
+
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.engine.stats().items()}
 
     async def result(self, handle: Any, request: Request) -> GenerationResult:
         """The final result; cancels generation when the client leaves or the request timeout passes."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 from prompt_server import __version__
 from prompt_server.api.metrics import Metrics
@@ -68,3 +70,9 @@ def test_stop_trimming():
     trimmer = StopTrimmer(["END"])
     assert trimmer.push("abE") == "ab"
     assert trimmer.finish("abE") == "E"  # generation ended for another reason: the held-back tail is released
+
+
+def test_the_http_layer_does_not_import_torch():
+    code = "import sys, prompt_server.api; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -32,13 +31,9 @@ async def classify(body: ClassifyRequest, request: Request, service: ServiceDep)
     if body.labels is not None and (len(set(body.labels)) != len(body.labels) or "" in body.labels):
         raise validation_error(f"labels: must be distinct non-empty strings, given {body.labels!r}")
     started = time.monotonic()
-    job = service.engine.classify(
+    predictions = await service.classify(
         EngineClassifyRequest(inputs=inputs, adapter_id=body.adapter_id or None, labels=body.labels)
     )
-    try:
-        predictions = await asyncio.wait_for(job, timeout=service.settings.request_timeout)
-    except asyncio.TimeoutError:
-        raise service.timeout_error() from None
     service.metrics.hist["request_duration_seconds"].observe(time.monotonic() - started)
     return ClassifyResponse(
         predictions=[PredictionPublic(label=p.label, score=p.score, scores=p.scores) for p in predictions]

@@ -31,6 +31,5 @@ async def info(service: ServiceDep) -> dict[str, Any]:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep) -> PlainTextResponse:
     """Prometheus text exposition."""
-    stats = {k: float(v) for k, v in service.engine.stats().items()}
-    text = service.metrics.render(stats, len(service.registry))
+    text = service.metrics.render(service.stats(), len(service.registry))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
