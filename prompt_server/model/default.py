@@ -61,7 +61,10 @@ def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -
     target = default_model_path(Path(cache_dir).expanduser())
     if is_cached(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DefaultModelError(f"cannot create the model cache directory {target.parent}: {exc}") from exc
     with _locked(target.parent / f".{MODEL_NAME}.lock", progress):
         # Another process may have finished the work while this one waited for the lock.
         if is_cached(target):

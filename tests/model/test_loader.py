@@ -220,6 +220,13 @@ def test_load_model_reports_an_offline_default_as_a_load_error(tmp_path, offline
         load_model(None, device="cpu", cache_dir=tmp_path, progress=False)
 
 
+def test_unwritable_cache_directory_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DefaultModelError, match=r"cannot create the model cache directory .*file/models"):
+        ensure_default_model(blocker, progress=False)
+
+
 def test_module_entry_point_reports_offline_failure(tmp_path, offline_pip):
     proc = subprocess.run(
         [sys.executable, "-m", "prompt_server.model.default", "--cache-dir", str(tmp_path), "--quiet"],
