@@ -47,10 +47,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def run_server(model_dir: Path, store: Path, log: Path, *extra: str) -> Iterator[str]:
-    """A server process for `model_dir` with adapter store `store`; yields its base URL."""
+def run_server(model_dir: Path | None, store: Path, log: Path, *extra: str) -> Iterator[str]:
+    """A server process for `model_dir` (None: the embedded default) with adapter store `store`; yields its URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "prompt_server.cli", "serve", "--model", str(model_dir), "--adapters", str(store),
+    model = [] if model_dir is None else ["--model", str(model_dir)]
+    cmd = [sys.executable, "-m", "prompt_server.cli", "serve", *model, "--adapters", str(store),
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as out:
