@@ -62,10 +62,22 @@ class Engine:
 
     # ---- caller side (event loop thread) -------------------------------------------------------------------
     def start(self) -> None:
+        self.warmup()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="prompt-server-engine", daemon=True)
         self._thread.start()
         self.ready = True
+
+    def warmup(self) -> None:
+        """One prefill of a full-width batch and one decode step, so first requests do not pay one-off costs."""
+        rows = [PrefillRow(ids=[self.pad_id] * 4) for _ in range(self.settings.max_batch_size)]
+        with torch.inference_mode():
+            inputs = build_prefill(rows, self.pad_id, self.device)
+            hidden, kv = self.runner.prefill(inputs, spare=1)
+            self.runner.logits(hidden[:, -1])
+            mask = torch.cat([inputs.mask, inputs.mask.new_ones(len(rows), 1)], dim=1)
+            ids = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
+            self.runner.logits(self.runner.decode(ids, kv, mask, inputs.positions[:, -1] + 1))
 
     def stop(self) -> None:
         self.ready = False
