@@ -24,7 +24,7 @@ class Upload:
 
 
 def _too_large(limit: int, what: str) -> ApiError:
-    return ApiError(413, f"{what} exceeds max_upload_bytes={limit}", TOO_LARGE)
+    return ApiError(413, f"upload too large: {what} is over max_upload_bytes={limit}", TOO_LARGE)
 
 
 class _Collector:
@@ -84,7 +84,7 @@ class _Collector:
         else:
             self.file_bytes += size
             if self.file_bytes > self.limit:
-                raise _too_large(self.limit, "the uploaded files")
+                raise _too_large(self.limit, f"the files' size ({self.file_bytes}+ bytes)")
         self.parts[self._current] += data[start:end]
 
 
@@ -114,7 +114,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit + OVERHEAD:
-                raise _too_large(limit, "the body")
+                raise _too_large(limit, f"the body ({received}+ bytes)")
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:

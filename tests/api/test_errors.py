@@ -109,6 +109,16 @@ def test_upload_too_large_is_413(serve, tiny_llama_dir, tmp_path):
         assert "max_upload_bytes=1000" in msg
         assert c.get("/adapters/big").status_code == 404
 
+        def chunked():  # no Content-Length: the limit is enforced on the parts as they stream in
+            yield (b'--b\r\nContent-Disposition: form-data; name="adapter_model.safetensors"; filename="w"\r\n'
+                   b"Content-Type: application/octet-stream\r\n\r\n")
+            for _ in range(100):
+                yield b"x" * 500
+
+        r = c.put("/adapters/big", content=chunked(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert "the files' size" in _err(r, 413, "too_large")
+        assert c.get("/adapters/big").status_code == 404
+
 
 def test_auth(serve, tiny_llama_dir, tmp_path):
     _, adapter_dir = saved_peft(tiny_llama_dir, "prompt_tuning", tmp_path / "a")
