@@ -49,7 +49,7 @@ def make_prompts(n: int) -> list[str]:
 def peft_config(variant: str, n_virtual: int):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": n_virtual}
     if variant == "prompt_tuning":
         return PromptTuningConfig(**common)
     if variant.startswith("p_tuning"):

@@ -52,7 +52,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int):
@@ -92,7 +92,7 @@ async def drive(url: str, models: list[str], prompts: list[str], clients: int, n
             model, prompt = queue.get_nowait()
             try:
                 tokens, latency, first = await _one(client, url, model, prompt, new_tokens)
-            except Exception as exc:  # counted and reported, the run goes on
+            except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # counted and reported, the run goes on
                 stats.errors += 1
                 print(f"request failed: {exc}", file=sys.stderr)
                 continue

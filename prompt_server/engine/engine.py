@@ -346,9 +346,7 @@ class Engine:
             if r.handle.cancelled:
                 r.finish("cancelled")
                 continue
-            r.append(id_list[i], logprobs[i], self.tokenizer, positions[i])
-            if r.finish_reason is None and now > r.deadline:
-                r.finish_reason = "timeout"
+            r.append(id_list[i], logprobs[i], self.tokenizer, positions[i], now)
             if r.finish_reason is not None:
                 r.finish()
                 self._stats["finished"] += 1

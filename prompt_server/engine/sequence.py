@@ -116,9 +116,8 @@ class Sequence:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
-    def append(self, token_id: int, logprob: float, tokenizer, position: int) -> TokenEvent:
+    def append(self, token_id: int, logprob: float, tokenizer, position: int, now: float) -> TokenEvent:
         """Record one generated token, decide whether the row is finished, and tell the caller."""
-        now = time.monotonic()
         if not self.generated:
             self.first_token_at = now
         self.generated.append(token_id)
@@ -132,14 +131,16 @@ class Sequence:
         self.text += delta
         token = Token(id=token_id, text=shown, logprob=logprob, special=special)
         self.tokens.append(token)
-        event = TokenEvent(token=token, text=delta, index=len(self.generated) - 1)
-        self.handle.push(event)
         if token_id in self.eos_ids and not self.request.ignore_eos:
             self.finish_reason = "eos_token"
         elif delta and self._hit_stop(len(delta)):
             self.finish_reason = "stop_sequence"
         elif self.remaining <= 0 or position + 1 >= self.max_position:
             self.finish_reason = "length"
+        elif now > self.deadline:
+            self.finish_reason = "timeout"
+        event = TokenEvent(token=token, text=delta, index=len(self.generated) - 1, last=self.finish_reason is not None)
+        self.handle.push(event)
         return event
 
     def _hit_stop(self, added: int) -> bool:

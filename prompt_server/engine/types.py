@@ -66,6 +66,7 @@ class TokenEvent:
     token: Token
     text: str
     index: int  # 0-based position among generated tokens
+    last: bool = False  # the row finished with this token; the GenerationResult follows
 
 
 @dataclass
@@ -74,7 +75,7 @@ class GenerationResult:
 
     text: str  # the whole generated text (stop sequence included, as TGI does)
     tokens: list[Token]
-    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled"
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled" | "timeout"
     prompt_tokens: int
     seed: int | None
     prefill: list[Token] = field(default_factory=list)  # filled when prefill_logprobs

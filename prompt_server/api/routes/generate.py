@@ -63,32 +63,16 @@ async def _generate(service: Service, request: Request, body: GenerateRequest) -
     return _response(body, result)
 
 
-def _may_be_last(ev: TokenEvent, text: str, body: GenerateRequest, max_new: int) -> bool:
-    """Whether this token can end generation, so that it must travel with generated_text and details."""
-    p = body.parameters
-    return (
-        ev.index + 1 >= max_new
-        or (ev.token.special and not p.ignore_eos_token)
-        or any(stop in text for stop in p.stop)
-    )
-
-
 async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -> AsyncIterator[str]:
     """TGI stream events; the last one carries the last token, generated_text and details."""
     started = time.monotonic()
-    max_new = body.parameters.max_new_tokens or service.settings.default_max_new_tokens
     held: TokenEvent | None = None
     last: TokenEvent | None = None
-    text = ""
     try:
         async for ev in service.events(handle):
             if isinstance(ev, TokenEvent):
-                if held is not None:
-                    yield event(StreamResponse(index=held.index, token=token_dict(held.token)).model_dump())
-                    held = None
-                text += ev.text
                 last = ev
-                if _may_be_last(ev, text, body, max_new):
+                if ev.last:  # it travels with generated_text and details in the final event
                     held = ev
                 else:
                     yield event(StreamResponse(index=ev.index, token=token_dict(ev.token)).model_dump())
@@ -104,7 +88,7 @@ def _final_event(body: GenerateRequest, result: GenerationResult, held: TokenEve
     if held is not None:
         index, token = held.index, token_dict(held.token)
     else:
-        # generation ended without a token we could foresee as the last: an empty special token closes the stream
+        # generation ended without a token of its own (cancelled or timed out): an empty special token closes it
         index = last.index + 1 if last else 0
         token = {"id": last.token.id if last else 0, "text": "", "logprob": 0.0, "special": True}
     generated = body.inputs + result.text if body.parameters.return_full_text else result.text
