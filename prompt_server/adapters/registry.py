@@ -7,8 +7,6 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from prompt_server.adapters.archive import unpack_archive
@@ -184,11 +182,19 @@ class AdapterRegistry:
             for _ in range(_RELOAD_ATTEMPTS):
                 current = self._records.get(adapter_id)
                 if signature is None:
-                    if current is not None and self.store.replacing(adapter_id):
-                        return current  # another replica is between its two renames
-                    self._records.pop(adapter_id, None)
-                    self._signatures.pop(adapter_id, None)
-                    return None
+                    if self.store.replacing(adapter_id):  # another replica is between its two renames
+                        if current is not None:
+                            return current
+                        time.sleep(0.001)
+                        signature = self.store.signature(adapter_id)
+                        continue
+                    # the old copy is deleted only after the new one is renamed in, so look once more
+                    signature = self.store.signature(adapter_id)
+                    if signature is None:
+                        self._records.pop(adapter_id, None)
+                        self._signatures.pop(adapter_id, None)
+                        return None
+                    continue
                 if signature == self._signatures.get(adapter_id):
                     return current
                 try:
@@ -212,17 +218,3 @@ class AdapterRegistry:
     def _publish(self, record: SoftPrompt, signature: Signature | None) -> None:
         self._records[record.id] = record
         self._signatures[record.id] = signature
-
-    def describe(self, record: SoftPrompt) -> dict[str, Any]:
-        """The public fields of a record (no tensors), as the API lists them."""
-        return {
-            "id": record.id,
-            "peft_type": record.peft_type,
-            "task_type": record.task_type,
-            "num_virtual_tokens": record.num_virtual_tokens,
-            "version": record.version,
-            "sha256": record.sha256,
-            "size_bytes": record.size_bytes,
-            "created_at": record.created_at,
-            "labels": list(record.labels) if record.labels else None,
-        }

@@ -241,3 +241,34 @@ def test_ten_thousand_adapters(peft_files):
     per_lookup = (time.perf_counter() - start) / len(range(0, 10_000, 7))
     assert per_lookup < 20e-6
     assert registry.get("a9999").virtual_tokens.shape == (2, 8)
+
+
+def test_readers_always_see_a_whole_version(llama_spec, peft_files, tmp_path):
+    import threading
+
+    writer = AdapterRegistry(llama_spec, store=tmp_path)
+    reader = AdapterRegistry(llama_spec, store=tmp_path)
+    versions = [peft_files(seed=s) for s in (1, 2)]
+    expected = {r.sha256: r for r in (AdapterRegistry(llama_spec).put("x", f)[0] for f in versions)}
+    writer.put("x", versions[0])
+    stop, seen, errors = threading.Event(), set(), []
+
+    def read() -> None:
+        while not stop.is_set():
+            record = reader.get("x")
+            if record is None:
+                errors.append("adapter vanished during a replace")
+                continue
+            seen.add(record.version)
+            if not torch.equal(record.virtual_tokens, expected[record.sha256].virtual_tokens):
+                errors.append(f"version {record.version} mixes files")
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        writer.put("x", versions[i % 2])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(seen) > 1 and reader.get("x").version == 21
