@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+
 import torch
 
 from prompt_server.adapters.archive import unpack_archive
