@@ -26,6 +26,12 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         raise AdapterError(f"{META_FILE} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise AdapterError(f"{META_FILE} must hold a JSON object")
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AdapterError(f"{META_FILE}: version must be a positive integer, got {version!r}")
+    created_at = meta.get("created_at")
+    if created_at is not None and (isinstance(created_at, bool) or not isinstance(created_at, (int, float))):
+        raise AdapterError(f"{META_FILE}: created_at must be a unix time, got {created_at!r}")
     return meta
 
 
@@ -64,7 +70,7 @@ def load_adapter_dir(
         device=device,
         dtype=dtype,
         max_virtual_tokens=max_virtual_tokens,
-        version=int(meta.get("version", 1)),
+        version=meta.get("version", 1),
         created_at=meta.get("created_at"),
         labels=meta.get("labels"),
     )

@@ -148,7 +148,9 @@ class AdapterRegistry:
         on_disk = self.store.read_meta(adapter_id)
         created = on_disk is None and not self.store.path(adapter_id).exists()
         current = self._records.get(adapter_id)
-        version = max(int((on_disk or {}).get("version", 0)), current.version if current else 0) + 1
+        disk_version = (on_disk or {}).get("version")
+        disk_version = disk_version if isinstance(disk_version, int) else 0
+        version = max(disk_version, current.version if current else 0) + 1
         meta = {
             "version": version,
             "created_at": time.time(),

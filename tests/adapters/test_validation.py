@@ -232,3 +232,16 @@ def test_raw_checkpoint_unknown_key(llama_spec, tiny_llama_dir, tmp_path):
     files = edit_weights(files, lambda t: (t.pop("optimizer.state"), t.update(
         {"prompt_encoder.default.transform.9.weight": torch.zeros(2)})))
     reject(files, llama_spec, r"unknown encoder key\(s\) transform.9.weight")
+
+
+def test_bad_meta_json(peft_files, llama_spec, tmp_path):
+    path = tmp_path / "x"
+    path.mkdir()
+    for name, data in peft_files().items():
+        (path / name).write_bytes(data)
+    (path / "meta.json").write_text('{"version": "two"}')
+    with pytest.raises(AdapterError, match=r"meta.json: version must be a positive integer, got 'two'"):
+        load_adapter_dir(path, llama_spec, device="cpu", dtype=torch.float32)
+    (path / "meta.json").write_text('{"version": 1, "sha256": "0000"}')
+    with pytest.raises(AdapterError, match=r"weights sha256 [0-9a-f]{64} does not match meta.json's 0000"):
+        load_adapter_dir(path, llama_spec, device="cpu", dtype=torch.float32)
