@@ -123,7 +123,7 @@ def make_peft(base_model, variant: str, *, task_type: str = "CAUSAL_LM", num_vir
             base_model = AutoModelForCausalLM.from_pretrained(base_model)
     elif task_type == "SEQ_CLS":
         base_model = AutoModelForSequenceClassification.from_pretrained(
-            base_model.name_or_path, num_labels=num_labels, torch_dtype=base_model.dtype)
+            base_model.name_or_path, num_labels=num_labels, dtype=base_model.dtype)
     if task_type == "SEQ_CLS" and base_model.config.pad_token_id is None:
         base_model.config.pad_token_id = base_model.config.eos_token_id
     peft_model = get_peft_model(base_model, _peft_config(variant, task_type, num_virtual_tokens))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol(default_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     ids = tokenizer("Write one sentence about the sea.", return_tensors="pt")["input_ids"]
     return model, ModelSpec.from_config(model.config), ids

@@ -18,7 +18,7 @@ TEXT = "The quick brown fox jumps over the lazy dog"
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def base(request, tiny_llama_dir, tiny_gpt2_dir):
     path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(path)(TEXT, return_tensors="pt")["input_ids"]
     return model, ModelSpec.from_config(model.config), ids
 
