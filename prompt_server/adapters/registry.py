@@ -158,7 +158,7 @@ class AdapterRegistry:
             "sha256": sha256,
             "size_bytes": sum(len(v) for v in files.values()),
         }
-        staged = self.store.stage(files, meta)
+        staged = self.store.stage(adapter_id, files, meta)
         try:
             record = load_adapter_dir(
                 staged, self.spec, device=self.device, dtype=self.dtype,

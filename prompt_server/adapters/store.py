@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,7 +68,7 @@ class AdapterStore:
         """True while a writer has moved the old version aside and not yet renamed the new one in."""
         return any(self.root.glob(f".old-{adapter_id}-" + "?" * 32))
 
-    def stage(self, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
+    def stage(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
         """Write files + meta.json into a fresh hidden directory inside the store and return it."""
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
@@ -77,6 +78,11 @@ class AdapterStore:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
+            # file-system timestamps tick coarsely and inodes get reused: give every version's meta.json an
+            # mtime of its own, so (inode, mtime, size) never repeats for one id
+            previous = self.signature(adapter_id)
+            mtime_ns = max(time.time_ns(), previous[1] + 1 if previous else 0)
+            os.utime(tmp / META_FILE, ns=(mtime_ns, mtime_ns))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -272,3 +272,11 @@ def test_readers_always_see_a_whole_version(llama_spec, peft_files, tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and len(seen) > 1 and reader.get("x").version == 21
+
+
+def test_every_version_has_its_own_signature(registry, peft_files):
+    signatures = set()
+    for i in range(6):
+        registry.put("x", peft_files(seed=i % 2))
+        signatures.add(registry.store.signature("x"))
+    assert len(signatures) == 6
