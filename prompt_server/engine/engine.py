@@ -250,14 +250,14 @@ class Engine:
                     item.finish("cancelled")
                     continue
                 fits = size + 1 <= self.settings.max_batch_size and tokens + item.budget <= self.settings.max_batch_tokens
-                padded = max(longest, item.soft_len + len(item.prompt_ids)) * (len(seqs) + 1)
+                padded = max(longest, item.embed_len) * (len(seqs) + 1)
                 if not fits or (seqs and padded > MAX_PREFILL_TOKENS):
                     break
                 self._waiting.popleft()
                 seqs.append(item)
                 size += 1
                 tokens += item.budget
-                longest = max(longest, item.soft_len + len(item.prompt_ids))
+                longest = max(longest, item.embed_len)
         return seqs, jobs
 
     def _classify(self, job: ClassifyJob) -> None:
@@ -272,19 +272,26 @@ class Engine:
             job.resolve(InvalidRequest(f"classification failed: {exc}"))
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefill newcomers, choose their first tokens, and merge them into the running batch."""
+        """Prefill newcomers in groups of similar length, choose their first tokens, merge them into the batch."""
         now = time.monotonic()
-        rows = []
         for s in seqs:
             s.admitted_at = now
+        parts = [self._prefill(group) for group in length_groups(seqs)]
+        parts = [p for p in parts if p is not None]
+        if self._batch is not None:
+            parts.insert(0, self._batch)
+        self._batch = RunningBatch.concatenate(parts) if parts else None
+
+    def _prefill(self, seqs: list[Sequence]) -> RunningBatch | None:
+        rows = []
+        for s in seqs:
             a = s.adapter
-            n_logits = len(s.prompt_ids) if s.request.prefill_logprobs else 1
             rows.append(
                 PrefillRow(
                     ids=s.prompt_ids,
                     virtual=None if a is None else a.virtual_tokens,
                     prefix=None if a is None else a.prefix,
-                    n_logits=n_logits,
+                    n_logits=len(s.prompt_ids) if s.request.prefill_logprobs else 1,
                 )
             )
         inputs = build_prefill(rows, self.pad_id, self.device)
@@ -301,10 +308,7 @@ class Engine:
             positions=inputs.positions[:, -1] + 1,
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
-        new = self._emit(new, logits)
-        if new is None:
-            return
-        self._batch = new if self._batch is None else RunningBatch.concatenate([self._batch, new])
+        return self._emit(new, logits)
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
         """Prompt tokens with the logprob the model gave each (the first has none)."""
@@ -366,6 +370,18 @@ class Engine:
                 if r.handle.cancelled:
                     r.finish("cancelled")
             self._batch = batch.filter(keep)
+
+
+def length_groups(seqs: list[Sequence], slack: float = 1.25, floor: int = 16) -> list[list[Sequence]]:
+    """Split newcomers into groups whose lengths differ little, so a prefill pads little; shortest first."""
+    ordered = sorted(seqs, key=lambda s: s.embed_len)
+    groups: list[list[Sequence]] = []
+    for s in ordered:
+        if groups and s.embed_len <= max(floor, slack * groups[-1][0].embed_len):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
 
 
 def _eos_ids(loaded) -> frozenset[int]:

@@ -105,6 +105,12 @@ class Sequence:
         return 0 if self.adapter is None else self.adapter.num_virtual_tokens
 
     @property
+    def embed_len(self) -> int:
+        """Columns this row takes in a prefill's embeddings: virtual tokens and prompt (a prefix sits in the cache)."""
+        virtual = self.adapter is not None and self.adapter.virtual_tokens is not None
+        return len(self.prompt_ids) + (self.adapter.num_virtual_tokens if virtual else 0)
+
+    @property
     def budget(self) -> int:
         """Tokens this row may hold at its longest."""
         return self.soft_len + len(self.prompt_ids) + self.request.max_new_tokens

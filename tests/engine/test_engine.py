@@ -274,3 +274,14 @@ def test_prefill_logprobs_match_the_model(llama_world):
     expected = [logits[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     assert got.prefill[1:] and all(abs(t.logprob - e) < 1e-4 for t, e in zip(got.prefill[1:], expected))
     assert abs(got.tokens[0].logprob - logits[-1].max().item()) < 1e-4
+
+
+def test_newcomers_are_prefilled_in_groups_of_similar_length():
+    from types import SimpleNamespace
+
+    from prompt_server.engine.engine import length_groups
+
+    seqs = [SimpleNamespace(embed_len=n) for n in (40, 3, 12, 30, 5, 14, 41, 9)]
+    groups = [[s.embed_len for s in g] for g in length_groups(seqs)]
+    assert groups == [[3, 5, 9, 12, 14], [30], [40, 41]]
+    assert sorted(n for g in groups for n in g) == sorted(s.embed_len for s in seqs)
