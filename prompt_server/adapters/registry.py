@@ -21,6 +21,7 @@ from prompt_server.adapters.types import ModelSpec, SoftPrompt
 logger = logging.getLogger(__name__)
 
 _RELOAD_ATTEMPTS = 3
+_SWAP_WAIT = 0.05  # seconds a reader waits for another replica to finish swapping an adapter's directory
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -178,32 +179,41 @@ class AdapterRegistry:
             max_virtual_tokens=self.max_virtual_tokens,
         )
 
+    def _stable_signature(self, adapter_id: str) -> Signature | None:
+        """The meta.json signature, waiting out another replica's swap (rename old aside, rename new in)."""
+        assert self.store is not None
+        deadline = time.monotonic() + _SWAP_WAIT
+        while True:
+            signature = self.store.signature(adapter_id)
+            if signature is not None:
+                return signature
+            if not self.store.replacing(adapter_id):
+                # the old copy is deleted only after the new one is renamed in, so look once more
+                return self.store.signature(adapter_id)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.001)
+
     def _refresh(self, adapter_id: str, signature: Signature | None) -> SoftPrompt | None:
         """Bring one id in step with the store after its meta.json changed, appeared or vanished."""
         assert self.store is not None
         with self._lock:
+            if signature is None:
+                signature = self._stable_signature(adapter_id)
+                if signature is None and adapter_id in self._records and self.store.replacing(adapter_id):
+                    return self._records[adapter_id]  # a swap left unfinished: keep serving the last version
             for _ in range(_RELOAD_ATTEMPTS):
                 current = self._records.get(adapter_id)
                 if signature is None:
-                    if self.store.replacing(adapter_id):  # another replica is between its two renames
-                        if current is not None:
-                            return current
-                        time.sleep(0.001)
-                        signature = self.store.signature(adapter_id)
-                        continue
-                    # the old copy is deleted only after the new one is renamed in, so look once more
-                    signature = self.store.signature(adapter_id)
-                    if signature is None:
-                        self._records.pop(adapter_id, None)
-                        self._signatures.pop(adapter_id, None)
-                        return None
-                    continue
+                    self._records.pop(adapter_id, None)
+                    self._signatures.pop(adapter_id, None)
+                    return None
                 if signature == self._signatures.get(adapter_id):
                     return current
                 try:
                     record = self._load(adapter_id)
                 except (AdapterError, OSError) as e:
-                    after = self.store.signature(adapter_id)
+                    after = self._stable_signature(adapter_id)
                     if after != signature:  # replaced while we read it: try the newer version
                         signature = after
                         continue
@@ -211,8 +221,8 @@ class AdapterRegistry:
                                    adapter_id, e)
                     self._signatures[adapter_id] = signature
                     return current
-                after = self.store.signature(adapter_id)
-                if after == signature:
+                after = self._stable_signature(adapter_id)
+                if after == signature:  # nothing changed while we read: a whole version
                     self._publish(record, signature)
                     return record
                 signature = after
