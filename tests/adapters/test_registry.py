@@ -280,3 +280,34 @@ def test_every_version_has_its_own_signature(registry, peft_files):
         registry.put("x", peft_files(seed=i % 2))
         signatures.add(registry.store.signature("x"))
     assert len(signatures) == 6
+
+
+def test_a_write_from_another_process_is_seen(llama_spec, peft_files, tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    registry = AdapterRegistry(llama_spec, store=tmp_path / "store")
+    first, _ = registry.put("shared", peft_files(seed=1))
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for name, data in peft_files(seed=2).items():
+        (upload / name).write_bytes(data)
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from prompt_server.adapters.registry import AdapterRegistry\n"
+        "from prompt_server.adapters.types import ModelSpec\n"
+        "spec = ModelSpec(**json.loads(sys.argv[1]))\n"
+        "other = AdapterRegistry(spec, store=Path(sys.argv[2]))\n"
+        "files = {p.name: p.read_bytes() for p in Path(sys.argv[3]).iterdir()}\n"
+        "other.put('shared', files, labels=['a', 'b'])\n"
+        "other.put('added', files)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(llama_spec)),
+                    str(tmp_path / "store"), str(upload)], check=True, cwd=root, timeout=120)
+    replaced = registry.get("shared")
+    assert replaced.version == 2 and replaced.labels == ("a", "b") and first.version == 1
+    assert not torch.equal(replaced.virtual_tokens, first.virtual_tokens)
+    assert registry.get("added").version == 1 and len(registry.list()) == 2
