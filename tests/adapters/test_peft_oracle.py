@@ -75,13 +75,15 @@ def test_prefix_layout_puts_layer_keys_then_values(base, tmp_path):
             torch.testing.assert_close(record.prefix[layer, kv], chunk)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_seq_cls_head_matches_peft_classification_logits(variant, tiny_llama_dir, tmp_path):
-    peft = make_peft(tiny_llama_dir, variant, task_type="SEQ_CLS", num_labels=3, seed=5)
-    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(TEXT, return_tensors="pt")["input_ids"]
+def test_seq_cls_head_matches_peft_classification_logits(variant, kind, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    path = tiny_llama_dir if kind == "llama" else tiny_gpt2_dir
+    peft = make_peft(path, variant, task_type="SEQ_CLS", num_labels=3, seed=5)
+    ids = AutoTokenizer.from_pretrained(path)(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = peft(input_ids=ids).logits[0]  # [num_labels]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
     spec = ModelSpec.from_config(model.config)
     record = _load(save_peft(peft, tmp_path / "a"), spec)
     assert record.task_type == "SEQ_CLS" and record.labels == ("LABEL_0", "LABEL_1", "LABEL_2")
@@ -97,3 +99,19 @@ def test_dtype_and_device_follow_the_model(base, tmp_path):
     record = load_adapter_dir(save_peft(peft, tmp_path / "a"), spec, device="cpu", dtype=torch.bfloat16)
     assert record.prefix.dtype == torch.bfloat16 and record.prefix.device.type == "cpu"
     assert record.prefix.is_contiguous()
+
+
+def test_bert_style_classifier_with_bias(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft = make_peft(tiny_llama_dir, "prompt_tuning", task_type="SEQ_CLS", num_labels=2)
+    path = save_peft(peft, tmp_path / "a")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    weight = tensors.pop("base_model.score.weight")
+    tensors["base_model.classifier.weight"] = weight
+    tensors["base_model.classifier.bias"] = torch.tensor([0.5, -0.5])
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    record = _load(path, ModelSpec.from_config(model.config))
+    torch.testing.assert_close(record.classifier.weight, weight)
+    torch.testing.assert_close(record.classifier.bias, torch.tensor([0.5, -0.5]))
