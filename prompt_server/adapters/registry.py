@@ -85,6 +85,8 @@ class AdapterRegistry:
         """Load every adapter in the store; a bad one is logged, skipped and returned as (id, error)."""
         if self.store is None:
             return []
+        for name in self.store.sweep():
+            logger.info("removed %s, left in %s by an interrupted write", name, self.store.root)
         skipped: list[tuple[str, str]] = []
         for adapter_id in self.store.ids():
             try:

@@ -57,6 +57,17 @@ class AdapterStore:
         """Ids of the adapter directories in the store (hidden staging directories excluded)."""
         return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and ID_PATTERN.match(e.name))
 
+    def sweep(self, max_age: float = 3600.0) -> list[str]:
+        """Delete staging and set-aside directories older than max_age seconds (left by a crashed writer)."""
+        removed = []
+        now = time.time()
+        for entry in os.scandir(self.root):
+            stale = now - entry.stat().st_mtime > max_age
+            if entry.is_dir() and entry.name.startswith((".tmp-", ".old-")) and stale:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
     def read_meta(self, adapter_id: str) -> dict[str, Any] | None:
         try:
             meta = json.loads((self.path(adapter_id) / META_FILE).read_text("utf-8"))

@@ -201,8 +201,11 @@ def test_load_store_skips_bad_adapters(llama_spec, peft_files, tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text("{oops")
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"")
     (tmp_path / ".tmp-leftover").mkdir()
+    (tmp_path / ".old-good-recent").mkdir()
+    os.utime(tmp_path / ".tmp-leftover", (time.time() - 7200, time.time() - 7200))
     fresh = AdapterRegistry(llama_spec, store=tmp_path)
     skipped = fresh.load_store()
+    assert not (tmp_path / ".tmp-leftover").exists() and (tmp_path / ".old-good-recent").exists()
     assert [i for i, _ in skipped] == ["bad"] and "not valid JSON" in skipped[0][1]
     assert [r.id for r in fresh.list()] == ["good"]
 
