@@ -64,14 +64,14 @@ class AdapterRegistry:
 
     def get(self, adapter_id: str) -> SoftPrompt | None:
         """The current version of an adapter, or None; notices what other replicas wrote to the store."""
-        record = self._records.get(adapter_id)
         if self.store is None:
-            return record
+            return self._records.get(adapter_id)
         if not ID_PATTERN.match(adapter_id):
             return None
         signature = self.store.signature(adapter_id)
         if signature is not None and signature == self._signatures.get(adapter_id):
-            return record
+            # _publish stores the record before its signature, so this record is at least that version
+            return self._records.get(adapter_id)
         return self._refresh(adapter_id, signature)
 
     def list(self) -> list[SoftPrompt]:
