@@ -1,5 +1,7 @@
 # make serve   set up .venv if needed and serve the default model with the sample adapters
 # make test    set up .venv if needed, fetch the default model, run the whole test suite (slow tests too)
+# make bench   in-process throughput benchmark: PEFT, HF generate and this engine side by side
+# make bench-http  HTTP benchmark against `transformers serve --continuous-batching` (own venv: .venv-bench)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +19,7 @@ PYTEST_ARGS ?=
 INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 
-.PHONY: install serve test model deps-system lint clean
+.PHONY: install serve test model deps-system lint clean bench bench-http
 
 install: $(STAMP)
 
@@ -52,9 +54,25 @@ deps-system:
 	$$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1 \
 		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends nginx; }
 
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?=
+
+bench: install model
+	$(PY) -m prompt_server.bench $(BENCH_ARGS)
+
+# The competitor needs transformers >= 5 (4.x's continuous batching runs only on CUDA): a venv of its own.
+$(BENCH_VENV)/bin/transformers:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(BENCH_VENV)/bin/pip install "transformers[serving]>=5"
+
+bench-http: install model $(BENCH_VENV)/bin/transformers
+	$(PY) -m prompt_server.bench --http --clients 32 --requests 96 \
+		--transformers-cmd $(BENCH_VENV)/bin/transformers $(BENCH_ARGS)
+
 lint: install
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check prompt_server tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache

@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
 
     med = {m: statistics.median(v) for m, v in rates.items()}
+    lengths = [len(tok(p).input_ids) for p in prompts]
     print(f"\nmodel {loaded.model_id}, {args.requests} requests x {args.new_tokens} new tokens, "
+          f"prompts of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
           f"{args.virtual_tokens} virtual tokens per adapter, torch threads {torch.get_num_threads()}, "
           f"median of {args.rounds} rounds\n")
     print("| mode | what | tokens/s |")

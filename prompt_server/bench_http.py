@@ -162,7 +162,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
             "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_ready(url, proc, "/v1/models")
+            wait_ready(url, proc, "/health")
             model = str(model_dir)
             asyncio.run(drive(url, [model], prompts[: args.clients], args.clients, 4))  # warm-up
             results["transformers serve --continuous-batching (no adapter)"] = asyncio.run(
