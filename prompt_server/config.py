@@ -43,3 +43,4 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="Waiting requests; beyond it requests get 429")
     request_timeout: float = Field(300.0, gt=0, description="Seconds before a request is cancelled")
     max_stop_sequences: int = Field(8, ge=0)
+    max_labels: int = Field(32, ge=2, description="Labels one /classify request may score")

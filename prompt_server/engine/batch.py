@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from prompt_server.engine.sequence import Sequence
-from prompt_server.model.batch import KV, pad_mask_left
+from prompt_server.model.batch import KV, PrefillRow, pad_mask_left
 
 # Free cache columns kept ahead of the rows so decoding writes in place; bounded to cap the memory a batch holds.
 MAX_SPARE = 256
+# Padded tokens one prefill may run at once; newcomers beyond it wait for the next step.
+MAX_PREFILL_TOKENS = 8192
 
 
 def spare_for(rows: list[Sequence]) -> int:
@@ -61,3 +63,29 @@ class RunningBatch:
             positions=torch.cat([b.positions for b in batches]),
             next_ids=torch.cat([b.next_ids for b in batches]),
         )
+
+
+def prefill_chunks(rows: list[PrefillRow]) -> list[list[PrefillRow]]:
+    """Consecutive runs of rows whose padded size stays within MAX_PREFILL_TOKENS (a single row always fits)."""
+    chunks: list[list[PrefillRow]] = []
+    longest = 0
+    for r in rows:
+        longest = max(longest, r.embed_len)
+        if chunks and longest * (len(chunks[-1]) + 1) <= MAX_PREFILL_TOKENS:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+            longest = r.embed_len
+    return chunks
+
+
+def length_groups(seqs: list[Sequence], slack: float = 1.25, floor: int = 16) -> list[list[Sequence]]:
+    """Split newcomers into groups whose lengths differ little, so a prefill pads little; shortest first."""
+    ordered = sorted(seqs, key=lambda s: s.embed_len)
+    groups: list[list[Sequence]] = []
+    for s in ordered:
+        if groups and s.embed_len <= max(floor, slack * groups[-1][0].embed_len):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups

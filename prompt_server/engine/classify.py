@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,11 +23,6 @@ class ClassifyJob:
     labels: list[str]
     label_ids: list[list[int]] | None  # verbalizer tokens per label; None when the adapter's head is used
     cancelled: bool = False
-    rows: list[PrefillRow] = field(default_factory=list)
-
-    @property
-    def uses_head(self) -> bool:
-        return self.label_ids is None
 
     def build_rows(self) -> list[PrefillRow]:
         virtual = None if self.adapter is None else self.adapter.virtual_tokens
@@ -35,19 +30,17 @@ class ClassifyJob:
         rows = []
         for ids in self.inputs:
             if self.label_ids is None:
-                rows.append(PrefillRow(ids=ids, virtual=virtual, prefix=prefix, n_logits=0))
+                rows.append(PrefillRow(ids=ids, virtual=virtual, prefix=prefix))
                 continue
             for lab in self.label_ids:
-                # logits at the last len(lab)+1 positions: position j scores the token at j+1
-                rows.append(PrefillRow(ids=ids + lab, virtual=virtual, prefix=prefix, n_logits=len(lab) + 1))
-        self.rows = rows
+                rows.append(PrefillRow(ids=ids + lab, virtual=virtual, prefix=prefix))
         return rows
 
-    def score(self, hidden: torch.Tensor, logits_fn) -> list[Prediction]:
-        """hidden: [n, S, hidden] for this job's rows in order -> one prediction per input."""
+    def score(self, hidden: list[torch.Tensor], logits_fn) -> list[Prediction]:
+        """hidden[i]: [S_i, hidden] of row i, right-aligned -> one prediction per input."""
         if self.label_ids is None:
             head = self.adapter.classifier
-            h = hidden[:, -1].to(head.weight.dtype)  # [n, hidden]
+            h = torch.stack([x[-1] for x in hidden]).to(head.weight.dtype)  # [n, hidden]
             scores = h @ head.weight.T  # [n, labels]
             if head.bias is not None:
                 scores = scores + head.bias
@@ -59,7 +52,8 @@ class ClassifyJob:
             for j, lab in enumerate(self.label_ids):
                 row = i * n_labels + j
                 k = len(lab)
-                logp = logits_fn(hidden[row, -(k + 1) : -1]).log_softmax(-1)  # [k, vocab]
+                # position j scores the token at j+1: the k label tokens are scored by the k positions before them
+                logp = logits_fn(hidden[row][-(k + 1) : -1]).log_softmax(-1)  # [k, vocab]
                 totals.append(logp.gather(-1, torch.tensor(lab, device=logp.device)[:, None]).sum())
             preds.append(_prediction(self.labels, torch.stack(totals)))
         return preds

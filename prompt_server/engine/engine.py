@@ -12,7 +12,7 @@ import time
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.batch import RunningBatch, spare_for
+from prompt_server.engine.batch import MAX_PREFILL_TOKENS, RunningBatch, length_groups, prefill_chunks, spare_for
 from prompt_server.engine.classify import ClassifyJob, plan_labels
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
@@ -20,6 +20,7 @@ from prompt_server.engine.types import (
     ClassifyRequest,
     EngineStopped,
     GenerateRequest,
+    GenerationFailed,
     InvalidRequest,
     Prediction,
     QueueFull,
@@ -32,8 +33,8 @@ from prompt_server.model.sampling import RowSampler, choose, token_logprobs
 
 log = logging.getLogger("prompt_server.engine")
 
-# Padded tokens one prefill may run at once; newcomers beyond it wait for the next step.
-MAX_PREFILL_TOKENS = 8192
+# Prompt positions whose full-vocabulary logprobs are held at once (decoder_input_details).
+LOGPROB_CHUNK = 128
 
 
 class Engine:
@@ -105,7 +106,14 @@ class Engine:
             if not self.ready or self._stopping:
                 raise EngineStopped("the engine is not running")
             if len(self._waiting) >= self.settings.max_queue:
-                raise QueueFull(retry_after=1.0)
+                # requests abandoned while waiting do not hold a place
+                live = [w for w in self._waiting if not _abandoned(w)]
+                if len(live) >= self.settings.max_queue:
+                    raise QueueFull(retry_after=1.0)
+                for w in self._waiting:
+                    if _abandoned(w) and not isinstance(w, ClassifyJob):
+                        w.finish("cancelled")
+                self._waiting = collections.deque(live)
             self._waiting.append(item)
             self._cond.notify_all()
 
@@ -133,7 +141,7 @@ class Engine:
             deadline=time.monotonic() + self.settings.request_timeout,
         )
         self._enqueue(seq)
-        self._stats["requests"] += 1
+        self._count("requests", 1)
         return handle
 
     async def classify(self, req: ClassifyRequest) -> list[Prediction]:
@@ -146,15 +154,21 @@ class Engine:
             raise InvalidRequest(
                 f"inputs: {len(req.inputs)} inputs exceed max_batch_size {self.settings.max_batch_size}"
             )
+        if req.labels is not None and len(req.labels) > self.settings.max_labels:
+            raise InvalidRequest(f"labels: at most {self.settings.max_labels} labels, got {len(req.labels)}")
         adapter = self._adapter(req.adapter_id)
         labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer)
+        soft = 0 if adapter is None else adapter.num_virtual_tokens
+        longest = max((len(x) for x in label_ids), default=0) if label_ids else 0
         inputs = []
         for i, text in enumerate(req.inputs):
             ids = self._encode(text.rstrip(), True)
-            longest = max((len(x) for x in label_ids), default=0) if label_ids else 0
-            if len(ids) + longest > self.settings.max_input_tokens:
+            n = len(ids) + longest
+            if n > self.settings.max_input_tokens:
+                raise InvalidRequest(f"inputs[{i}]: {n} tokens exceed max_input_tokens {self.settings.max_input_tokens}")
+            if soft + n > self.max_position:
                 raise InvalidRequest(
-                    f"inputs[{i}]: {len(ids) + longest} tokens exceed max_input_tokens {self.settings.max_input_tokens}"
+                    f"inputs[{i}]: {soft} virtual + {n} tokens exceed the model's context of {self.max_position}"
                 )
             inputs.append(ids)
         loop = asyncio.get_running_loop()
@@ -181,12 +195,13 @@ class Engine:
     def stats(self) -> dict[str, float]:
         with self._cond:
             waiting = len(self._waiting)
+            counters = {k: float(v) for k, v in self._stats.items()}
         batch = self._batch
-        return {
-            "queue_depth": waiting,
-            "running": 0 if batch is None else len(batch),
-            **{k: float(v) for k, v in self._stats.items()},
-        }
+        return {"queue_depth": waiting, "running": 0 if batch is None else len(batch), **counters}
+
+    def _count(self, key: str, n: float) -> None:
+        with self._cond:
+            self._stats[key] += n
 
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -200,22 +215,24 @@ class Engine:
             try:
                 with torch.inference_mode():
                     self._step()
-            except Exception as exc:  # a failed step must not kill the loop: fail its rows, keep serving
+            except Exception as exc:  # a failed decode step fails the running rows; the loop and the queue go on
                 log.exception("engine step failed")
-                self._fail_all(exc)
-        self._fail_all(EngineStopped("the engine stopped"))
-
-    def _fail_all(self, exc: BaseException) -> None:
+                rows = [] if self._batch is None else self._batch.rows
+                self._batch = None
+                self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
         rows = [] if self._batch is None else self._batch.rows
         self._batch = None
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()
-        for item in rows + pending:
+        self._fail(rows + pending, EngineStopped("the engine stopped"))
+
+    def _fail(self, items: list, exc: Exception) -> None:
+        for item in items:
             if isinstance(item, ClassifyJob):
-                item.resolve(EngineStopped(str(exc)) if not isinstance(exc, EngineStopped) else exc)
+                item.resolve(exc)
             else:
-                item.handle.push(EngineStopped(f"generation failed: {exc}"))
+                item.handle.push(exc)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -228,58 +245,77 @@ class Engine:
             self._decode()
 
     def _schedule(self) -> tuple[list[Sequence], list[ClassifyJob]]:
-        """Take waiting requests that fit the batch-size, token and prefill limits, in arrival order."""
+        """Take waiting requests that fit the batch-size, memory and prefill limits, in arrival order.
+
+        Memory is what the right-aligned cache will hold at its widest: rows x (width + longest remaining).
+        """
         batch = self._batch
         size = 0 if batch is None else len(batch)
-        tokens = 0 if batch is None else sum(r.budget for r in batch.rows)
+        width = 0 if batch is None else batch.kv.width
+        ahead = 0 if batch is None else max(r.remaining for r in batch.rows)
         seqs: list[Sequence] = []
         jobs: list[ClassifyJob] = []
         longest = 0
+        now = time.monotonic()
         with self._cond:
             while self._waiting:
                 item = self._waiting[0]
                 if isinstance(item, ClassifyJob):
-                    if not jobs and not item.cancelled:
-                        jobs.append(item)
-                    elif not item.cancelled:
-                        break
+                    if item.cancelled or not jobs:
+                        self._waiting.popleft()
+                        if not item.cancelled:
+                            jobs.append(item)
+                        continue
+                    break
+                if item.handle.cancelled or now > item.deadline:
                     self._waiting.popleft()
+                    item.finish("cancelled" if item.handle.cancelled else "timeout")
                     continue
-                if item.handle.cancelled:
-                    self._waiting.popleft()
-                    item.finish("cancelled")
-                    continue
-                fits = size + 1 <= self.settings.max_batch_size and tokens + item.budget <= self.settings.max_batch_tokens
+                new_width = max(width, item.soft_len + len(item.prompt_ids))
+                new_ahead = max(ahead, item.request.max_new_tokens)
+                fits = size + 1 <= self.settings.max_batch_size and (
+                    size == 0 or (size + 1) * (new_width + new_ahead) <= self.settings.max_batch_tokens
+                )
                 padded = max(longest, item.embed_len) * (len(seqs) + 1)
                 if not fits or (seqs and padded > MAX_PREFILL_TOKENS):
                     break
                 self._waiting.popleft()
                 seqs.append(item)
-                size += 1
-                tokens += item.budget
+                size, width, ahead = size + 1, new_width, new_ahead
                 longest = max(longest, item.embed_len)
         return seqs, jobs
 
     def _classify(self, job: ClassifyJob) -> None:
         try:
             rows = job.build_rows()
-            inputs = build_prefill(rows, self.pad_id, self.device)
-            hidden, _ = self.runner.prefill(inputs, spare=0)
+            hidden = []
+            for chunk in prefill_chunks(rows):
+                h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
+                hidden.extend(h.unbind(0))  # rows keep their own right-aligned [S, hidden]
             job.resolve(job.score(hidden, self.runner.logits))
-            self._stats["classified"] += len(job.inputs)
-        except Exception as exc:
+            self._count("classified", len(job.inputs))
+        except Exception as exc:  # this job fails alone
             log.exception("classification failed")
-            job.resolve(InvalidRequest(f"classification failed: {exc}"))
+            job.resolve(GenerationFailed(f"classification failed: {exc}"))
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefill newcomers in groups of similar length, choose their first tokens, merge them into the batch."""
+        """Prefill newcomers in groups of similar length, choose their first tokens, merge them into the batch.
+
+        A group whose prefill fails is failed alone; the running batch and the other groups go on.
+        """
         now = time.monotonic()
         for s in seqs:
             s.admitted_at = now
-        parts = [self._prefill(group) for group in length_groups(seqs)]
-        parts = [p for p in parts if p is not None]
-        if self._batch is not None:
-            parts.insert(0, self._batch)
+        parts = [] if self._batch is None else [self._batch]
+        for group in length_groups(seqs):
+            try:
+                part = self._prefill(group)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail([s for s in group if s.finish_reason is None], GenerationFailed(f"prefill failed: {exc}"))
+                continue
+            if part is not None:
+                parts.append(part)
         self._batch = RunningBatch.concatenate(parts) if parts else None
 
     def _prefill(self, seqs: list[Sequence]) -> RunningBatch | None:
@@ -291,7 +327,6 @@ class Engine:
                     ids=s.prompt_ids,
                     virtual=None if a is None else a.virtual_tokens,
                     prefix=None if a is None else a.prefix,
-                    n_logits=len(s.prompt_ids) if s.request.prefill_logprobs else 1,
                 )
             )
         inputs = build_prefill(rows, self.pad_id, self.device)
@@ -300,7 +335,7 @@ class Engine:
         for i, s in enumerate(seqs):
             if s.request.prefill_logprobs:
                 s.prefill = self._prefill_tokens(s, hidden[i, -len(s.prompt_ids) :])
-        self._stats["prompt_tokens"] += sum(len(s.prompt_ids) for s in seqs)
+        self._count("prompt_tokens", sum(len(s.prompt_ids) for s in seqs))
         new = RunningBatch(
             rows=seqs,
             kv=kv,
@@ -313,12 +348,16 @@ class Engine:
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
         """Prompt tokens with the logprob the model gave each (the first has none)."""
         ids = s.prompt_ids
-        logp = self.runner.logits(hidden[:-1]).log_softmax(-1)  # [T-1, vocab]
-        picked = logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None]).squeeze(-1).tolist()
-        toks = [Token(id=ids[0], text=self.tokenizer.decode([ids[0]]), logprob=math.nan, special=ids[0] in self.special_ids)]
-        for t, lp in zip(ids[1:], picked):
-            toks.append(Token(id=t, text=self.tokenizer.decode([t]), logprob=lp, special=t in self.special_ids))
-        return toks
+        target = torch.tensor(ids[1:], device=hidden.device)
+        picked: list[float] = []
+        for start in range(0, len(ids) - 1, LOGPROB_CHUNK):  # bounded memory: [chunk, vocab] at a time
+            logp = self.runner.logits(hidden[start : min(start + LOGPROB_CHUNK, len(ids) - 1)]).log_softmax(-1)
+            picked += logp.gather(-1, target[start : start + logp.shape[0], None]).squeeze(-1).tolist()
+        logprobs = [math.nan, *picked]
+        return [
+            Token(id=t, text=self.tokenizer.decode([t]), logprob=lp, special=t in self.special_ids)
+            for t, lp in zip(ids, logprobs)
+        ]
 
     def _decode(self) -> None:
         batch = self._batch
@@ -328,8 +367,8 @@ class Engine:
         hidden = self.runner.decode(batch.next_ids, batch.kv, mask, batch.positions)  # [B, hidden]
         batch.mask = mask
         batch.positions = batch.positions + 1
-        self._stats["steps"] += 1
-        self._stats["batch_size_sum"] += b
+        self._count("steps", 1)
+        self._count("batch_size_sum", b)
         self._batch = self._emit(batch, self.runner.logits(hidden))
 
     def _emit(self, batch: RunningBatch, logits: torch.Tensor) -> RunningBatch | None:
@@ -346,6 +385,7 @@ class Engine:
         positions = batch.positions.tolist()
         now = time.monotonic()
         keep = []
+        finished = 0
         for i, r in enumerate(rows):
             if r.handle.cancelled:
                 r.finish("cancelled")
@@ -353,10 +393,11 @@ class Engine:
             r.append(id_list[i], logprobs[i], self.tokenizer, positions[i], now)
             if r.finish_reason is not None:
                 r.finish()
-                self._stats["finished"] += 1
+                finished += 1
             else:
                 keep.append(i)
-        self._stats["generated_tokens"] += len(rows)
+        self._count("generated_tokens", len(rows))
+        self._count("finished", finished)
         batch.next_ids = ids
         return batch.filter(keep)
 
@@ -372,16 +413,8 @@ class Engine:
             self._batch = batch.filter(keep)
 
 
-def length_groups(seqs: list[Sequence], slack: float = 1.25, floor: int = 16) -> list[list[Sequence]]:
-    """Split newcomers into groups whose lengths differ little, so a prefill pads little; shortest first."""
-    ordered = sorted(seqs, key=lambda s: s.embed_len)
-    groups: list[list[Sequence]] = []
-    for s in ordered:
-        if groups and s.embed_len <= max(floor, slack * groups[-1][0].embed_len):
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    return groups
+def _abandoned(item) -> bool:
+    return item.cancelled if isinstance(item, ClassifyJob) else item.handle.cancelled
 
 
 def _eos_ids(loaded) -> frozenset[int]:

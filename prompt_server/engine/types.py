@@ -29,6 +29,10 @@ class EngineStopped(EngineError):
     """The engine is not running (starting, stopping or dead)."""
 
 
+class GenerationFailed(EngineError):
+    """An internal failure while computing this request; other requests go on."""
+
+
 @dataclass
 class SamplingParams:
     do_sample: bool = False

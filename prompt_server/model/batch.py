@@ -26,7 +26,6 @@ class PrefillRow:
     ids: list[int]  # prompt token ids, at least one
     virtual: torch.Tensor | None = None  # [V, hidden]
     prefix: torch.Tensor | None = None  # [L, 2, kv_heads, P, head_dim]
-    n_logits: int = 1  # trailing positions whose logits are wanted (1 = next token only)
 
     @property
     def prefix_len(self) -> int:

@@ -42,7 +42,9 @@ class Runner(ABC):
 
 def make_runner(model: torch.nn.Module, fast: bool = True) -> Runner:
     """The lean runner where the architecture allows it, the generic one otherwise."""
-    if fast and getattr(model.config, "model_type", "") in FAST_MODEL_TYPES:
+    cfg = model.config
+    sliding = getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+    if fast and getattr(cfg, "model_type", "") in FAST_MODEL_TYPES and not sliding:
         return LlamaRunner(model)
     return HFRunner(model)
 

@@ -62,6 +62,10 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return logits
 
 
+# Below this temperature sampling is greedy in all but name, and dividing by it would overflow.
+MIN_TEMPERATURE = 1e-5
+
+
 def choose(logits: torch.Tensor, samplers: list[RowSampler], history: list[torch.Tensor | None]) -> torch.Tensor:
     """Pick one token per row. logits: [B, V] float32; history[i]: ids seen by row i (for the penalty)."""
     greedy = all(not s.do_sample and s.repetition_penalty == 1.0 for s in samplers)
@@ -69,15 +73,21 @@ def choose(logits: torch.Tensor, samplers: list[RowSampler], history: list[torch
         return logits.argmax(-1)
     out = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
     for i, s in enumerate(samplers):
-        row = logits[i]
-        if s.repetition_penalty != 1.0 and history[i] is not None:
-            row = apply_repetition_penalty(row, history[i], s.repetition_penalty)
-        if not s.do_sample:
-            out[i] = row.argmax()
-            continue
-        probs = warp(row, s.temperature, s.top_k, s.top_p).softmax(-1)
-        out[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        out[i] = _choose_row(logits[i], s, history[i])
     return out
+
+
+def _choose_row(row: torch.Tensor, s: RowSampler, seen: torch.Tensor | None) -> torch.Tensor:
+    # row: [V]. Extreme settings must not overflow into NaN and take the other rows down with them.
+    if s.repetition_penalty != 1.0 and seen is not None:
+        row = apply_repetition_penalty(row, seen, s.repetition_penalty)
+    row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+    if not s.do_sample or s.temperature < MIN_TEMPERATURE:
+        return row.argmax()
+    probs = warp(row, s.temperature, s.top_k, s.top_p).softmax(-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        return row.argmax()
+    return torch.multinomial(probs, 1, generator=s.generator)[0]
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,19 @@ def test_many_classifications_and_generations_interleave(llama_world):
     results = run_engine(llama_world, go)
     assert all(len(r) == 1 for r in results[:3])
     assert all(len(r.tokens) >= 1 for r in results[3:])
+
+
+def test_classify_limits_labels_and_context(llama_world):
+    async def go(engine):
+        errors = []
+        with pytest.raises(InvalidRequest) as err:
+            await engine.classify(ClassifyRequest(inputs=["x"], labels=[f"l{i}" for i in range(40)]))
+        errors.append(str(err.value))
+        with pytest.raises(InvalidRequest) as err:
+            await engine.classify(ClassifyRequest(inputs=["word " * 600], labels=["a", "b"]))
+        errors.append(str(err.value))
+        return errors
+
+    errors = run_engine(llama_world, go, max_input_tokens=4096)
+    assert errors[0] == "labels: at most 32 labels, got 40"
+    assert errors[1].startswith("inputs[0]: 0 virtual + ") and errors[1].endswith("exceed the model's context of 512")

@@ -38,8 +38,7 @@ def test_mixed_batch_matches_peft_for_every_row(world):
         assert result.prompt_tokens == len(world.loaded.tokenizer(prompt).input_ids)
 
 
-def test_rows_joining_a_running_batch_match_running_alone(llama_world):
-    world = llama_world
+def test_rows_joining_a_running_batch_match_running_alone(world):
 
     async def go(engine):
         first = engine.submit(greedy(PROMPTS[2], "prefix", n=24))
@@ -64,7 +63,7 @@ def test_rows_joining_a_running_batch_match_running_alone(llama_world):
     assert [[t.id for t in r.tokens] for r in others] == expected
 
 
-def test_same_seed_same_text_whatever_the_batch(llama_world):
+def test_same_seed_same_text_whatever_the_batch(world):
     params = SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=1234)
     req = GenerateRequest(prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, sampling=params,
                           ignore_eos=True)
@@ -80,11 +79,11 @@ def test_same_seed_same_text_whatever_the_batch(llama_world):
         await asyncio.gather(*(h.result() for h in others + noisy))
         return await mine.result()
 
-    a = run_engine(llama_world, alone)
-    b = run_engine(llama_world, crowded)
+    a = run_engine(world, alone)
+    b = run_engine(world, crowded)
     assert a.seed == b.seed == 1234
     assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
-    c = run_engine(llama_world, lambda e: _one(e, GenerateRequest(
+    c = run_engine(world, lambda e: _one(e, GenerateRequest(
         prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, ignore_eos=True,
         sampling=SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=99))))
     assert [t.id for t in c.tokens] != [t.id for t in a.tokens]  # the seed matters
@@ -94,8 +93,7 @@ async def _one(engine, req):
     return await engine.submit(req).result()
 
 
-def test_cancelling_one_row_leaves_the_others_unchanged(llama_world):
-    world = llama_world
+def test_cancelling_one_row_leaves_the_others_unchanged(world):
 
     async def go(engine):
         keep = [engine.submit(greedy(PROMPTS[0], "prefix", n=20)), engine.submit(greedy(PROMPTS[1], "prompt_tuning", n=20))]
@@ -279,9 +277,127 @@ def test_prefill_logprobs_match_the_model(llama_world):
 def test_newcomers_are_prefilled_in_groups_of_similar_length():
     from types import SimpleNamespace
 
-    from prompt_server.engine.engine import length_groups
+    from prompt_server.engine.batch import length_groups
 
     seqs = [SimpleNamespace(embed_len=n) for n in (40, 3, 12, 30, 5, 14, 41, 9)]
     groups = [[s.embed_len for s in g] for g in length_groups(seqs)]
     assert groups == [[3, 5, 9, 12, 14], [30], [40, 41]]
     assert sorted(n for g in groups for n in g) == sorted(s.embed_len for s in seqs)
+
+
+def test_extreme_sampling_settings_do_not_disturb_other_rows(world):
+    wild = [
+        GenerateRequest(prompt=PROMPTS[0], max_new_tokens=6, ignore_eos=True,
+                        sampling=SamplingParams(do_sample=True, temperature=1e-30, seed=1)),
+        GenerateRequest(prompt=PROMPTS[1], max_new_tokens=6, ignore_eos=True,
+                        sampling=SamplingParams(do_sample=True, repetition_penalty=1e-38, seed=2)),
+    ]
+
+    async def go(engine):
+        handles = [engine.submit(r) for r in wild] + [engine.submit(greedy(PROMPTS[2], "prefix", n=6))]
+        return [await h.result() for h in handles]
+
+    tiny_t, tiny_penalty, normal = run_engine(world, go)
+    # a temperature near zero is greedy
+    assert [t.id for t in tiny_t.tokens] == world.oracle(None, PROMPTS[0], 6)
+    assert len(tiny_penalty.tokens) == 6
+    assert [t.id for t in normal.tokens] == world.oracle("prefix", PROMPTS[2], 6)
+
+
+def test_a_failed_prefill_fails_only_its_own_requests(llama_world):
+    from prompt_server.engine.types import GenerationFailed
+
+    world = llama_world
+    poison = world.loaded.tokenizer("zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz").input_ids
+
+    async def go(engine):
+        real = engine.runner.prefill
+
+        def prefill(inputs, spare):
+            if any(row[-len(poison):].tolist() == poison for row in inputs.ids):
+                raise RuntimeError("injected fault")
+            return real(inputs, spare)
+
+        engine.runner.prefill = prefill
+        good = engine.submit(greedy(PROMPTS[0], "p_tuning_mlp", n=8))
+        bad = engine.submit(GenerateRequest(prompt=poison, max_new_tokens=8))
+        with pytest.raises(GenerationFailed, match="prefill failed: injected fault"):
+            await bad.result()
+        after = engine.submit(greedy(PROMPTS[1], n=4))
+        return await good.result(), await after.result()
+
+    good, after = run_engine(world, go)
+    assert [t.id for t in good.tokens] == world.oracle("p_tuning_mlp", PROMPTS[0], 8)
+    assert [t.id for t in after.tokens] == world.oracle(None, PROMPTS[1], 4)
+
+
+def test_a_failed_decode_step_fails_the_running_rows_and_the_engine_goes_on(llama_world):
+    from prompt_server.engine.types import GenerationFailed
+
+    world = llama_world
+
+    async def go(engine):
+        real = engine.runner.decode
+        calls = {"n": 0}
+
+        def decode(*args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected fault")
+            return real(*args)
+
+        engine.runner.decode = decode
+        victims = [engine.submit(greedy(p, n=10)) for p in PROMPTS[:2]]
+        for v in victims:
+            with pytest.raises(GenerationFailed, match="generation failed: injected fault"):
+                await v.result()
+        return await engine.submit(greedy(PROMPTS[2], "prefix", n=6)).result()
+
+    later = run_engine(world, go)
+    assert [t.id for t in later.tokens] == world.oracle("prefix", PROMPTS[2], 6)
+
+
+def test_cancelled_waiting_requests_do_not_fill_the_queue(llama_world):
+    async def go(engine):
+        running = engine.submit(greedy(PROMPTS[0], n=40))
+        await running.__aiter__().__anext__()  # admitted: it no longer waits in the queue
+        waiting = [engine.submit(greedy(PROMPTS[1], n=5)) for _ in range(2)]
+        for w in waiting:
+            w.cancel()
+        more = [engine.submit(greedy(PROMPTS[1], n=3)) for _ in range(2)]  # would be a 429 without the purge
+        results = [await h.result() for h in waiting + more]
+        running.cancel()
+        await running.result()
+        return results
+
+    results = run_engine(llama_world, go, max_queue=2, max_batch_size=1)
+    assert [r.finish_reason for r in results] == ["cancelled", "cancelled", "length", "length"]
+
+
+def test_admission_respects_the_cache_memory_budget(llama_world):
+    async def go(engine):
+        order = []
+
+        async def watch(name, handle):
+            async for event in handle:
+                order.append((name, "token" if hasattr(event, "token") else "done"))
+
+        a = engine.submit(greedy(PROMPTS[2], n=30))
+        b = engine.submit(greedy(PROMPTS[0], n=30))
+        await asyncio.gather(watch("a", a), watch("b", b))
+        return order
+
+    # one row of ~40 columns fits in 60 tokens of cache, two do not: b waits until a is done
+    order = run_engine(llama_world, go, max_batch_tokens=60)
+    assert order.index(("a", "done")) < order.index(("b", "token"))
+
+
+def test_prefill_chunks_bound_the_padded_size():
+    from prompt_server.engine.batch import MAX_PREFILL_TOKENS, prefill_chunks
+    from prompt_server.model.batch import PrefillRow
+
+    rows = [PrefillRow(ids=[1] * n) for n in (10, 4000, 4000, 20, 9000)]
+    chunks = prefill_chunks(rows)
+    assert MAX_PREFILL_TOKENS == 8192
+    assert [[len(r.ids) for r in c] for c in chunks] == [[10, 4000], [4000, 20], [9000]]
+    assert [r for c in chunks for r in c] == rows
