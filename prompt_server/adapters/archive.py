@@ -1,14 +1,27 @@
-"""Unpack an uploaded .zip / .tar / .tar.gz holding an adapter's files, at top level or in one folder."""
+"""Unpack an uploaded .zip / .tar / .tar.gz holding an adapter's files, at top level or in one folder.
+
+Sizes written in archive headers are never trusted: what is actually unpacked is counted while reading and stops at
+max_bytes, so an archive whose headers understate its contents is cut off by the cap, not read to the end.
+"""
 
 from __future__ import annotations
 
+import bz2
+import copy
+import gzip
 import io
+import lzma
 import posixpath
 import tarfile
 import zipfile
-import zlib
+from collections.abc import Callable
+from typing import IO
 
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
+
+_CHUNK = 1 << 16
+_TAR_OVERHEAD = 1 << 20  # tar headers, padding and end blocks allowed on top of max_bytes of member contents
+_ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 
 
 def _junk(name: str) -> bool:
@@ -16,52 +29,118 @@ def _junk(name: str) -> bool:
 
 
 def _check_name(name: str) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterError(f"archive member name {name!r} is not valid UTF-8") from None
+    if any(ord(c) < 32 for c in name):
+        raise AdapterError(f"archive member name {name!r} contains control characters")
     clean = posixpath.normpath(name.replace("\\", "/"))
     if name.startswith(("/", "\\")) or clean.startswith("..") or ":" in name or clean in (".", ""):
         raise AdapterError(f"archive member {name!r} has an unsafe path")
     return clean
 
 
+class _Budget:
+    """Counts unpacked bytes across all members and raises AdapterTooLarge past the limit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.left = max_bytes
+
+    def read(self, fh: IO[bytes]) -> bytes:
+        parts = []
+        while True:
+            chunk = fh.read(min(_CHUNK, self.left + 1))
+            if not chunk:
+                return b"".join(parts)
+            self.left -= len(chunk)
+            if self.left < 0:
+                raise AdapterTooLarge(f"archive unpacks to more than max_upload_bytes {self.max_bytes}")
+            parts.append(chunk)
+
+
+def _zip_members(data: bytes, add: Callable[[str, int, Callable[[], bytes]], None], budget: _Budget) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                _check_name(info.filename)
+                continue
+            if info.flag_bits & _ZIP_ENCRYPTED:
+                raise AdapterError(f"archive member {info.filename!r} is encrypted: upload it without a password")
+            # zipfile stops at the header's file_size; let it read up to what is left of the budget instead, so
+            # the cap bounds the unpacking and a header that understates the size is caught below
+            unbounded = copy.copy(info)
+            unbounded.file_size = budget.left + 2 * _CHUNK  # zipfile inflates ahead of what it returns
+
+            def read(unbounded: zipfile.ZipInfo = unbounded) -> bytes:
+                with zf.open(unbounded) as fh:
+                    return budget.read(fh)
+
+            add(info.filename, info.file_size, read)
+
+
+def _decompressed(data: bytes, limit: int) -> bytes:
+    """The tar stream inside a gzip / bzip2 / xz file (or data itself), at most limit bytes of it."""
+    opener: Callable[[IO[bytes]], IO[bytes]] | None = None
+    if data[:2] == b"\x1f\x8b":
+        opener = lambda fh: gzip.GzipFile(fileobj=fh)
+    elif data[:3] == b"BZh":
+        opener = bz2.BZ2File
+    elif data[:6] == b"\xfd7zXZ\x00":
+        opener = lzma.LZMAFile
+    if opener is None:
+        return data
+    with opener(io.BytesIO(data)) as fh:
+        out = fh.read(limit + 1)
+    if len(out) > limit:
+        raise AdapterTooLarge(f"archive unpacks to more than max_upload_bytes {limit - _TAR_OVERHEAD}")
+    return out
+
+
+def _tar_members(data: bytes, add: Callable[[str, int, Callable[[], bytes]], None], budget: _Budget) -> None:
+    raw = _decompressed(data, budget.max_bytes + _TAR_OVERHEAD)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:", encoding="utf-8", errors="surrogateescape") as tf:
+        for member in tf:
+            if member.isdir():
+                _check_name(member.name)
+                continue
+            if not member.isfile():
+                raise AdapterError(f"archive member {member.name!r} is a link or device, expected a regular file")
+
+            def read(member: tarfile.TarInfo = member) -> bytes:
+                fh = tf.extractfile(member)
+                assert fh is not None  # a regular file always has a reader
+                return budget.read(fh)
+
+            add(member.name, member.size, read)
+
+
 def _members(data: bytes, max_bytes: int) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    total = 0
+    budget = _Budget(max_bytes)
 
-    def add(name: str, size: int, read) -> None:
-        nonlocal total
+    def add(name: str, size: int, read: Callable[[], bytes]) -> None:
         name = _check_name(name)
         if _junk(name):
             return
-        total += size
-        if total > max_bytes:
-            raise AdapterTooLarge(f"archive unpacks to more than max_upload_bytes {max_bytes}")
-        content = read()
-        if len(content) != size:
-            raise AdapterError(f"archive member {name!r} is truncated")
         if name in out:
             raise AdapterError(f"archive holds {name!r} twice")
+        content = read()
+        if len(content) != size:
+            raise AdapterError(f"archive member {name!r} holds {len(content)} bytes, its header says {size}")
         out[name] = content
 
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        _check_name(info.filename)
-                        continue
-                    add(info.filename, info.file_size, lambda info=info: zf.read(info))
-        except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError) as e:
-            raise AdapterError(f"archive is corrupt or uses an unsupported compression: {e}") from None
-        return out
+    is_zip = zipfile.is_zipfile(io.BytesIO(data))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-            for member in tf:
-                if member.isdir():
-                    _check_name(member.name)
-                    continue
-                if not member.isfile():
-                    raise AdapterError(f"archive member {member.name!r} is a link or device, expected a regular file")
-                add(member.name, member.size, lambda m=member: tf.extractfile(m).read())  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError, OSError) as e:
+        (_zip_members if is_zip else _tar_members)(data, add, budget)
+    except AdapterError:
+        raise
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"archive member name is marked UTF-8 but is not valid UTF-8: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- crafted archives make zipfile/tarfile/zlib raise many types
+        if is_zip:
+            raise AdapterError(f"archive is corrupt or uses an unsupported zip feature: {e}") from None
         raise AdapterError(f"archive is not a readable .zip, .tar or .tar.gz file: {e}") from None
     return out
 

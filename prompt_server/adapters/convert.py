@@ -98,7 +98,8 @@ def _prefix(cfg: AdapterConfig, emb: torch.Tensor, spec: ModelSpec) -> torch.Ten
     L, H, d, P = spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.num_virtual_tokens
     _check_shape("prompt_embeddings", emb, (P, L * 2 * H * d), "num_virtual_tokens, num_layers * 2 * token_dim")
     # flat row order is L0-K, L0-V, L1-K, ... each [H, d]: [P, 2L*H*d] -> [2L, H, P, d] -> [L, 2, H, P, d]
-    return emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3).reshape(L, 2, H, P, d)
+    # reshape, not view: a tensor from a .bin file may be stored non-contiguous (e.g. a transpose)
+    return emb.reshape(P, 2 * L, H, d).permute(1, 2, 0, 3).reshape(L, 2, H, P, d)
 
 
 def _classifier(cfg: AdapterConfig, head: dict[str, torch.Tensor], spec: ModelSpec) -> ClassifierHead | None:

@@ -32,10 +32,18 @@ def encoder_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def _matrix(weights: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A layer's weight, checked to be a non-empty 2-D matrix before its shape sizes a module."""
+    w = weights[key]
+    if w.dim() != 2 or w.numel() == 0:
+        raise AdapterError(f"encoder weight {key} has shape {list(w.shape)}, expected a non-empty 2-D [out, in] matrix")
+    return w
+
+
 def _mlp(weights: dict[str, torch.Tensor], prefix: str, activation: type[nn.Module], n_linear: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_linear):
-        w = weights[f"{prefix}.{2 * i}.weight"]  # [out, in]
+        w = _matrix(weights, f"{prefix}.{2 * i}.weight")  # [out, in]
         linear = nn.Linear(w.shape[1], w.shape[0])
         layers.append(linear)
         if i < n_linear - 1:
@@ -47,7 +55,9 @@ def _mlp(weights: dict[str, torch.Tensor], prefix: str, activation: type[nn.Modu
 
 def _lstm(weights: dict[str, torch.Tensor]) -> nn.LSTM:
     num_layers = sum(1 for k in weights if re.fullmatch(r"lstm_head\.weight_ih_l\d+", k))
-    w = weights["lstm_head.weight_ih_l0"]  # [4 * hidden, input]
+    w = _matrix(weights, "lstm_head.weight_ih_l0")  # [4 * hidden, input]
+    if w.shape[0] % 4:
+        raise AdapterError(f"encoder weight lstm_head.weight_ih_l0 has shape {list(w.shape)}, expected [4 * hidden, input]")
     lstm = nn.LSTM(w.shape[1], w.shape[0] // 4, num_layers=num_layers, bidirectional=True, batch_first=True)
     _load(lstm, weights, "lstm_head")
     return lstm
@@ -91,7 +101,7 @@ def collapse(cfg: AdapterConfig, weights: dict[str, torch.Tensor]) -> torch.Tens
     if "embedding.weight" not in weights:
         raise AdapterError("encoder key embedding.weight is missing")
     embedding = weights["embedding.weight"].float()  # [V, in]
-    if embedding.dim() != 2 or embedding.shape[0] != cfg.num_virtual_tokens:
+    if embedding.dim() != 2 or embedding.shape[0] != cfg.num_virtual_tokens or embedding.shape[1] == 0:
         raise AdapterError(
             f"encoder embedding.weight has shape {list(embedding.shape)}, expected "
             f"[num_virtual_tokens={cfg.num_virtual_tokens}, ...]"
@@ -108,7 +118,9 @@ def collapse(cfg: AdapterConfig, weights: dict[str, torch.Tensor]) -> torch.Tens
         if cfg.prefix_projection:
             return _mlp(weights, "transform", nn.Tanh, 2)(embedding)  # [P, L * 2 * token_dim]
         return embedding
+    except AdapterError:
+        raise
     except KeyError as e:
         raise AdapterError(f"encoder key {e.args[0]} is missing for peft_type {cfg.peft_type}") from None
-    except RuntimeError as e:  # shape mismatch between layers
+    except (RuntimeError, ValueError, IndexError) as e:  # shapes that do not fit between layers
         raise AdapterError(f"encoder weights do not fit together: {e}") from None

@@ -127,6 +127,11 @@ def parse_weights(name: str, data: bytes) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
         raise AdapterError(f"{name} must hold a mapping of names to tensors")
+    for key, value in tensors.items():
+        if value.layout != torch.strided or value.is_quantized or value.dtype.is_complex:
+            raise AdapterError(
+                f"tensor {key} in {name} is {value.layout} {value.dtype}: expected a dense real-valued tensor"
+            )
     return tensors
 
 

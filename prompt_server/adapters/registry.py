@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -34,7 +35,12 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 class AdapterRegistry:
-    """Immutable SoftPrompt records by id. Reads are one dict lookup (plus one stat with a store); writes are locked."""
+    """Immutable SoftPrompt records by id, kept in step with the store.
+
+    A lookup is one dict lookup without a store; with one, a stat or two of <store>/<id> and no lock, unless the
+    adapter changed on disk and must be loaded. Writers stage and validate without locks and hold the registry's
+    lock only around the final renames and the publish, so lookups never wait for an upload.
+    """
 
     def __init__(
         self,
@@ -53,11 +59,17 @@ class AdapterRegistry:
         self.max_virtual_tokens = max_virtual_tokens
         self.max_upload_bytes = max_upload_bytes
         self._records: dict[str, SoftPrompt] = {}
-        self._signatures: dict[str, Signature | None] = {}  # meta.json signature each record was loaded from
+        # meta.json signature each record was loaded from; an id with a signature and no record failed to load
+        self._signatures: dict[str, Signature | None] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._records)
+        """Adapters available: with a store, its adapter directories (one directory scan, so other replicas'
+        writes count) less those that failed to load here."""
+        if self.store is None:
+            return len(self._records)
+        failed = {i for i in list(self._signatures) if i not in self._records}
+        return sum(1 for adapter_id in self.store.ids() if adapter_id not in failed)
 
     def __contains__(self, adapter_id: object) -> bool:
         return isinstance(adapter_id, str) and self.get(adapter_id) is not None
@@ -68,33 +80,46 @@ class AdapterRegistry:
             return self._records.get(adapter_id)
         if not ID_PATTERN.match(adapter_id):
             return None
-        signature = self.store.signature(adapter_id)
-        if signature is not None and signature == self._signatures.get(adapter_id):
-            # _publish stores the record before its signature, so this record is at least that version
+        try:
+            signature = self.store.signature(adapter_id)
+            if signature is not None and signature == self._signatures.get(adapter_id):
+                # _publish stores the record before its signature, so this record is at least that version
+                return self._records.get(adapter_id)
+            if signature is None and adapter_id not in self._signatures:
+                return None  # never seen and not on disk
+            return self._refresh(adapter_id, signature)
+        except Exception as e:  # noqa: BLE001 -- a request must never fail because of a bad store entry
+            logger.warning("adapter %s in %s cannot be read, serving what was loaded before: %s",
+                           adapter_id, self.store.root, e)
             return self._records.get(adapter_id)
-        return self._refresh(adapter_id, signature)
 
     def list(self) -> list[SoftPrompt]:
         """Every adapter, sorted by id (with a store, after catching up with other replicas' writes)."""
         if self.store is not None:
             for adapter_id in set(self.store.ids()) | set(self._records):
                 self.get(adapter_id)
-        return sorted(self._records.values(), key=lambda r: r.id)
+        with self._lock:
+            records = list(self._records.values())
+        return sorted(records, key=lambda r: r.id)
 
     def load_store(self) -> list[tuple[str, str]]:
         """Load every adapter in the store; a bad one is logged, skipped and returned as (id, error)."""
         if self.store is None:
             return []
-        for name in self.store.sweep():
-            logger.info("removed %s, left in %s by an interrupted write", name, self.store.root)
+        for action in self.store.sweep():
+            logger.warning("store %s: %s, left by an interrupted write", self.store.root, action)
         skipped: list[tuple[str, str]] = []
         for adapter_id in self.store.ids():
+            signature = None
             try:
                 signature = self.store.signature(adapter_id)
                 record = self._load(adapter_id)
-            except (AdapterError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 -- one bad entry must not stop the server from starting
                 logger.warning("skipping adapter %s in %s: %s", adapter_id, self.store.root, e)
-                skipped.append((adapter_id, str(e)))
+                skipped.append((adapter_id, str(e) or type(e).__name__))
+                with self._lock:
+                    if adapter_id not in self._records:
+                        self._signatures[adapter_id] = signature
                 continue
             with self._lock:
                 self._publish(record, signature)
@@ -110,29 +135,31 @@ class AdapterRegistry:
         labels = list(check_labels(labels) or ()) or None
         weights = split_files(files)[2]
         kept = {name: data for name, data in files.items() if name not in IGNORED_FILES}
+        if self.store is not None:
+            return self._put_stored(adapter_id, kept, labels, hashlib.sha256(weights).hexdigest())
+        record = build_soft_prompt(
+            adapter_id, kept, self.spec, device=self.device, dtype=self.dtype,
+            max_virtual_tokens=self.max_virtual_tokens, labels=labels,
+        )
         with self._lock:
-            if self.store is None:
-                current = self._records.get(adapter_id)
-                version = current.version + 1 if current else 1
-                record = build_soft_prompt(
-                    adapter_id, kept, self.spec, device=self.device, dtype=self.dtype,
-                    max_virtual_tokens=self.max_virtual_tokens, version=version, labels=labels,
-                )
-                self._publish(record, None)
-                return record, current is None
-            with self.store.locked():
-                return self._put_stored(adapter_id, kept, labels, hashlib.sha256(weights).hexdigest())
+            current = self._records.get(adapter_id)
+            record = dataclasses.replace(record, version=current.version + 1 if current else 1)
+            self._publish(record, None)
+        return record, current is None
 
     def delete(self, adapter_id: str) -> bool:
         """Remove an adapter from the registry and the store; False if it did not exist."""
         check_adapter_id(adapter_id)
-        with self._lock:
-            existed = self._records.pop(adapter_id, None) is not None
-            self._signatures.pop(adapter_id, None)
-            if self.store is not None:
-                with self.store.locked():
-                    existed = self.store.delete(adapter_id) or existed
-            return existed
+        if self.store is None:
+            with self._lock:
+                return self._records.pop(adapter_id, None) is not None
+        with self.store.locked():  # always the store's lock first, then the registry's
+            with self._lock:
+                gone = self.store.remove(adapter_id)
+                existed = self._records.pop(adapter_id, None) is not None
+                self._signatures.pop(adapter_id, None)
+            self.store.cleanup(gone)
+        return existed or gone is not None
 
     def _unpack(self, files: dict[str, bytes]) -> dict[str, bytes]:
         total = sum(len(v) for v in files.values())
@@ -148,30 +175,34 @@ class AdapterRegistry:
         self, adapter_id: str, files: dict[str, bytes], labels: list[str] | None, sha256: str
     ) -> tuple[SoftPrompt, bool]:
         assert self.store is not None
-        on_disk = self.store.read_meta(adapter_id)
-        created = on_disk is None and not self.store.path(adapter_id).exists()
-        current = self._records.get(adapter_id)
-        disk_version = (on_disk or {}).get("version")
-        disk_version = disk_version if isinstance(disk_version, int) else 0
-        version = max(disk_version, current.version if current else 0) + 1
         meta = {
-            "version": version,
+            "version": 1,  # provisional: the final version is decided under the store's lock
             "created_at": time.time(),
             "labels": labels,
             "sha256": sha256,
             "size_bytes": sum(len(v) for v in files.values()),
         }
-        staged = self.store.stage(adapter_id, files, meta)
+        staged = self.store.stage(files, meta)
         try:
             record = load_adapter_dir(
                 staged, self.spec, device=self.device, dtype=self.dtype,
                 max_virtual_tokens=self.max_virtual_tokens, adapter_id=adapter_id,
             )
-            self.store.commit(adapter_id, staged)
+            with self.store.locked():
+                disk_version = (self.store.read_meta(adapter_id) or {}).get("version")
+                disk_version = disk_version if isinstance(disk_version, int) else 0
+                created = not self.store.path(adapter_id).exists()
+                current = self._records.get(adapter_id)
+                meta["version"] = max(disk_version, current.version if current else 0) + 1
+                record = dataclasses.replace(record, version=meta["version"])
+                self.store.finalize(adapter_id, staged, meta)
+                with self._lock:
+                    aside = self.store.swap(adapter_id, staged)
+                    self._publish(record, self.store.signature(adapter_id))
+                self.store.cleanup(aside)
         except BaseException:
             self.store.discard(staged)
             raise
-        self._publish(record, self.store.signature(adapter_id))
         return record, created
 
     def _load(self, adapter_id: str) -> SoftPrompt:
@@ -182,7 +213,7 @@ class AdapterRegistry:
         )
 
     def _stable_signature(self, adapter_id: str) -> Signature | None:
-        """The meta.json signature, waiting out another replica's swap (rename old aside, rename new in)."""
+        """The meta.json signature, waiting out another writer's swap (rename old aside, rename new in)."""
         assert self.store is not None
         deadline = time.monotonic() + _SWAP_WAIT
         while True:
@@ -197,38 +228,45 @@ class AdapterRegistry:
             time.sleep(0.001)
 
     def _refresh(self, adapter_id: str, signature: Signature | None) -> SoftPrompt | None:
-        """Bring one id in step with the store after its meta.json changed, appeared or vanished."""
+        """Bring one id in step with the store after its meta.json changed, appeared or vanished.
+
+        Loads without the lock; publishes under it only if the store still holds the version that was loaded."""
         assert self.store is not None
-        with self._lock:
+        for _ in range(_RELOAD_ATTEMPTS):
             if signature is None:
                 signature = self._stable_signature(adapter_id)
-                if signature is None and adapter_id in self._records and self.store.replacing(adapter_id):
-                    return self._records[adapter_id]  # a swap left unfinished: keep serving the last version
-            for _ in range(_RELOAD_ATTEMPTS):
-                current = self._records.get(adapter_id)
-                if signature is None:
-                    self._records.pop(adapter_id, None)
-                    self._signatures.pop(adapter_id, None)
-                    return None
-                if signature == self._signatures.get(adapter_id):
-                    return current
-                try:
-                    record = self._load(adapter_id)
-                except (AdapterError, OSError) as e:
-                    after = self._stable_signature(adapter_id)
-                    if after != signature:  # replaced while we read it: try the newer version
-                        signature = after
-                        continue
-                    logger.warning("adapter %s in the store cannot be loaded, keeping what was served: %s",
-                                   adapter_id, e)
-                    self._signatures[adapter_id] = signature
-                    return current
+            if signature is None:
+                if adapter_id in self._records and self.store.replacing(adapter_id):
+                    return self._records[adapter_id]  # a swap still under way: keep serving the last version
+                with self._lock:
+                    if self.store.signature(adapter_id) is None:
+                        self._records.pop(adapter_id, None)
+                        self._signatures.pop(adapter_id, None)
+                        return None
+                signature = self.store.signature(adapter_id)
+                continue
+            if signature == self._signatures.get(adapter_id):
+                return self._records.get(adapter_id)
+            try:
+                record = self._load(adapter_id)
+            except Exception as e:  # noqa: BLE001 -- a broken store entry must not fail the request
                 after = self._stable_signature(adapter_id)
+                if after != signature:  # replaced while we read it: try the newer version
+                    signature = after
+                    continue
+                logger.warning("adapter %s in the store cannot be loaded, keeping what was served: %s",
+                               adapter_id, e)
+                with self._lock:
+                    if self.store.signature(adapter_id) == signature:
+                        self._signatures[adapter_id] = signature  # do not retry this version on every lookup
+                return self._records.get(adapter_id)
+            with self._lock:
+                after = self.store.signature(adapter_id)
                 if after == signature:  # nothing changed while we read: a whole version
                     self._publish(record, signature)
                     return record
-                signature = after
-            return self._records.get(adapter_id)
+            signature = after
+        return self._records.get(adapter_id)
 
     def _publish(self, record: SoftPrompt, signature: Signature | None) -> None:
         self._records[record.id] = record

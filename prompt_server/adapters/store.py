@@ -1,7 +1,9 @@
 """The on-disk adapter store, shared by server replicas: <store>/<id>/{adapter files, meta.json}.
 
 Writes stage a complete directory under a hidden temp name inside the store and rename it into place, so a reader
-sees either the old or the new version of an adapter, never a mix. A file lock serialises writers across processes.
+sees either the old or the new version of an adapter, never a mix. A file lock serialises the renames across
+processes; staging and validation happen outside it. A replace renames the current version aside to `.old-<id>`
+and the new one in; a crash between the two renames leaves `.old-<id>` as the only copy, which sweep() restores.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -21,6 +24,9 @@ from prompt_server.adapters.loader import META_FILE
 from prompt_server.adapters.peft_format import CONFIG_FILE, ID_PATTERN
 
 Signature = tuple[int, int, int]  # (inode, mtime_ns, size) of meta.json: changes whenever a version is published
+
+SWAP_STALE = 10.0  # seconds after which a `.old-<id>` is taken as left by a crashed writer, not a swap in progress
+_ASIDE = re.compile(r"^\.old-(.+?)(?:-[0-9a-f]{32})?$")  # `.old-<id>`; `-<uuid hex>` as earlier versions named it
 
 
 class AdapterStore:
@@ -58,15 +64,39 @@ class AdapterStore:
         return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and ID_PATTERN.match(e.name))
 
     def sweep(self, max_age: float = 3600.0) -> list[str]:
-        """Delete staging and set-aside directories older than max_age seconds (left by a crashed writer)."""
-        removed = []
-        now = time.time()
-        for entry in os.scandir(self.root):
-            stale = now - entry.stat().st_mtime > max_age
-            if entry.is_dir() and entry.name.startswith((".tmp-", ".old-")) and stale:
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.name)
-        return removed
+        """Clean up after crashed writers: restore a replaced adapter whose new version never arrived, delete
+        leftovers of finished writes and staging directories older than max_age seconds. Returns what it did."""
+        done = []
+        with self.locked():  # no writer is between its two renames while we hold the lock
+            asides: dict[str, list[tuple[float, str]]] = {}
+            for entry in os.scandir(self.root):
+                try:
+                    if not entry.is_dir(follow_symlinks=False) or not entry.name.startswith((".tmp-", ".old-", ".del-")):
+                        continue
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:  # removed meanwhile, e.g. by another replica's sweep
+                    continue
+                m = _ASIDE.match(entry.name)
+                if m and ID_PATTERN.match(m.group(1)):
+                    asides.setdefault(m.group(1), []).append((mtime, entry.name))
+                elif entry.name.startswith(".del-") or time.time() - mtime > max_age:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    done.append(f"removed {entry.name}")
+            for adapter_id, names in asides.items():
+                names.sort(reverse=True)
+                if not os.path.lexists(self.path(adapter_id)):
+                    try:
+                        os.rename(self.root / names[0][1], self.path(adapter_id))
+                        done.append(f"restored {adapter_id} from {names[0][1]}")
+                        names = names[1:]
+                    except OSError:
+                        pass
+                for _, name in names:
+                    shutil.rmtree(self.root / name, ignore_errors=True)
+                    done.append(f"removed {name}")
+            if done:
+                self._sync_dir()
+        return done
 
     def read_meta(self, adapter_id: str) -> dict[str, Any] | None:
         try:
@@ -75,43 +105,62 @@ class AdapterStore:
             return None
         return meta if isinstance(meta, dict) else None
 
-    def replacing(self, adapter_id: str) -> bool:
-        """True while a writer has moved the old version aside and not yet renamed the new one in."""
-        return any(self.root.glob(f".old-{adapter_id}-" + "?" * 32))
+    def aside(self, adapter_id: str) -> Path:
+        """Where a replace moves the current version while it renames the new one in."""
+        return self.root / f".old-{adapter_id}"
 
-    def stage(self, adapter_id: str, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
-        """Write files + meta.json into a fresh hidden directory inside the store and return it."""
+    def replacing(self, adapter_id: str) -> bool:
+        """True while a writer has moved the old version aside and not yet renamed the new one in (one stat)."""
+        try:
+            st = os.stat(self.aside(adapter_id))
+        except OSError:
+            return False
+        return time.time() - st.st_mtime < SWAP_STALE  # older: a crashed writer's, restored by the next sweep()
+
+    def stage(self, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
+        """Write files + meta.json into a fresh hidden directory inside the store and return it (no lock needed)."""
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            for name, data in {**files, META_FILE: json.dumps(meta, indent=2).encode()}.items():
-                with open(tmp / name, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            # file-system timestamps tick coarsely and inodes get reused: give every version's meta.json an
-            # mtime of its own, so (inode, mtime, size) never repeats for one id
-            previous = self.signature(adapter_id)
-            mtime_ns = max(time.time_ns(), previous[1] + 1 if previous else 0)
-            os.utime(tmp / META_FILE, ns=(mtime_ns, mtime_ns))
+            for name, data in {**files, META_FILE: _meta_bytes(meta)}.items():
+                _write(tmp / name, data)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return tmp
 
-    def commit(self, adapter_id: str, staged: Path) -> None:
-        """Move a staged directory into place, replacing any current version (rename aside, rename in, delete old)."""
-        target = self.path(adapter_id)
-        aside = None
-        if target.exists():
-            aside = self.root / f".old-{adapter_id}-{uuid.uuid4().hex}"
+    def finalize(self, adapter_id: str, staged: Path, meta: dict[str, Any]) -> None:
+        """Rewrite a staged meta.json with its final fields; call under locked(), right before swap()."""
+        new = staged / (META_FILE + ".new")
+        _write(new, _meta_bytes(meta))
+        # file-system timestamps tick coarsely and inodes get reused: give every version's meta.json an
+        # mtime of its own, so (inode, mtime, size) never repeats for one id
+        previous = self.signature(adapter_id)
+        mtime_ns = max(time.time_ns(), previous[1] + 1 if previous else 0)
+        os.utime(new, ns=(mtime_ns, mtime_ns))
+        os.replace(new, staged / META_FILE)
+
+    def swap(self, adapter_id: str, staged: Path) -> Path | None:
+        """Rename a staged directory into place (current version aside first); call under locked().
+
+        Returns the set-aside old version for cleanup(), or None if there was none."""
+        target, aside = self.path(adapter_id), self.aside(adapter_id)
+        if os.path.lexists(aside):  # a crashed writer's; the version being published supersedes it
+            shutil.rmtree(aside, ignore_errors=True)
+        had_target = target.exists()
+        if had_target:
+            os.utime(target)  # replacing() reads the swap's start time from the set-aside directory's mtime
             os.rename(target, aside)
         try:
             os.rename(staged, target)
         except BaseException:
-            if aside is not None:
+            if had_target:
                 os.rename(aside, target)
             raise
+        return aside if had_target else None
+
+    def cleanup(self, aside: Path | None) -> None:
+        """Make the renames durable and delete the old version."""
         self._sync_dir()
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -119,16 +168,14 @@ class AdapterStore:
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
-    def delete(self, adapter_id: str) -> bool:
-        """Remove an adapter directory; False if there was none."""
+    def remove(self, adapter_id: str) -> Path | None:
+        """Rename an adapter directory out of sight (call under locked()); returns it for cleanup(), None if absent."""
         target = self.path(adapter_id)
         if not target.exists():
-            return False
-        aside = self.root / f".old-{adapter_id}-{uuid.uuid4().hex}"
-        os.rename(target, aside)
-        self._sync_dir()
-        shutil.rmtree(aside, ignore_errors=True)
-        return True
+            return None
+        gone = self.root / f".del-{adapter_id}-{uuid.uuid4().hex}"
+        os.rename(target, gone)
+        return gone
 
     def _sync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
@@ -136,3 +183,14 @@ class AdapterStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, indent=2).encode()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -179,9 +179,9 @@ def test_two_registries_on_one_store_see_each_other(llama_spec, peft_files, tmp_
 def test_replica_keeps_serving_while_another_swaps_directories(llama_spec, peft_files, tmp_path):
     a = AdapterRegistry(llama_spec, store=tmp_path)
     record, _ = a.put("x", peft_files())
-    os.rename(tmp_path / "x", tmp_path / (".old-x-" + "0" * 32))  # the instant between the two renames
+    os.rename(tmp_path / "x", a.store.aside("x"))  # the instant between the two renames
     assert a.get("x") is record
-    os.rename(tmp_path / (".old-x-" + "0" * 32), tmp_path / ".trash")
+    os.rename(a.store.aside("x"), tmp_path / ".trash")
     assert a.get("x") is None
 
 
@@ -201,11 +201,11 @@ def test_load_store_skips_bad_adapters(llama_spec, peft_files, tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text("{oops")
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"")
     (tmp_path / ".tmp-leftover").mkdir()
-    (tmp_path / ".old-good-recent").mkdir()
+    (tmp_path / ".tmp-recent").mkdir()  # another replica may be staging into it right now
     os.utime(tmp_path / ".tmp-leftover", (time.time() - 7200, time.time() - 7200))
     fresh = AdapterRegistry(llama_spec, store=tmp_path)
     skipped = fresh.load_store()
-    assert not (tmp_path / ".tmp-leftover").exists() and (tmp_path / ".old-good-recent").exists()
+    assert not (tmp_path / ".tmp-leftover").exists() and (tmp_path / ".tmp-recent").exists()
     assert [i for i, _ in skipped] == ["bad"] and "not valid JSON" in skipped[0][1]
     assert [r.id for r in fresh.list()] == ["good"]
 
