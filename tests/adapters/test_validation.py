@@ -245,3 +245,45 @@ def test_bad_meta_json(peft_files, llama_spec, tmp_path):
     (path / "meta.json").write_text('{"version": 1, "sha256": "0000"}')
     with pytest.raises(AdapterError, match=r"weights sha256 [0-9a-f]{64} does not match meta.json's 0000"):
         load_adapter_dir(path, llama_spec, device="cpu", dtype=torch.float32)
+
+
+def raw_files(tiny_llama_dir, tmp_path, variant):
+    from tests.adapters.conftest import dir_files
+    from tests.tiny import make_peft, save_raw_checkpoint
+
+    return dir_files(save_raw_checkpoint(make_peft(tiny_llama_dir, variant), tmp_path))
+
+
+@pytest.mark.parametrize("variant,key,value,match", [
+    ("p_tuning_mlp", "mlp_head.0.weight", torch.zeros(5),
+     r"encoder weight mlp_head.0.weight has shape \[5\], expected a non-empty 2-D \[out, in\] matrix"),
+    ("p_tuning_mlp", "mlp_head.2.weight", torch.zeros(0, 64), r"encoder weight mlp_head.2.weight has shape \[0, 64\]"),
+    ("p_tuning_lstm", "lstm_head.weight_ih_l0", torch.zeros(0, 64),
+     r"encoder weight lstm_head.weight_ih_l0 has shape \[0, 64\]"),
+    ("p_tuning_lstm", "lstm_head.weight_ih_l0", torch.zeros(6, 64), r"expected \[4 \* hidden, input\]"),
+    ("prefix_projection", "transform.0.weight", torch.zeros(3, 4, 5), r"encoder weight transform.0.weight has shape"),
+    ("p_tuning_mlp", "embedding.weight", torch.zeros(4, 0), r"encoder embedding.weight has shape \[4, 0\]"),
+])
+def test_malformed_encoder_weights_rejected(llama_spec, tiny_llama_dir, tmp_path, variant, key, value, match):
+    files = raw_files(tiny_llama_dir, tmp_path, variant)
+    files = edit_weights(files, lambda t: t.update({f"prompt_encoder.default.{key}": value}))
+    reject(files, llama_spec, match)
+
+
+def test_non_contiguous_bin_prefix_loads(peft_files, llama_spec):
+    files = peft_files("prefix", fmt="bin")
+    emb = torch.load(io.BytesIO(files["adapter_model.bin"]), weights_only=True)["prompt_embeddings"]
+    transposed = emb.t().contiguous().t()  # same values, column-major storage
+    assert not transposed.is_contiguous()
+    buf = io.BytesIO()
+    torch.save({"prompt_embeddings": transposed}, buf)
+    record = build({**files, "adapter_model.bin": buf.getvalue()}, llama_spec)
+    torch.testing.assert_close(record.prefix, build(files, llama_spec).prefix, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(4, 64).to_sparse(), torch.zeros(4, 64, dtype=torch.complex64)])
+def test_sparse_and_complex_tensors_rejected(peft_files, llama_spec, tensor):
+    buf = io.BytesIO()
+    torch.save({"prompt_embeddings": tensor}, buf)
+    files = {CONFIG: peft_files()[CONFIG], "adapter_model.bin": buf.getvalue()}
+    reject(files, llama_spec, r"tensor prompt_embeddings in adapter_model.bin is .*: expected a dense real-valued")
