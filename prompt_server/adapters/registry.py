@@ -69,7 +69,11 @@ class AdapterRegistry:
         if self.store is None:
             return len(self._records)
         failed = {i for i in list(self._signatures) if i not in self._records}
-        return sum(1 for adapter_id in self.store.ids() if adapter_id not in failed)
+        try:
+            return sum(1 for adapter_id in self.store.ids() if adapter_id not in failed)
+        except OSError as e:
+            logger.warning("cannot scan the adapter store %s: %s", self.store.root, e)
+            return len(self._records)
 
     def __contains__(self, adapter_id: object) -> bool:
         return isinstance(adapter_id, str) and self.get(adapter_id) is not None
@@ -96,7 +100,12 @@ class AdapterRegistry:
     def list(self) -> list[SoftPrompt]:
         """Every adapter, sorted by id (with a store, after catching up with other replicas' writes)."""
         if self.store is not None:
-            for adapter_id in set(self.store.ids()) | set(self._records):
+            try:
+                on_disk = set(self.store.ids())
+            except OSError as e:
+                logger.warning("cannot scan the adapter store %s, listing what was loaded: %s", self.store.root, e)
+                on_disk = set()
+            for adapter_id in on_disk | set(self._records):
                 self.get(adapter_id)
         with self._lock:
             records = list(self._records.values())
