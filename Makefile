@@ -15,8 +15,9 @@ PORT ?= 8000
 ADAPTERS ?= .cache/adapter-store
 PYTEST_ARGS ?=
 
-# Reinstall only when pyproject.toml or the torch pin changes.
-INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | sha256sum | cut -c1-16)
+# Reinstall only when pyproject.toml or the torch pin changes (sha256sum on Linux, shasum on macOS).
+SHA256 := $(shell command -v sha256sum >/dev/null 2>&1 && echo sha256sum || echo "shasum -a 256")
+INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | $(SHA256) | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 
 .PHONY: install serve test model deps-system lint clean bench bench-http
@@ -36,7 +37,8 @@ model: install
 serve: install
 	@mkdir -p $(ADAPTERS)
 	@for d in adapters/*/; do \
-		[ -d "$$d" ] && [ ! -e "$(ADAPTERS)/$$(basename $$d)" ] && cp -R "$$d" "$(ADAPTERS)/" || true; \
+		d="$${d%/}"; \
+		[ -d "$$d" ] && [ ! -e "$(ADAPTERS)/$$(basename "$$d")" ] && cp -R "$$d" "$(ADAPTERS)/" || true; \
 	done
 	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
@@ -44,15 +46,20 @@ serve: install
 test: install deps-system model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# System packages the tests use: nginx, for the load-balanced replica test.
+# System packages the tests use: nginx, for the load-balanced replica test. Best effort: when nginx cannot be
+# installed (no apt-get, no root and no passwordless sudo, no network) it says so and the replica test skips.
 deps-system:
 	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "nginx is missing and apt-get is not available: install nginx to run the replica test" >&2; exit 0; fi; \
-	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	skip() { echo "nginx is not installed ($$1): the replica test will skip" >&2; exit 0; }; \
+	command -v apt-get >/dev/null 2>&1 || skip "apt-get is not available"; \
+	SUDO=; \
+	if [ "$$(id -u)" != 0 ]; then \
+		sudo -n true >/dev/null 2>&1 || skip "apt-get needs root and sudo asks for a password"; SUDO="sudo -n"; \
+	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	$$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1 \
-		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends nginx; }
+		|| { $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1; } \
+		|| skip "apt-get could not install it"
 
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=

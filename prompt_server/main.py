@@ -63,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             service.engine.stop()
 
-    app = FastAPI(title="prompt-server", version=__version__, lifespan=lifespan)
+    # With an API key the schema needs the key too, and the interactive docs are off: a browser cannot send it.
+    keyed = settings.api_key is not None
+    app = FastAPI(title="prompt-server", version=__version__, lifespan=lifespan,
+                  openapi_url=None if keyed else "/openapi.json",
+                  docs_url=None if keyed else "/docs", redoc_url=None if keyed else "/redoc")
     app.state.settings = settings
-    install_routes(app)
+    install_routes(app, keyed_schema=keyed)
     return app

@@ -10,12 +10,15 @@ from prompt_server.api.middleware import RequestCounter
 from prompt_server.api.routes import adapters, classify, generate, meta, openai
 
 
-def install_routes(app: FastAPI) -> None:
-    """Mount every route, the error handlers and the request counter on `app`."""
+def install_routes(app: FastAPI, keyed_schema: bool = False) -> None:
+    """Mount every route, the error handlers and the request counter on `app`; `keyed_schema` adds a
+    GET /openapi.json that needs the API key (for an app built without FastAPI's open one)."""
     errors.install(app)
     keyed = [Depends(require_api_key)]
     app.include_router(meta.open_router)
     app.include_router(meta.router)
+    if keyed_schema:
+        app.include_router(meta.schema_router)
     app.include_router(generate.router, dependencies=keyed)
     app.include_router(openai.router, dependencies=keyed)
     app.include_router(classify.router, dependencies=keyed)

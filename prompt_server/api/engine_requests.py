@@ -9,6 +9,8 @@ from prompt_server.api.schemas.tgi import Parameters
 from prompt_server.config import Settings
 from prompt_server.engine.types import GenerateRequest, SamplingParams
 
+CHARS_PER_TOKEN = 32
+
 
 def check_max_new_tokens(value: int, settings: Settings, field: str) -> int:
     if value > settings.max_new_tokens:
@@ -24,15 +26,23 @@ def check_stops(stops: list[str], settings: Settings, field: str) -> list[str]:
     return stops
 
 
-def check_input_tokens(count: int, settings: Settings, field: str) -> None:
-    if count > settings.max_input_tokens:
+def max_input_chars(settings: Settings) -> int:
+    """Longest prompt text accepted before tokenization: no token in practice spans more characters."""
+    return settings.max_input_tokens * CHARS_PER_TOKEN
+
+
+def check_input_chars(length: int, settings: Settings, field: str) -> None:
+    """Refuse text too long to be worth tokenizing (tokenizing runs on the event loop)."""
+    limit = max_input_chars(settings)
+    if length > limit:
         raise validation_error(
-            f"{field} must have at most {settings.max_input_tokens} tokens (max_input_tokens), given {count}"
+            f"{field} must be at most {limit} characters (max_input_tokens x {CHARS_PER_TOKEN}), given {length}"
         )
 
 
 def tgi_request(inputs: str, p: Parameters, settings: Settings, tokenizer: Any) -> GenerateRequest:
     """A TGI/LoRAX body as an engine request; temperature, top_k or top_p turn sampling on, as in TGI."""
+    check_input_chars(len(inputs), settings, "inputs")
     max_new = check_max_new_tokens(p.max_new_tokens or settings.default_max_new_tokens, settings,
                                    "parameters.max_new_tokens")
     sampling = SamplingParams(

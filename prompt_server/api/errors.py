@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
-from prompt_server.engine.types import AdapterNotFound, EngineStopped, InvalidRequest, QueueFull
+from prompt_server.engine.types import AdapterNotFound, EngineError, EngineStopped, InvalidRequest, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def validation_error(message: str) -> ApiError:
 
 
 def from_exception(exc: Exception) -> ApiError:
-    """Map an engine or registry error to its HTTP form; anything unknown is a 500 that hides the detail."""
+    """Map an engine or registry error to its HTTP form; anything else is a 500 that hides the detail."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidRequest):
@@ -66,6 +66,8 @@ def from_exception(exc: Exception) -> ApiError:
         return ApiError(413, str(exc), TOO_LARGE)
     if isinstance(exc, AdapterError):
         return ApiError(400, str(exc), BAD_REQUEST)
+    if isinstance(exc, EngineError):  # a failure inside the engine (e.g. GenerationFailed); the engine logged it
+        return ApiError(500, str(exc) or f"internal error: {type(exc).__name__}", INTERNAL)
     log.exception("unexpected error", exc_info=exc)
     return ApiError(500, f"internal error: {type(exc).__name__}", INTERNAL)
 
@@ -120,5 +122,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for exc_type in (InvalidRequest, AdapterNotFound, QueueFull, EngineStopped, AdapterError, AdapterTooLarge, Exception):
+    # EngineError and AdapterError are answered here; Exception goes to Starlette's last-resort handler
+    for exc_type in (EngineError, AdapterError, Exception):
         app.add_exception_handler(exc_type, _api_error)

@@ -34,7 +34,6 @@ class RequestCounter:
         if service is None:
             return
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        adapter = scope.get("state", {}).get("adapter", "")
-        if status == 404 and adapter:
-            adapter = "unknown"  # ids nobody uploaded must not grow the label set
-        service.metrics.count_request(route, adapter or "none", status)
+        # routes set the label through Service.adapter_label: an id the registry holds, "unknown" or "none"
+        adapter = scope.get("state", {}).get("adapter") or "none"
+        service.metrics.count_request(route, adapter, status)

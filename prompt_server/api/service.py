@@ -56,6 +56,12 @@ class Service:
     def ready(self) -> bool:
         return bool(self.engine.ready)
 
+    def adapter_label(self, adapter_id: str | None) -> str:
+        """The metrics label for a request's adapter: its id only if the registry has it, so labels stay bounded."""
+        if not adapter_id:
+            return "none"
+        return adapter_id if self.registry.get(adapter_id) is not None else "unknown"
+
     def submit(self, req: GenerateRequest) -> Any:
         """Hand a request to the engine; raises the engine's errors at once (bad input, unknown adapter, full queue)."""
         return self.engine.submit(req)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -138,6 +139,34 @@ def test_auth(serve, tiny_llama_dir, tmp_path):
         assert c.put("/adapters/a", files=upload_parts(adapter_dir), headers=admin).status_code == 201
         _err(c.delete("/adapters/a", headers=user), 401)
         assert c.delete("/adapters/a", headers=admin).status_code == 204
+        # the schema needs the key like every other route; the browser docs, which cannot send it, are off
+        _err(c.get("/openapi.json"), 401, "unauthorized")
+        assert "/generate" in c.get("/openapi.json", headers=user).json()["paths"]
+        for path in ("/docs", "/redoc"):
+            _err(c.get(path, headers=user), 404, "not_found")
+
+
+def test_docs_are_open_without_a_key(client):
+    assert client.get("/docs").status_code == 200
+    assert client.get("/redoc").status_code == 200
+    assert "/v1/completions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_overlong_text_is_refused_before_tokenizing(client):
+    text = "a" * (256 * 32 + 1)  # max_input_tokens 256 in these tests
+    cases = [
+        ("/generate", {"inputs": text}, "inputs"),
+        ("/generate_stream", {"inputs": text}, "inputs"),
+        ("/", {"inputs": text, "stream": True}, "inputs"),
+        ("/v1/completions", {"prompt": text}, "prompt"),
+        ("/v1/completions", {"prompt": [text], "stream": True}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": text[:5000]},
+                                               {"role": "user", "content": text[5000:]}]}, "messages"),
+        ("/classify", {"inputs": ["fine", text]}, "inputs[1]"),
+    ]
+    for path, body, field in cases:
+        message = _err(client.post(path, json=body), 422, "validation")
+        assert message == f"{field} must be at most 8192 characters (max_input_tokens x 32), given 8193", path
 
 
 def _wait_for(condition, timeout=30.0):
@@ -184,3 +213,78 @@ def test_request_timeout_is_504(serve):
         while c.app.state.service.engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert c.app.state.service.engine.stats()["running"] == 0
+
+
+LONG_TGI = {"inputs": PROMPT, "parameters": {"max_new_tokens": 400, "ignore_eos_token": True}}
+LONG_OPENAI = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+
+
+def _three_requests_then(c, when_all_running):
+    """A TGI stream, an OpenAI stream and a plain /generate, all running, then `when_all_running(real_decode)`
+    is called from inside the engine's decode step once the batch holds all three; returns the responses."""
+    engine = c.app.state.service.engine
+    real = engine.runner.decode
+    done = threading.Event()
+
+    def decode(next_ids, *args):
+        if len(next_ids) == 3 and not done.is_set():
+            done.set()
+            return when_all_running(real, next_ids, *args)
+        return real(next_ids, *args)
+
+    engine.runner.decode = decode
+    calls = {"tgi": ("/generate_stream", LONG_TGI), "openai": ("/v1/completions", LONG_OPENAI),
+             "plain": ("/generate", LONG_TGI)}
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, p=p, b=b: out.__setitem__(k, c.post(p, json=b)))
+               for k, (p, b) in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    engine.runner.decode = real
+    assert done.is_set()
+    return out
+
+
+def _stream_tail(r, error_type):
+    """The events of a stream that started well and ended with an error event of `error_type`."""
+    assert r.status_code == 200, r.text
+    payloads = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    events = [json.loads(p) for p in payloads if p != "[DONE]"]
+    assert set(events[-1]) == {"error", "error_type"}, events[-1]
+    assert events[-1]["error_type"] == error_type
+    return payloads, events
+
+
+def test_engine_stopping_mid_stream_ends_every_stream_with_an_error_event(serve):
+    with serve() as c:
+        engine = c.app.state.service.engine
+        stopper = threading.Thread(target=engine.stop)
+
+        def stop_now(real, *args):
+            stopper.start()  # stop() waits for this step to end; the running rows then fail with EngineStopped
+            _wait_for(lambda: not engine.ready)
+            return real(*args)
+
+        out = _three_requests_then(c, stop_now)
+        stopper.join(timeout=60)
+    payloads, events = _stream_tail(out["tgi"], "unavailable")
+    assert len(events) >= 2 and all("token" in e for e in events[:-1])  # tokens had streamed before the error
+    payloads, events = _stream_tail(out["openai"], "unavailable")
+    assert payloads[-1] == "[DONE]" and "choices" in events[0]
+    _err(out["plain"], 503, "unavailable")
+
+
+def test_a_failed_engine_step_is_a_500_with_its_reason_and_the_server_goes_on(serve):
+    def fail(real, *args):
+        raise RuntimeError("injected fault")
+
+    with serve() as c:
+        out = _three_requests_then(c, fail)
+        assert c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}).status_code == 200
+    _, events = _stream_tail(out["tgi"], "internal")
+    assert "injected fault" in events[-1]["error"]
+    payloads, events = _stream_tail(out["openai"], "internal")
+    assert payloads[-1] == "[DONE]"
+    assert "generation failed: injected fault" in _err(out["plain"], 500, "internal")

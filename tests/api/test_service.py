@@ -9,6 +9,7 @@ import sys
 from prompt_server import __version__
 from prompt_server.api.metrics import Metrics
 from prompt_server.api.stops import StopTrimmer, trim_at_stop
+from tests.api.oracle import saved_peft, upload_parts
 
 
 def test_health_and_info(client):
@@ -41,10 +42,38 @@ def test_metrics_count_requests_and_latencies(client):
     assert _sample(text, "prompt_server_time_per_output_token_seconds_count") >= 1
     assert _sample(text, "prompt_server_queue_seconds_count") >= 1
     assert _sample(text, "prompt_server_engine_generated_tokens_total") >= 3
-    assert _sample(text, "prompt_server_adapters_loaded") >= 0
+    assert _sample(text, "prompt_server_adapters_loaded") == 0  # this module's server has an empty store
     assert _sample(text, "prompt_server_batch_size_mean") >= 1
     for line in text.splitlines():  # every sample line is `name{labels} value`
         assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+$", line), line
+
+
+def test_metric_labels_name_only_adapters_that_exist(serve, tiny_llama_dir, tmp_path):
+    _, adapter_dir = saved_peft(tiny_llama_dir, "prompt_tuning", tmp_path / "a")
+    short = {"max_new_tokens": 2}
+    with serve() as c:
+        assert c.put("/adapters/known", files=upload_parts(adapter_dir)).status_code == 201
+        assert c.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "known", **short}}).is_success
+        assert c.post("/generate", json={"inputs": "Hi", "parameters": short}).is_success
+        for i in range(3):  # ids nobody uploaded, refused for being unknown or for a bad parameter
+            ghost = f"ghost-{i}"
+            c.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": ghost}})
+            c.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": ghost, "max_new_tokens": 10**6}})
+            c.post("/generate_stream", json={"inputs": "Hi", "parameters": {"adapter_id": ghost}})
+            c.post("/v1/completions", json={"model": ghost, "prompt": "Hi"})
+            c.post("/classify", json={"inputs": "Hi", "adapter_id": ghost})
+            c.get(f"/adapters/{ghost}")
+            c.delete(f"/adapters/{ghost}")
+        text = c.get("/metrics").text
+    assert "ghost" not in text
+    assert set(re.findall(r'adapter="([^"]*)"', text)) == {"known", "none", "unknown"}
+    requests = "prompt_server_requests_total"
+    assert _sample(text, requests, route="/generate", adapter="known", status="200") == 1
+    assert _sample(text, requests, route="/adapters/{adapter_id}", adapter="known", status="201") == 1
+    assert _sample(text, requests, route="/generate", adapter="unknown", status="404") == 3
+    assert _sample(text, requests, route="/generate", adapter="unknown", status="422") == 3
+    assert _sample(text, requests, route="/v1/completions", adapter="unknown", status="404") == 3
+    assert _sample(text, "prompt_server_adapters_loaded") == 1
 
 
 def test_histogram_buckets_are_cumulative():

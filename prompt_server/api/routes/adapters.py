@@ -45,7 +45,7 @@ async def list_adapters(service: ServiceDep) -> AdaptersPublic:
 @router.get("/{adapter_id}", response_model=AdapterPublic)
 async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) -> AdapterPublic:
     """One adapter's record."""
-    request.state.adapter = adapter_id
+    request.state.adapter = service.adapter_label(adapter_id)
     record = service.registry.get(adapter_id)
     if record is None:
         raise _not_found(adapter_id)
@@ -57,17 +57,18 @@ async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) ->
             responses={200: {"description": "replaced"}, 201: {"description": "created"}})
 async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) -> JSONResponse:
     """Upload a PEFT adapter (multipart files or one archive part); 201 when created, 200 when replaced."""
-    request.state.adapter = adapter_id
+    request.state.adapter = service.adapter_label(adapter_id)
     upload = await read_upload(request, service.settings.max_upload_bytes)
     # AdapterError answers 400 and AdapterTooLarge 413 through the error handlers
     record, created = await run_in_threadpool(service.registry.put, adapter_id, upload.files, upload.labels)
+    request.state.adapter = record.id
     return JSONResponse(public(record).model_dump(), status_code=201 if created else 200)
 
 
 @router.delete("/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)])
 async def delete_adapter(adapter_id: str, request: Request, service: ServiceDep) -> Response:
     """Remove an adapter; requests already running with it finish with the version they started with."""
-    request.state.adapter = adapter_id
+    request.state.adapter = service.adapter_label(adapter_id)
     deleted = await run_in_threadpool(service.registry.delete, adapter_id)
     if not deleted:
         raise _not_found(adapter_id)

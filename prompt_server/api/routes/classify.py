@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from prompt_server.api.deps import ServiceDep
+from prompt_server.api.engine_requests import check_input_chars
 from prompt_server.api.errors import validation_error
 from prompt_server.api.schemas.classify import ClassifyRequest, ClassifyResponse, PredictionPublic
 from prompt_server.engine.types import ClassifyRequest as EngineClassifyRequest
@@ -17,7 +18,7 @@ router = APIRouter(tags=["classify"])
 @router.post("/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request, service: ServiceDep) -> ClassifyResponse:
     """Classify one text or a list of texts."""
-    request.state.adapter = body.adapter_id or ""
+    request.state.adapter = service.adapter_label(body.adapter_id)
     inputs = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     if not inputs:
         raise validation_error("inputs: must hold at least one text, given an empty list")
@@ -28,6 +29,7 @@ async def classify(body: ClassifyRequest, request: Request, service: ServiceDep)
     for i, text in enumerate(inputs):
         if not text:
             raise validation_error(f"inputs[{i}]: must not be empty")
+        check_input_chars(len(text), service.settings, f"inputs[{i}]")
     if body.labels is not None and (len(set(body.labels)) != len(body.labels) or "" in body.labels):
         raise validation_error(f"labels: must be distinct non-empty strings, given {body.labels!r}")
     started = time.monotonic()

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from prompt_server.api.deps import ServiceDep
 from prompt_server.api.engine_requests import tgi_request
-from prompt_server.api.errors import ApiError
+from prompt_server.api.errors import ApiError, from_exception
 from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
 from prompt_server.api.service import ClientGone, Service
 from prompt_server.api.sse import event, finite, stream_response
@@ -47,7 +47,7 @@ def _response(body: GenerateRequest, result: GenerationResult) -> dict[str, Any]
 
 
 def _submit(service: Service, request: Request, body: GenerateRequest) -> Any:
-    request.state.adapter = body.parameters.adapter_id or ""
+    request.state.adapter = service.adapter_label(body.parameters.adapter_id)
     req = tgi_request(body.inputs, body.parameters, service.settings, service.tokenizer)
     return service.submit(req)
 
@@ -79,8 +79,8 @@ async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -
                 continue
             service.observe(ev, started)
             yield event(_final_event(body, ev, held, last))
-    except ApiError as exc:
-        yield event(exc.body())
+    except Exception as exc:  # noqa: BLE001 -- timeout, engine stopped or failed: the last event
+        yield event(from_exception(exc).body())
 
 
 def _final_event(body: GenerateRequest, result: GenerationResult, held: TokenEvent | None,

@@ -1,16 +1,17 @@
-"""Service routes: GET /health, GET /info, GET /metrics."""
+"""Service routes: GET /health, GET /info, GET /metrics, and GET /openapi.json when an API key guards it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from prompt_server.api.deps import ServiceDep, require_api_key
 
 open_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["service"], dependencies=[Depends(require_api_key)])
+schema_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @open_router.get("/health")
@@ -33,3 +34,9 @@ async def metrics(service: ServiceDep) -> PlainTextResponse:
     """Prometheus text exposition."""
     text = service.metrics.render(service.stats(), len(service.registry))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@schema_router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> JSONResponse:
+    """The OpenAPI schema, behind the API key."""
+    return JSONResponse(request.app.openapi())

@@ -13,8 +13,8 @@ from jinja2 import TemplateError
 
 from prompt_server import __version__
 from prompt_server.api.deps import ServiceDep
-from prompt_server.api.engine_requests import check_max_new_tokens, check_stops
-from prompt_server.api.errors import NOT_FOUND, ApiError, validation_error
+from prompt_server.api.engine_requests import check_input_chars, check_max_new_tokens, check_stops
+from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, validation_error
 from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from prompt_server.api.service import ClientGone, Service
 from prompt_server.api.sse import event, finite, stream_response
@@ -27,13 +27,16 @@ FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 FINGERPRINT = f"prompt-server-{__version__}"
 
 
-def _adapter_for(model: str | None, service: Service) -> str | None:
-    """`model` names an adapter, or the base model (or nothing) for no adapter."""
+def _adapter_for(model: str | None, service: Service, request: Request) -> str | None:
+    """`model` names an adapter, or the base model (or nothing) for no adapter; also sets the metrics label."""
     if model is None or model == "" or model == service.info.model_id:
+        request.state.adapter = "none"
         return None
     if service.registry.get(model) is None:
+        request.state.adapter = "unknown"
         raise ApiError(404, f"model '{model}' not found: use the base model id '{service.info.model_id}' "
                        "or the id of a loaded adapter (see GET /v1/models)", NOT_FOUND)
+    request.state.adapter = model
     return model
 
 
@@ -61,7 +64,7 @@ def _engine_request(body: SamplingFields, prompt: str | list[int], max_tokens: i
     )
 
 
-def _completion_prompt(body: CompletionRequest) -> str | list[int]:
+def _completion_prompt(body: CompletionRequest, service: Service) -> str | list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -69,6 +72,8 @@ def _completion_prompt(body: CompletionRequest) -> str | list[int]:
         prompt = prompt[0]
     if not prompt:
         raise validation_error("prompt: must not be empty")
+    if isinstance(prompt, str):
+        check_input_chars(len(prompt), service.settings, "prompt")
     return prompt
 
 
@@ -78,6 +83,10 @@ def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
         raise validation_error("messages: the base model's tokenizer has no chat template; use /v1/completions")
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    except ValueError as exc:
+        raise validation_error(f"messages: {exc}") from None
+    check_input_chars(sum(len(m["content"]) for m in messages), service.settings, "messages")
+    try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template's own checks, e.g. role order
         raise validation_error(f"messages: the chat template rejected them: {exc}") from None
@@ -150,8 +159,8 @@ def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: b
                 yield event(chunk(rest, FINISH.get(ev.finish_reason, "stop"), False))
                 if include_usage:
                     yield event(chunk(None, None, False) | {"choices": [], "usage": _usage(ev)})
-        except ApiError as exc:
-            yield event(exc.body())
+        except Exception as exc:  # noqa: BLE001 -- timeout, engine stopped or failed: the last event
+            yield event(from_exception(exc).body())
         yield event("[DONE]")
 
     return stream_response(events(), handle.cancel)
@@ -160,9 +169,8 @@ def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: b
 @router.post("/completions", response_class=Response)
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI text completion; `model` is an adapter id or the base model id."""
-    adapter = _adapter_for(body.model, service)
-    request.state.adapter = adapter or ""
-    prompt = _completion_prompt(body)
+    adapter = _adapter_for(body.model, service, request)
+    prompt = _completion_prompt(body, service)
     req = _engine_request(body, prompt, body.max_tokens, service, True, adapter)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
     echo = ""
@@ -192,8 +200,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/chat/completions", response_class=Response)
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI chat completion, prompted through the tokenizer's chat template."""
-    adapter = _adapter_for(body.model, service)
-    request.state.adapter = adapter or ""
+    adapter = _adapter_for(body.model, service, request)
     prompt = _chat_prompt(body, service)
     req = _engine_request(body, prompt, body.max_completion_tokens or body.max_tokens, service, False, adapter)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
