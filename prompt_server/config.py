@@ -36,7 +36,9 @@ class Settings(BaseSettings):
 
     # engine limits
     max_batch_size: int = Field(32, ge=1, description="Rows in one forward pass")
-    max_batch_tokens: int = Field(16384, ge=1, description="Tokens in flight (prompt + virtual + generated) across rows")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Cache budget: rows x (widest row + most new tokens to come) stays within it"
+    )
     max_input_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for")
     default_max_new_tokens: int = Field(64, ge=1)

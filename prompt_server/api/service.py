@@ -148,6 +148,7 @@ class Service:
                 "max_batch_tokens": s.max_batch_tokens,
                 "max_queue": s.max_queue,
                 "max_stop_sequences": s.max_stop_sequences,
+                "max_labels": s.max_labels,
                 "max_virtual_tokens": s.max_virtual_tokens,
                 "max_upload_bytes": s.max_upload_bytes,
                 "request_timeout": s.request_timeout,

@@ -18,6 +18,7 @@ def test_health_and_info(client):
     assert info["version"] == __version__
     assert info["model_dtype"] == "float32" and info["model_device"] == "cpu"
     assert info["limits"]["max_new_tokens"] == 512 and info["limits"]["max_input_tokens"] == 256
+    assert info["limits"]["max_labels"] == 32
     assert info["model_id"]
 
 
