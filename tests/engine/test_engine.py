@@ -401,3 +401,33 @@ def test_prefill_chunks_bound_the_padded_size():
     assert MAX_PREFILL_TOKENS == 8192
     assert [[len(r.ids) for r in c] for c in chunks] == [[10, 4000], [4000, 20], [9000]]
     assert [r for c in chunks for r in c] == rows
+
+
+def test_bfloat16_serves_every_kind(tiny_llama_dir, tmp_path):
+    import math
+
+    import torch
+
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.config import Settings
+    from prompt_server.engine.engine import Engine
+    from prompt_server.model.loader import load_model
+    from tests.engine.conftest import put_dir
+    from tests.tiny import make_peft, save_peft
+
+    loaded = load_model(tiny_llama_dir, device="cpu", dtype="bfloat16", progress=False)
+    registry = AdapterRegistry(loaded.spec, device="cpu", dtype=torch.bfloat16)
+    for i, variant in enumerate(VARIANTS):
+        put_dir(registry, variant, save_peft(make_peft(tiny_llama_dir, variant, seed=i), tmp_path / variant))
+    assert registry.get("prefix").prefix.dtype == torch.bfloat16
+    engine = Engine(loaded, registry, Settings())
+    engine.start()
+    try:
+        async def go():
+            handles = [engine.submit(greedy(PROMPTS[0], v, n=5)) for v in (None, *VARIANTS)]
+            return [await h.result() for h in handles]
+
+        results = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert all(len(r.tokens) == 5 and all(math.isfinite(t.logprob) for t in r.tokens) for r in results)
