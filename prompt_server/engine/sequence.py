@@ -32,6 +32,18 @@ class Detokenizer:
             return new_text[len(prefix_text) :]
         return ""
 
+    def pending(self) -> str:
+        """Text of tokens added but not yet released (an unfinished character decodes to U+FFFD)."""
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        return decode(self.ids[self.prefix_offset :], skip_special_tokens=True)[len(done) :]
+
+    def flush(self) -> str:
+        """Release whatever is pending; no more tokens follow."""
+        text = self.pending()
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text
+
 
 class RequestHandle:
     """The caller's side of a request: an async stream of TokenEvents closed by one GenerationResult."""
@@ -135,8 +147,6 @@ class Sequence:
             delta = self.detok.add(token_id)
             shown = delta
         self.text += delta
-        token = Token(id=token_id, text=shown, logprob=logprob, special=special)
-        self.tokens.append(token)
         if token_id in self.eos_ids and not self.request.ignore_eos:
             self.finish_reason = "eos_token"
         elif delta and self._hit_stop(len(delta)):
@@ -145,6 +155,14 @@ class Sequence:
             self.finish_reason = "length"
         elif now > self.deadline:
             self.finish_reason = "timeout"
+        if self.finish_reason is not None:
+            # the last event also carries text held back for an unfinished character, so the deltas add up
+            tail = self.detok.flush()
+            delta += tail
+            self.text += tail
+            shown = shown if special else delta
+        token = Token(id=token_id, text=shown, logprob=logprob, special=special)
+        self.tokens.append(token)
         event = TokenEvent(token=token, text=delta, index=len(self.generated) - 1, last=self.finish_reason is not None)
         self.handle.push(event)
         return event
@@ -176,10 +194,4 @@ class Sequence:
 
     def tokenizer_text(self) -> str:
         """The whole text: what was streamed plus anything held back waiting for the rest of a character."""
-        tail = self.detok.tokenizer.decode(
-            self.detok.ids[self.detok.prefix_offset :], skip_special_tokens=True
-        )
-        done = self.detok.tokenizer.decode(
-            self.detok.ids[self.detok.prefix_offset : self.detok.read_offset], skip_special_tokens=True
-        )
-        return self.text + tail[len(done) :]
+        return self.text + self.detok.pending()
