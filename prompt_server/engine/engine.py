@@ -26,7 +26,7 @@ from prompt_server.engine.types import (
     QueueFull,
     Token,
 )
-from prompt_server.engine.validation import check_generate
+from prompt_server.engine.validation import check_classify, check_classify_lengths, check_generate
 from prompt_server.model.batch import PrefillRow, build_prefill
 from prompt_server.model.forward import make_runner
 from prompt_server.model.sampling import RowSampler, choose, token_logprobs
@@ -148,29 +148,12 @@ class Engine:
         """Score every input; batched with whatever else is running."""
         if not self.ready:
             raise EngineStopped("the engine is not running")
-        if not req.inputs:
-            raise InvalidRequest("inputs: at least one input is needed")
-        if len(req.inputs) > self.settings.max_batch_size:
-            raise InvalidRequest(
-                f"inputs: {len(req.inputs)} inputs exceed max_batch_size {self.settings.max_batch_size}"
-            )
-        if req.labels is not None and len(req.labels) > self.settings.max_labels:
-            raise InvalidRequest(f"labels: at most {self.settings.max_labels} labels, got {len(req.labels)}")
+        check_classify(req, self.settings)
         adapter = self._adapter(req.adapter_id)
         labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer)
         soft = 0 if adapter is None else adapter.num_virtual_tokens
-        longest = max((len(x) for x in label_ids), default=0) if label_ids else 0
-        inputs = []
-        for i, text in enumerate(req.inputs):
-            ids = self._encode(text.rstrip(), True)
-            n = len(ids) + longest
-            if n > self.settings.max_input_tokens:
-                raise InvalidRequest(f"inputs[{i}]: {n} tokens exceed max_input_tokens {self.settings.max_input_tokens}")
-            if soft + n > self.max_position:
-                raise InvalidRequest(
-                    f"inputs[{i}]: {soft} virtual + {n} tokens exceed the model's context of {self.max_position}"
-                )
-            inputs.append(ids)
+        inputs = [self._encode(text.rstrip(), True) for text in req.inputs]
+        check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
         loop = asyncio.get_running_loop()
         job = ClassifyJob(loop, loop.create_future(), inputs, adapter, labels, label_ids)
         self._enqueue(job)

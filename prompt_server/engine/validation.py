@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prompt_server.engine.types import GenerateRequest, InvalidRequest
+from prompt_server.engine.types import ClassifyRequest, GenerateRequest, InvalidRequest
 
 
 def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, settings, max_position: int) -> None:
@@ -37,3 +37,25 @@ def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, s
         raise InvalidRequest(f"stop: at most {settings.max_stop_sequences} stop sequences, got {len(req.stop)}")
     if any(not stop for stop in req.stop):
         raise InvalidRequest("stop: stop sequences must not be empty")
+
+
+def check_classify(req: ClassifyRequest, settings) -> None:
+    if not req.inputs:
+        raise InvalidRequest("inputs: at least one input is needed")
+    if len(req.inputs) > settings.max_batch_size:
+        raise InvalidRequest(f"inputs: {len(req.inputs)} inputs exceed max_batch_size {settings.max_batch_size}")
+    if req.labels is not None and len(req.labels) > settings.max_labels:
+        raise InvalidRequest(f"labels: at most {settings.max_labels} labels, got {len(req.labels)}")
+
+
+def check_classify_lengths(
+    inputs: list[list[int]], label_ids: list[list[int]] | None, soft: int, settings, max_position: int
+) -> None:
+    """Each input with its longest label must fit the input limit and, with the adapter's tokens, the context."""
+    longest = max((len(x) for x in label_ids), default=0) if label_ids else 0
+    for i, ids in enumerate(inputs):
+        n = len(ids) + longest
+        if n > settings.max_input_tokens:
+            raise InvalidRequest(f"inputs[{i}]: {n} tokens exceed max_input_tokens {settings.max_input_tokens}")
+        if soft + n > max_position:
+            raise InvalidRequest(f"inputs[{i}]: {soft} virtual + {n} tokens exceed the model's context of {max_position}")
