@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,11 +27,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from prompt_server.procs import free_port, stop, wait_healthy
 
 
 @dataclass
@@ -109,28 +104,6 @@ async def drive(url: str, models: list[str], prompts: list[str], clients: int, n
     return stats
 
 
-def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready ({url})")
-        try:
-            if httpx.get(url + path, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server at {url} not ready after {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[str, RunStats]:
     """Start both servers one after the other on free ports, drive each with the same clients and prompts."""
     results: dict[str, RunStats] = {}
@@ -146,7 +119,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
                "--max-queue", str(max(args.requests, 256))]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_ready(url, proc, "/health")
+            wait_healthy(url, proc, timeout=600)
             asyncio.run(drive(url, adapter_ids, prompts[: args.clients], args.clients, 4))  # warm-up
             results["prompt-server (mixed adapters)"] = asyncio.run(
                 drive(url, adapter_ids, prompts, args.clients, args.new_tokens))
@@ -162,7 +135,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
             "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_ready(url, proc, "/health")
+            wait_healthy(url, proc, timeout=600)
             model = str(model_dir)
             asyncio.run(drive(url, [model], prompts[: args.clients], args.clients, 4))  # warm-up
             results["transformers serve --continuous-batching (no adapter)"] = asyncio.run(

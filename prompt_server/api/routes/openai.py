@@ -193,8 +193,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         logprobs = _completion_logprobs(_kept_tokens(result.tokens, len(text)), len(echo))
     choice = {"index": 0, "text": echo + text, "logprobs": logprobs,
               "finish_reason": FINISH.get(result.finish_reason, "stop")}
-    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                         "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(result)})
+    return _answer(cid, "text_completion", created, model, choice, result)
 
 
 @router.post("/chat/completions", response_class=Response)
@@ -221,7 +220,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     logprobs = _chat_logprobs(_kept_tokens(result.tokens, len(text))) if body.logprobs else None
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
               "finish_reason": FINISH.get(result.finish_reason, "stop")}
-    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+    return _answer(cid, "chat.completion", created, model, choice, result)
+
+
+def _answer(cid: str, kind: str, created: int, model: str, choice: dict[str, Any], result: Any) -> JSONResponse:
+    """A non-streamed OpenAI response around one choice."""
+    return JSONResponse({"id": cid, "object": kind, "created": created, "model": model,
                          "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(result)})
 
 
