@@ -20,7 +20,12 @@ SHA256 := $(shell command -v sha256sum >/dev/null 2>&1 && echo sha256sum || echo
 INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | $(SHA256) | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 
-.PHONY: install serve test model deps-system lint clean bench bench-http
+# The text-generation and lorax-client packages pin huggingface-hub < 1, which transformers 5 cannot use: the tests
+# run them from a venv of their own, as their users do.
+CLIENTS_VENV ?= .venv-clients
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-1
+
+.PHONY: install clients serve test model deps-system lint clean bench bench-http
 
 install: $(STAMP)
 
@@ -30,6 +35,14 @@ $(STAMP):
 	$(PY) -m pip install -e ".[test]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+$(CLIENTS_STAMP):
+	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install "text-generation>=0.7" "lorax-client>=0.6"
+	@rm -f $(CLIENTS_VENV)/.installed-*
+	@touch $@
+
+clients: $(CLIENTS_STAMP)
 
 model: install
 	$(PY) -m prompt_server.model.default
@@ -43,8 +56,8 @@ serve: install
 	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
 # pytest's exit code passes through: failures (1) and "no tests ran" (5) both fail the target.
-test: install deps-system model
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install clients deps-system model
+	PROMPT_SERVER_TEST_CLIENTS_PYTHON="$(abspath $(CLIENTS_VENV))/bin/python" $(PY) -m pytest $(PYTEST_ARGS)
 
 # System packages the tests use: nginx, for the load-balanced replica test. Best effort: when nginx cannot be
 # installed (no apt-get, no root and no passwordless sudo, no network) it says so and the replica test skips.
@@ -82,4 +95,4 @@ lint: install
 	$(VENV)/bin/ruff check prompt_server tests
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(CLIENTS_VENV) .pytest_cache .ruff_cache

@@ -171,3 +171,28 @@ def save_raw_checkpoint(peft_model, dir: str | Path) -> Path:
     (dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
     save_file(raw_state_dict(peft_model), str(dir / "adapter_model.safetensors"))
     return dir
+
+
+def peft_classify(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PeftModelForSequenceClassification's logits for `input_ids` [1, T] -> [1, num_labels].
+
+    PEFT 0.21 decides how to hand a prefix to the backbone by looking for a `past_key_values` parameter, which
+    transformers 5.24 renamed `cache` (the old name still works through **kwargs). Where that check fails we take
+    the branch PEFT takes when it finds the name: the prefix as past key values, the mask widened over it.
+    """
+    from peft import PeftType
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    try:
+        return peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+    except ValueError as exc:
+        if "past key values" not in str(exc) or peft_model.peft_config["default"].peft_type != PeftType.PREFIX_TUNING:
+            raise
+    cfg = peft_model.peft_config["default"]
+    prefix_mask = torch.ones(input_ids.shape[0], cfg.num_virtual_tokens, dtype=attention_mask.dtype)
+    return peft_model.base_model(
+        input_ids=input_ids,
+        attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
+        past_key_values=peft_model.get_prompt(input_ids.shape[0]),
+    ).logits

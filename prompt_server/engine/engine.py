@@ -47,9 +47,8 @@ class Engine:
         self.registry = registry
         self.settings = settings
         self.device = loaded.device
-        self.runner = make_runner(loaded.model, fast=fast)
-        cfg = loaded.model.config
-        self.max_position = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1 << 30)
+        self.runner = make_runner(loaded.model, loaded.plan.forward_path if fast else "generic")
+        self.max_position = loaded.plan.max_position
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)

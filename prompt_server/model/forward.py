@@ -6,18 +6,15 @@ only for the positions that need them.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from prompt_server.model.batch import KV, PrefillInputs, embed
-
-# Llama-style decoders whose layers are exactly: norm -> q/k/v (rotary) -> attention -> o, norm -> gated MLP.
-FAST_MODEL_TYPES = ("llama", "qwen2")
-
 
 class Runner(ABC):
     """What the engine needs from a model: prefill new rows, decode one token for all rows, project to logits."""
@@ -26,10 +23,23 @@ class Runner(ABC):
         self.model = model
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
+        cfg = model.config
+        # What some families' *ForCausalLM.forward does after lm_head (Gemma 2's soft-capping, Cohere's and
+        # Granite's scaling); the start-up self-check catches any other difference.
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None) if cfg.model_type.startswith("cohere") else None
+        self.divide = getattr(cfg, "logits_scaling", None) if cfg.model_type.startswith("granite") else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] float32."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
 
     @abstractmethod
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
@@ -40,13 +50,9 @@ class Runner(ABC):
         """One token per row: ids [B], mask [B, W+1] bool, positions [B] -> hidden [B, hidden]; kv grows by one."""
 
 
-def make_runner(model: torch.nn.Module, fast: bool = True) -> Runner:
-    """The lean runner where the architecture allows it, the generic one otherwise."""
-    cfg = model.config
-    sliding = getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
-    if fast and getattr(cfg, "model_type", "") in FAST_MODEL_TYPES and not sliding:
-        return LlamaRunner(model)
-    return HFRunner(model)
+def make_runner(model: torch.nn.Module, forward_path: str = "lean") -> Runner:
+    """The runner for a forward path chosen by compat.plan ("lean" or "generic")."""
+    return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
 
 
 class HFRunner(Runner):
@@ -55,17 +61,11 @@ class HFRunner(Runner):
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self.base = model.base_model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated).
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
 
     def _cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
-        layers = []
-        for k, v in zip(keys, values):
-            layer = DynamicLayer()
-            layer.lazy_initialization(k)
-            layer.keys, layer.values = k, v
-            layers.append(layer)
-        cache = DynamicCache()
-        cache.layers = layers
-        return cache
+        return DynamicCache(ddp_cache_data=list(zip(keys, values)))
 
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
         x = embed(inputs, self.embed_tokens)  # [n, S, hidden]
@@ -77,8 +77,8 @@ class HFRunner(Runner):
             inputs_embeds=x,
             attention_mask=inputs.mask.long(),
             position_ids=inputs.positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_arg: cache},
         )
         kv = KV([la.keys for la in cache.layers], [la.values for la in cache.layers], x.shape[1] + inputs.prefix_width)
         return out.last_hidden_state, kv
@@ -90,8 +90,8 @@ class HFRunner(Runner):
             inputs_embeds=self.embed_tokens(ids[:, None]),
             attention_mask=mask.long(),
             position_ids=positions[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_arg: cache},
         )
         kv.keys = [la.keys for la in cache.layers]
         kv.values = [la.values for la in cache.layers]
@@ -108,16 +108,17 @@ class LlamaRunner(Runner):
         self.layers = inner.layers
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        cfg = model.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scale = self.head_dim**-0.5
+        # Every value comes from the modules transformers built: head size, score scale, rotary application.
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.n_kv = attn.k_proj.out_features // self.head_dim
+        self.n_heads = attn.q_proj.out_features // self.head_dim
+        self.attn_scale = attn.scaling
+        self.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # q: [B, H, S, d], k: [B, kv, S, d], cos/sin: [B, S, d]
-        cos, sin = cos[:, None], sin[:, None]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.apply_rotary(q, k, cos, sin)
 
     def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         attn = layer.self_attn
@@ -157,7 +158,7 @@ class LlamaRunner(Runner):
             kc[:, :, pw:width] = k
             vc[:, :, pw:width] = v
             out = F.scaled_dot_product_attention(
-                q, kc[:, :, :width], vc[:, :, :width], attn_mask=mask, scale=self.scale, enable_gqa=True
+                q, kc[:, :, :width], vc[:, :, :width], attn_mask=mask, scale=self.attn_scale, enable_gqa=True
             )  # [n, H, S, d]
             x = self._finish(layer, x, out.transpose(1, 2).reshape(n, s, -1))
             keys.append(kc)
@@ -179,13 +180,9 @@ class LlamaRunner(Runner):
             # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
             qg = q.reshape(b, self.n_kv, group, self.head_dim)  # [B, kv, g, d]
             out = F.scaled_dot_product_attention(
-                qg, kv.keys[i][:, :, : col + 1], kv.values[i][:, :, : col + 1], attn_mask=attn_mask, scale=self.scale
+                qg, kv.keys[i][:, :, : col + 1], kv.values[i][:, :, : col + 1], attn_mask=attn_mask, scale=self.attn_scale
             )  # [B, kv, g, d]
             x = self._finish(layer, x, out.reshape(b, 1, -1))
         kv.width += 1
         return self.norm(x)[:, -1]
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

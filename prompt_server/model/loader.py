@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from prompt_server.adapters.types import ModelSpec
+from prompt_server.model.compat import ConfigError, ServingPlan, check_config_file, plan
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    plan: ServingPlan  # forward path and position limit, proven by the start-up self-check
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,8 +93,13 @@ def load_model(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     progress: bool = True,
+    lean: bool = True,
 ) -> LoadedModel:
-    """Load a local causal LM (None = the embedded default model) frozen, in eval mode, on `device`."""
+    """Load a local causal LM (None = the embedded default model) frozen, in eval mode, on `device`.
+
+    Nothing is served that transformers would compute differently: the config is checked, the forward path
+    chosen (`lean=False` forces the generic one) and proven against the model's own forward.
+    """
     if path is None:
         from prompt_server.model.default import DefaultModelError, ensure_default_model
 
@@ -104,6 +111,10 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     check_model_dir(path)
+    try:
+        check_config_file(path)
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from exc
     tokenizer = _load_tokenizer(path)
     model = _load_weights(path, torch_dtype)
     model.to(torch_device)
@@ -114,6 +125,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ModelLoadError(f"the tokenizer in {path} has neither a pad token nor an eos token")
+    serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -122,7 +134,33 @@ def load_model(
         path=path,
         device=torch_device,
         dtype=torch_dtype,
+        plan=serving,
     )
+
+
+def _verified_plan(path: Path, model: Any, pad_id: int, lean: bool) -> ServingPlan:
+    """The serving plan, its forward proven against the model's own; the lean path falls back to the generic."""
+    from prompt_server.model.forward import make_runner
+    from prompt_server.model.selfcheck import SelfCheckFailed, check_runner
+
+    try:
+        chosen = plan(model, lean=lean)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    vocab = model.get_input_embeddings().weight.shape[0]
+    try:
+        check_runner(make_runner(model, chosen.forward_path), model, vocab, pad_id, chosen.max_position)
+        return chosen
+    except SelfCheckFailed as exc:
+        if chosen.forward_path != "lean":
+            raise ModelLoadError(f"{path}: not served: {exc}") from exc
+        log.warning("lean forward failed its self-check on %s (%s); using the generic path", path, exc)
+        chosen = ServingPlan("generic", f"lean self-check failed: {exc}", chosen.max_position, chosen.notes)
+    try:
+        check_runner(make_runner(model, "generic"), model, vocab, pad_id, chosen.max_position)
+    except SelfCheckFailed as exc:
+        raise ModelLoadError(f"{path}: not served: {exc}") from exc
+    return chosen
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -131,7 +169,17 @@ def _load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the tokenizer from {path}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load the tokenizer from {path}: {exc}; transformers {transformers_version()} reads "
+            f"tokenizer.json with any tokenizer_class, or 4.x files (vocab.json + merges.txt, tokenizer.model): "
+            f"check those files, or re-save the tokenizer with this transformers version"
+        ) from exc
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _load_weights(path: Path, dtype: torch.dtype) -> Any:

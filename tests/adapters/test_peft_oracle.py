@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prompt_server.adapters.loader import load_adapter_dir
 from prompt_server.adapters.types import ModelSpec
 from tests.adapters.reference import reference_classify, reference_logits
-from tests.tiny import VARIANTS, make_peft, save_peft, save_raw_checkpoint
+from tests.tiny import VARIANTS, make_peft, peft_classify, save_peft, save_raw_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -82,7 +82,7 @@ def test_seq_cls_head_matches_peft_classification_logits(variant, kind, tiny_lla
     peft = make_peft(path, variant, task_type="SEQ_CLS", num_labels=3, seed=5)
     ids = AutoTokenizer.from_pretrained(path)(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = peft(input_ids=ids).logits[0]  # [num_labels]
+        expected = peft_classify(peft, ids)[0]  # [num_labels]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     spec = ModelSpec.from_config(model.config)
     record = _load(save_peft(peft, tmp_path / "a"), spec)

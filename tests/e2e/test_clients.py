@@ -5,14 +5,11 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from lorax import Client as LoraxClient
-from lorax.errors import NotFoundError as LoraxNotFound
-from text_generation import Client as TgiClient
-from text_generation.errors import ValidationError
 from transformers import AutoTokenizer
 
 from prompt_server.client import AdminClient
 from tests.api.oracle import peft_greedy, saved_peft
+from tests.tgi_clients import run_clients
 
 PROMPT = "Once upon a time"
 
@@ -31,28 +28,31 @@ def adapter(server, tiny_llama_dir, tmp_path_factory):
 
 
 def test_text_generation_client(server):
-    client = TgiClient(server)
-    response = client.generate(PROMPT, max_new_tokens=8, decoder_input_details=True)
-    assert response.details.generated_tokens == len(response.details.tokens) > 0
-    assert response.details.prefill and response.details.prefill[0].logprob is None
-    streamed = list(client.generate_stream(PROMPT, max_new_tokens=8))
-    assert "".join(r.token.text for r in streamed if not r.token.special) == response.generated_text
-    assert streamed[-1].generated_text == response.generated_text
-    assert streamed[-1].details.finish_reason == response.details.finish_reason
-    with pytest.raises(ValidationError, match="max_new_tokens"):
-        client.generate(PROMPT, max_new_tokens=100000)  # the server's limit, reported as TGI's validation error
+    out = run_clients("generate", client="tgi", url=server, prompt=PROMPT,
+                      kwargs={"max_new_tokens": 8, "decoder_input_details": True},
+                      bad={"too_long": {"max_new_tokens": 100000}})
+    response, streamed = out["response"], out["stream"]
+    details = response["details"]
+    assert details["generated_tokens"] == len(details["tokens"]) > 0
+    assert details["prefill"] and details["prefill"][0]["logprob"] is None
+    assert "".join(r["token"]["text"] for r in streamed if not r["token"]["special"]) == response["generated_text"]
+    assert streamed[-1]["generated_text"] == response["generated_text"]
+    assert streamed[-1]["details"]["finish_reason"] == details["finish_reason"]
+    # the server's limit, reported as TGI's validation error
+    assert out["errors"]["too_long"]["type"] == "ValidationError"
+    assert "max_new_tokens" in out["errors"]["too_long"]["message"]
 
 
 def test_lorax_client_with_an_adapter(server, adapter, tiny_llama_dir):
-    client = LoraxClient(server)
     expected = peft_greedy(adapter, tiny_llama_dir, PROMPT, 10)
-    response = client.generate(PROMPT, adapter_id="lstm", max_new_tokens=10, details=True)
-    assert [t.id for t in response.details.tokens] == expected
-    streamed = list(client.generate_stream(PROMPT, adapter_id="lstm", max_new_tokens=10))
-    assert [r.token.id for r in streamed] == expected
-    assert streamed[-1].details.prompt_tokens == response.details.prompt_tokens
-    with pytest.raises(LoraxNotFound):
-        client.generate(PROMPT, adapter_id="ghost")
+    out = run_clients("generate", client="lorax", url=server, prompt=PROMPT,
+                      kwargs={"adapter_id": "lstm", "max_new_tokens": 10, "details": True},
+                      bad={"ghost": {"adapter_id": "ghost"}})
+    response, streamed = out["response"], out["stream"]
+    assert [t["id"] for t in response["details"]["tokens"]] == expected
+    assert [r["token"]["id"] for r in streamed] == expected
+    assert streamed[-1]["details"]["prompt_tokens"] == response["details"]["prompt_tokens"]
+    assert out["errors"]["ghost"]["type"] == "NotFoundError"
 
 
 def test_openai_client(server, model_id, adapter, tiny_llama_dir):

@@ -9,7 +9,7 @@ import torch
 
 from prompt_server.engine.types import ClassifyRequest, GenerateRequest, InvalidRequest
 from tests.engine.conftest import put_dir, run_engine
-from tests.tiny import make_peft, save_peft
+from tests.tiny import make_peft, peft_classify, save_peft
 
 TEXTS = ["what a lovely day", "this is terrible and slow", "ok"]
 
@@ -32,7 +32,7 @@ def test_classifier_head_matches_peft_seq_cls(llama_world, tiny_llama_dir, tmp_p
     for text, pred in zip(TEXTS, preds):
         ids = tok(text, return_tensors="pt").input_ids
         with torch.inference_mode():
-            probs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].softmax(-1)
+            probs = peft_classify(pm, ids)[0].softmax(-1)
         got = torch.tensor([pred.scores[k] for k in ("neg", "neu", "pos")])
         assert torch.allclose(got, probs, atol=1e-4)
         assert pred.label == ["neg", "neu", "pos"][int(probs.argmax())]

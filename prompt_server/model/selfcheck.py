@@ -1,0 +1,65 @@
+"""Prove a forward path against the model's own forward before serving: same logits, prefill and decode."""
+
+from __future__ import annotations
+
+import torch
+
+from prompt_server.model.batch import PrefillRow, build_prefill
+
+# Probe length: long enough that a wrong rotary base or scaling shows in the logits.
+PROBE_TOKENS = 48
+DECODE_STEPS = 2
+# Largest difference allowed, relative to the largest logit: fp32 differs only by summation order; half
+# precision by rounding through every layer. A misread config (rotary base, norm, scaling) is off by far more.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-1, torch.bfloat16: 1e-1}
+
+
+class SelfCheckFailed(RuntimeError):
+    """A forward path disagrees with the model's own forward."""
+
+
+def probe_ids(vocab_size: int, length: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random token sequence [1, length]."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (1, length), generator=gen).to(device)
+
+
+@torch.inference_mode()
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own forward: [1, T] -> [T, vocab] float32."""
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+@torch.inference_mode()
+def runner_logits(runner, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """A runner's logits for the same tokens: prefill all but the last DECODE_STEPS, then decode those one by one."""
+    tokens = ids[0].tolist()
+    head = len(tokens) - DECODE_STEPS
+    inputs = build_prefill([PrefillRow(ids=tokens[:head])], pad_id, ids.device)
+    hidden, kv = runner.prefill(inputs, spare=DECODE_STEPS)
+    out = [runner.logits(hidden[0])]  # [head, vocab]
+    mask, position = inputs.mask, inputs.positions[:, -1] + 1
+    for t in tokens[head:]:
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        step = torch.tensor([t], device=ids.device)
+        out.append(runner.logits(runner.decode(step, kv, mask, position)))  # [1, vocab]
+        position = position + 1
+    return torch.cat(out)
+
+
+def check_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, max_position: int) -> float:
+    """Relative difference between the runner and the model's own forward; raises SelfCheckFailed past tolerance."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    ids = probe_ids(vocab_size, max(DECODE_STEPS + 1, min(PROBE_TOKENS, max_position)), device)
+    expected = reference_logits(model, ids)
+    got = runner_logits(runner, ids, pad_id)
+    scale = float(expected.abs().max().clamp_min(1.0))
+    diff = float((got - expected).abs().max()) / scale
+    limit = TOLERANCE.get(dtype, 1e-1)
+    if not diff <= limit:  # also catches NaN
+        raise SelfCheckFailed(
+            f"{type(runner).__name__} differs from the model's own forward by {diff:.2e} (relative to the largest "
+            f"logit; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
+        )
+    return diff
