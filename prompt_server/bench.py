@@ -92,20 +92,27 @@ def run_peft_sequential(model, tok, adapters, prompts, root, new_tokens) -> floa
         if adapter_id not in pm.peft_config:
             pm.load_adapter(root / adapter_id, adapter_name=adapter_id)
         pm.set_adapter(adapter_id)
-        enc = tok(prompt, return_tensors="pt")
+        enc = tok(prompt, return_tensors="pt").to(model.device)
         pm.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     pad_token_id=tok.pad_token_id)
+    _sync(model.device)
     elapsed = time.perf_counter() - start
     return len(prompts) * new_tokens / elapsed
 
 
 def run_hf_batched(model, tok, prompts, new_tokens) -> float:
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     start = time.perf_counter()
     model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=tok.pad_token_id)
+    _sync(model.device)
     return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 async def _engine_all(engine, prompts, adapter_ids, new_tokens) -> float:
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per mode (the median is reported)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--http", action="store_true", help="benchmark the HTTP servers instead (see bench_http)")
     parser.add_argument("--clients", type=int, default=32, help="--http: concurrent clients")
     parser.add_argument("--transformers-cmd", default="transformers",
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    loaded = load_model(args.model, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     prompts = make_prompts(args.requests)
     rates: dict[str, list[float]] = {m: [] for m in args.modes}
@@ -197,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [len(tok(p).input_ids) for p in prompts]
     print(f"\nmodel {loaded.model_id}, {args.requests} requests x {args.new_tokens} new tokens, "
           f"prompts of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
-          f"{args.virtual_tokens} virtual tokens per adapter, torch threads {torch.get_num_threads()}, "
-          f"median of {args.rounds} rounds\n")
+          f"{args.virtual_tokens} virtual tokens per adapter, {loaded.device} {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.rounds} rounds\n")
     print("| mode | what | tokens/s |")
     print("|---|---|---:|")
     for m in args.modes:

@@ -48,11 +48,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from prompt_server.main import create_app
+    from prompt_server.main import build_service, create_app
+    from prompt_server.model.loader import ModelLoadError
 
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # Load before the server starts, so a model that cannot be served exactly stops it with one line, not a trace.
+    try:
+        service = build_service(settings)
+    except ModelLoadError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    uvicorn.run(create_app(settings, service), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
 

@@ -19,6 +19,7 @@ log = logging.getLogger("prompt_server")
 def build_service(settings: Settings) -> Service:
     """Load the model and the adapter store, start the engine; what the lifespan holds while serving."""
     import torch
+    import transformers
 
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.engine.engine import Engine
@@ -40,23 +41,37 @@ def build_service(settings: Settings) -> Service:
         log.warning("adapter %s skipped: %s", adapter_id, error)
     engine = Engine(loaded, registry, settings)
     engine.start()
+    config = loaded.model.config
+    plan = loaded.plan
     info = ModelInfo(
         model_id=engine.model_id,
         dtype=str(loaded.dtype).removeprefix("torch."),
         device=str(loaded.device),
         path=str(loaded.path),
+        architecture=(getattr(config, "architectures", None) or [type(loaded.model).__name__])[0],
+        model_type=config.model_type,
+        transformers_version=transformers.__version__,
+        forward_path=plan.forward_path,
+        forward_path_reason=plan.reason,
+        max_position=plan.max_position,
+        serving_notes=plan.notes,
     )
-    log.info("serving %s on %s (%s) with %d adapters", info.model_id, info.device, info.dtype, len(registry))
+    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s", info.model_id, info.architecture,
+             info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "")
+    for note in plan.notes:
+        log.info("exactness: %s", note)
     return Service(engine, registry, settings, info, skipped)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A FastAPI app whose lifespan loads everything from `settings` and stops the engine on shutdown."""
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    """A FastAPI app whose lifespan loads everything from `settings` (unless `service` is already built) and stops
+    the engine on shutdown."""
     settings = settings or Settings()
+    prebuilt = service
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = build_service(settings)
+        service = prebuilt or build_service(settings)
         app.state.service = service
         try:
             yield

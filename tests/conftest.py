@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.tiny import save_tiny_model
+
+# Servers and engines the tests start run on the CPU in float32, where PEFT parity is exact, also on a machine with a
+# GPU ("auto" would pick it); the CUDA tests (tests/engine/test_cuda.py) ask for the GPU by name.
+os.environ.setdefault("PROMPT_SERVER_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

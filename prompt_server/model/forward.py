@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from prompt_server.model.batch import KV, PrefillInputs, embed
 
+
 class Runner(ABC):
     """What the engine needs from a model: prefill new rows, decode one token for all rows, project to logits."""
 

@@ -169,8 +169,9 @@ def _load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
+        reason = " ".join(str(exc).split())  # one line: some of transformers' messages span several
         raise ModelLoadError(
-            f"could not load the tokenizer from {path}: {exc}; transformers {transformers_version()} reads "
+            f"could not load the tokenizer from {path}: {reason}; transformers {transformers_version()} reads "
             f"tokenizer.json with any tokenizer_class, or 4.x files (vocab.json + merges.txt, tokenizer.model): "
             f"check those files, or re-save the tokenizer with this transformers version"
         ) from exc

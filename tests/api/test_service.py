@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import transformers
+
 from prompt_server import __version__
 from prompt_server.api.metrics import Metrics
 from prompt_server.api.stops import StopTrimmer, trim_at_stop
@@ -20,6 +22,11 @@ def test_health_and_info(client):
     assert info["limits"]["max_new_tokens"] == 512 and info["limits"]["max_input_tokens"] == 256
     assert info["limits"]["max_labels"] == 32
     assert info["model_id"]
+    # the tiny Llama: what transformers version read it, which class, and the forward that serves it
+    assert info["transformers_version"] == transformers.__version__
+    assert (info["architecture"], info["model_type"]) == ("LlamaForCausalLM", "llama")
+    assert (info["forward_path"], info["forward_path_reason"]) == ("lean", "")
+    assert info["max_position"] == 512 and info["serving_notes"] == []
 
 
 def _sample(text: str, name: str, **labels) -> float:

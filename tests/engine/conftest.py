@@ -26,7 +26,7 @@ class World:
     def oracle(self, adapter_id: str | None, prompt: str, n: int) -> list[int]:
         """Greedy tokens PeftModel (or the bare model) generates for this request alone."""
         tok = self.loaded.tokenizer
-        ids = tok(prompt, return_tensors="pt").input_ids
+        ids = tok(prompt, return_tensors="pt").input_ids.to(self.loaded.device)
         model = self.peft[adapter_id] if adapter_id else self.loaded.model
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -39,15 +39,15 @@ def put_dir(registry: AdapterRegistry, adapter_id: str, path: Path, labels=None)
     return registry.put(adapter_id, files, labels)
 
 
-def build_world(model_dir: Path, tmp: Path) -> World:
-    loaded = load_model(model_dir, device="cpu", dtype="float32", progress=False)
-    registry = AdapterRegistry(loaded.spec, device="cpu", dtype=torch.float32)
+def build_world(model_dir: Path, tmp: Path, device: str = "cpu", dtype: str = "float32") -> World:
+    loaded = load_model(model_dir, device=device, dtype=dtype, progress=False)
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
     peft, dirs = {}, {}
     for i, variant in enumerate(VARIANTS):
         pm = make_peft(model_dir, variant, seed=i, num_virtual_tokens=3 + i)
         dirs[variant] = save_peft(pm, tmp / variant)
         put_dir(registry, variant, dirs[variant])
-        peft[variant] = pm
+        peft[variant] = pm.to(device=loaded.device, dtype=loaded.dtype)
     return World(loaded, registry, peft, dirs)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, ViTConfig
 
@@ -44,7 +45,7 @@ def _copy(src: Path, dst: Path, *, drop: tuple[str, ...] = ()) -> Path:
 
 
 def _mark_cached(model_dir: Path) -> None:
-    marker = {"source": default.SOURCE, "conversion": default.CONVERSION}
+    marker = {"source": default.SOURCE, "conversion": default.CONVERSION, "transformers": transformers.__version__}
     (model_dir / default.MARKER).write_text(json.dumps(marker))
 
 
@@ -192,7 +193,14 @@ def test_default_model_is_taken_from_the_cache_without_fetching(tiny_llama_dir, 
     assert loaded.spec.hidden_size == 64
 
 
-@pytest.mark.parametrize("marker", [None, {"source": default.SOURCE, "conversion": -1}, "not json"])
+@pytest.mark.parametrize("marker", [
+    None,
+    {"source": default.SOURCE, "conversion": -1, "transformers": transformers.__version__},
+    # converted by transformers 4 (config and tokenizer in 4.x formats), or by a converter that did not say
+    {"source": default.SOURCE, "conversion": default.CONVERSION, "transformers": "4.57.1"},
+    {"source": default.SOURCE, "conversion": default.CONVERSION},
+    "not json",
+])
 def test_incomplete_or_stale_cache_is_not_trusted(tiny_llama_dir, tmp_path, offline_pip, marker):
     cached = default_model_path(tmp_path)
     shutil.copytree(tiny_llama_dir, cached)
@@ -272,7 +280,13 @@ def test_default_model_second_call_reuses_the_cache(default_model_dir):
     assert time.perf_counter() - started < 0.5
     assert again == default_model_dir
     assert weights.stat().st_mtime_ns == mtime
-    assert json.loads((default_model_dir / default.MARKER).read_text())["source"] == default.SOURCE
+    marker = json.loads((default_model_dir / default.MARKER).read_text())
+    assert marker["source"] == default.SOURCE
+    assert marker["transformers"] == transformers.__version__  # converted by the transformers 5 installed here
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_theta": 100000.0, "rope_type": "default"}  # the 5.x format
+    assert json.loads((default_model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "TokenizersBackend"
 
 
 @pytest.mark.slow

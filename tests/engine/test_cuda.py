@@ -1,0 +1,62 @@
+"""On a CUDA GPU: float32 rows equal PEFT's batch-of-one tokens; bfloat16 rows choose what PEFT in bfloat16 would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prompt_server.engine.types import GenerateRequest
+from tests.engine.conftest import build_world, run_engine
+from tests.tiny import VARIANTS, save_tiny_arch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPTS = ["the cat sat on the mat", "hello world how are you"]
+CASES = [(a, PROMPTS[i % 2]) for i, a in enumerate((None, *VARIANTS, None))]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """TF32 matmuls round to 10 mantissa bits: float32 parity needs true float32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _serve(world):
+    async def go(engine):
+        handles = [engine.submit(GenerateRequest(prompt=p, adapter_id=a, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+                   for a, p in CASES]
+        return [await h.result() for h in handles]
+
+    return run_engine(world, go)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_float32_on_cuda_matches_peft(model_type, tmp_path):
+    world = build_world(save_tiny_arch(model_type, tmp_path / "m"), tmp_path / "a", device="cuda")
+    assert world.loaded.device.type == "cuda"
+    for (adapter_id, prompt), result in zip(CASES, _serve(world)):
+        assert [t.id for t in result.tokens] == world.oracle(adapter_id, prompt, NEW_TOKENS), (adapter_id, prompt)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_bfloat16_on_cuda_chooses_what_peft_would(model_type, tmp_path):
+    """Teacher-forced: under PEFT in bfloat16, every token the server chose is (within rounding) the most likely."""
+    world = build_world(save_tiny_arch(model_type, tmp_path / "m"), tmp_path / "a", device="cuda", dtype="bfloat16")
+    assert world.loaded.dtype == torch.bfloat16
+    tok = world.loaded.tokenizer
+    for (adapter_id, prompt), result in zip(CASES, _serve(world)):
+        prompt_ids = tok(prompt).input_ids
+        chosen = [t.id for t in result.tokens]
+        ids = torch.tensor([prompt_ids + chosen], device="cuda")
+        model = world.peft[adapter_id] if adapter_id else world.loaded.model
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -ids.shape[1]:].float()
+        logp = logits.log_softmax(-1)[len(prompt_ids) - 1: -1]  # [NEW_TOKENS, vocab]: what predicts each choice
+        gap = logp.max(-1).values - logp.gather(-1, torch.tensor(chosen, device="cuda")[:, None]).squeeze(-1)
+        assert float(gap.max()) < 0.1, (adapter_id, gap.tolist())
+        assert all(torch.isfinite(torch.tensor([t.logprob for t in result.tokens]))), adapter_id
