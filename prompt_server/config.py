@@ -46,3 +46,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="Seconds before a request is cancelled")
     max_stop_sequences: int = Field(8, ge=0)
     max_labels: int = Field(32, ge=2, description="Labels one /classify request may score")
+    prompt_kv_cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Memory for prompt-tuning / P-tuning adapters' virtual-token keys and values, computed once per "
+                    "adapter version (LRU); 0 runs the virtual tokens with every request instead",
+    )
+    pinned_adapters: str = Field(
+        "", description="Comma-separated adapter ids whose virtual-token keys/values are never evicted"
+    )

@@ -24,9 +24,8 @@ class ClassifyJob:
     label_ids: list[list[int]] | None  # verbalizer tokens per label; None when the adapter's head is used
     cancelled: bool = False
 
-    def build_rows(self) -> list[PrefillRow]:
-        virtual = None if self.adapter is None else self.adapter.virtual_tokens
-        prefix = None if self.adapter is None else self.adapter.prefix
+    def build_rows(self, virtual: torch.Tensor | None, prefix: torch.Tensor | None) -> list[PrefillRow]:
+        """Rows for every input (and label), each with the adapter's virtual tokens or its keys/values."""
         rows = []
         for ids in self.inputs:
             if self.label_ids is None:

@@ -14,6 +14,7 @@ import torch
 from prompt_server.adapters.types import SoftPrompt
 from prompt_server.engine.batch import MAX_PREFILL_TOKENS, RunningBatch, length_groups, prefill_chunks, spare_for
 from prompt_server.engine.classify import ClassifyJob, plan_labels
+from prompt_server.engine.prompt_kv import PromptKVCache, key_of
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
     AdapterNotFound,
@@ -52,6 +53,11 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.prompt_kv: PromptKVCache | None = None
+        if settings.prompt_kv_cache_bytes > 0:
+            pinned = frozenset(a.strip() for a in settings.pinned_adapters.split(",") if a.strip())
+            self.prompt_kv = PromptKVCache(self.runner, self.pad_id, self.device, settings.prompt_kv_cache_bytes,
+                                           pinned)
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
@@ -137,6 +143,7 @@ class Engine:
             detok=Detokenizer(self.tokenizer),
             special_ids=self.special_ids,
             max_position=self.max_position,
+            inline_virtual=self.prompt_kv is None,
             deadline=time.monotonic() + self.settings.request_timeout,
         )
         self._enqueue(seq)
@@ -179,7 +186,30 @@ class Engine:
             waiting = len(self._waiting)
             counters = {k: float(v) for k, v in self._stats.items()}
         batch = self._batch
-        return {"queue_depth": waiting, "running": 0 if batch is None else len(batch), **counters}
+        out = {"queue_depth": waiting, "running": 0 if batch is None else len(batch), **counters}
+        if self.prompt_kv is not None:
+            kv = self.prompt_kv
+            out.update(prompt_kv_hits=kv.stats.hits, prompt_kv_misses=kv.stats.misses,
+                       prompt_kv_evictions=kv.stats.evictions, prompt_kv_bytes=kv.bytes)
+        return out
+
+    def _soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(virtual tokens, prefix keys/values) per row; virtual tokens become their cached keys/values when the
+        soft-prompt cache is on, so a row prefills only its own tokens."""
+        cached = {}
+        if self.prompt_kv is not None:
+            cached = self.prompt_kv.get_many([a for a in adapters if a is not None and a.virtual_tokens is not None])
+        out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        for a in adapters:
+            if a is None:
+                out.append((None, None))
+            elif a.prefix is not None:
+                out.append((None, a.prefix))
+            elif cached:
+                out.append((None, cached[key_of(a)]))
+            else:
+                out.append((a.virtual_tokens, None))
+        return out
 
     def _count(self, key: str, n: float) -> None:
         with self._cond:
@@ -269,7 +299,7 @@ class Engine:
 
     def _classify(self, job: ClassifyJob) -> None:
         try:
-            rows = job.build_rows()
+            rows = job.build_rows(*self._soft([job.adapter])[0])
             hidden = []
             for chunk in prefill_chunks(rows):
                 h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
@@ -301,16 +331,8 @@ class Engine:
         self._batch = RunningBatch.concatenate(parts) if parts else None
 
     def _prefill(self, seqs: list[Sequence]) -> RunningBatch | None:
-        rows = []
-        for s in seqs:
-            a = s.adapter
-            rows.append(
-                PrefillRow(
-                    ids=s.prompt_ids,
-                    virtual=None if a is None else a.virtual_tokens,
-                    prefix=None if a is None else a.prefix,
-                )
-            )
+        rows = [PrefillRow(ids=s.prompt_ids, virtual=virtual, prefix=prefix)
+                for s, (virtual, prefix) in zip(seqs, self._soft([s.adapter for s in seqs]))]
         inputs = build_prefill(rows, self.pad_id, self.device)
         hidden, kv = self.runner.prefill(inputs, spare=spare_for(seqs))
         logits = self.runner.logits(hidden[:, -1])  # [n, vocab]

@@ -101,6 +101,7 @@ class Sequence:
     detok: Detokenizer
     special_ids: frozenset[int]
     max_position: int  # positions the model can take; generation stops before it
+    inline_virtual: bool = False  # virtual tokens run with the prompt (no cached keys/values for them)
     submitted_at: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     admitted_at: float = 0.0
@@ -118,8 +119,9 @@ class Sequence:
 
     @property
     def embed_len(self) -> int:
-        """Columns this row takes in a prefill's embeddings: virtual tokens and prompt (a prefix sits in the cache)."""
-        virtual = self.adapter is not None and self.adapter.virtual_tokens is not None
+        """Columns this row takes in a prefill's embeddings: the prompt, and virtual tokens run inline (a prefix and
+        cached virtual-token keys/values sit in the cache)."""
+        virtual = self.inline_virtual and self.adapter is not None and self.adapter.virtual_tokens is not None
         return len(self.prompt_ids) + (self.adapter.num_virtual_tokens if virtual else 0)
 
     @property
