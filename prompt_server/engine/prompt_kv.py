@@ -45,7 +45,7 @@ class PromptKVCache:
         self.bytes = 0  # held by the entries; kept as a counter so other threads may read it
         self.stats = PromptKVStats()
 
-    def keys(self) -> list[Key]:
+    def entries(self) -> list[Key]:
         """Cached entries, least recently used first."""
         return list(self._entries)
 

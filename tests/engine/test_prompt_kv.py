@@ -74,10 +74,12 @@ def test_an_adapter_version_is_computed_once(llama_world):
         both = [engine.submit(greedy("p_tuning_mlp")), engine.submit(greedy("p_tuning_mlp", prompt="hello world"))]
         for h in both:
             await h.result()
-        return engine.stats(), engine.prompt_kv.keys()
+        return engine.stats(), engine.prompt_kv.entries()
 
     stats, keys = run_engine(world, go)
-    assert (stats["prompt_kv_misses"], stats["prompt_kv_hits"], stats["prompt_kv_evictions"]) == (2, 2, 0)
+    assert (stats["prompt_kv_misses"], stats["prompt_kv_evictions"]) == (2, 0)
+    # two hits for prompt_tuning; the p_tuning_mlp pair is one lookup when admitted together, two when a step apart
+    assert stats["prompt_kv_hits"] in (2, 3)
     assert [k[0] for k in keys] == ["prompt_tuning", "p_tuning_mlp"]
     assert stats["prompt_kv_bytes"] == entry_bytes(world, "prompt_tuning") + entry_bytes(world, "p_tuning_mlp")
 
@@ -91,7 +93,7 @@ def test_the_least_recently_used_entry_is_evicted_and_recomputed_exactly(llama_w
         results, states = [], []
         for adapter_id in order:
             results.append(await engine.submit(greedy(adapter_id)).result())
-            states.append([k[0] for k in engine.prompt_kv.keys()])
+            states.append([k[0] for k in engine.prompt_kv.entries()])
         return results, states, engine.stats()
 
     results, states, stats = run_engine(world, go, prompt_kv_cache_bytes=budget)
@@ -109,7 +111,7 @@ def test_a_pinned_adapter_stays_while_others_come_and_go(llama_world):
         states = []
         for adapter_id in ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prompt_tuning"]:
             await engine.submit(greedy(adapter_id)).result()
-            states.append([k[0] for k in engine.prompt_kv.keys()])
+            states.append([k[0] for k in engine.prompt_kv.entries()])
         return states, engine.stats()
 
     states, stats = run_engine(world, go, prompt_kv_cache_bytes=budget, pinned_adapters="prompt_tuning, other")
@@ -128,7 +130,7 @@ def test_a_pinned_entry_outlasts_pressure_that_evicts_every_newcomer(llama_world
         for adapter_id in ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"]:
             result = await engine.submit(greedy(adapter_id)).result()
             assert [t.id for t in result.tokens] == world.oracle(adapter_id, PROMPT, 8)  # used, then dropped
-            states.append([k[0] for k in engine.prompt_kv.keys()])
+            states.append([k[0] for k in engine.prompt_kv.entries()])
         return states
 
     assert run_engine(world, go, prompt_kv_cache_bytes=budget, pinned_adapters="prompt_tuning") == [
@@ -145,10 +147,10 @@ def test_a_replaced_adapter_is_never_served_from_its_old_keys(llama_world, tmp_p
     try:
         async def go(engine):
             before = await engine.submit(greedy("kv-swap")).result()
-            old_key = engine.prompt_kv.keys()[-1]
+            old_key = engine.prompt_kv.entries()[-1]
             put_dir(registry, "kv-swap", save_peft(second, tmp_path / "v2"))
             after = await engine.submit(greedy("kv-swap")).result()
-            return before, after, old_key, engine.prompt_kv.keys()
+            return before, after, old_key, engine.prompt_kv.entries()
 
         before, after, old_key, keys = run_engine(world, go)
         assert old_key == ("kv-swap", before.adapter_version, old_key[2])
@@ -164,30 +166,30 @@ def test_a_replaced_adapter_is_never_served_from_its_old_keys(llama_world, tmp_p
         world.peft.pop("kv-swap", None)
 
 
-def test_a_hundred_virtual_tokens_on_every_architecture_path(tmp_path):
-    """The prompt-tuning paper's 100 virtual tokens: computed once, then rows prefill only their own tokens."""
-    for model_type in ("llama", "gpt2"):
-        world = build_world(save_tiny_arch(model_type, tmp_path / model_type), tmp_path / f"{model_type}-a")
-        pm = make_peft(world.loaded.path, "prompt_tuning", seed=5, num_virtual_tokens=100)
-        put_dir(world.registry, "long", save_peft(pm, tmp_path / f"{model_type}-long"))
-        world.peft["long"] = pm
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prompts(model_type, tmp_path):
+    """The prompt-tuning paper's 100 virtual tokens, on the lean (llama) and the generic (gpt2) path."""
+    world = build_world(save_tiny_arch(model_type, tmp_path / "m"), tmp_path / "a")
+    pm = make_peft(world.loaded.path, "prompt_tuning", seed=5, num_virtual_tokens=100)
+    put_dir(world.registry, "long", save_peft(pm, tmp_path / "long"))
+    world.peft["long"] = pm
+    prompts = (PROMPT, "hello world")
+    widths = []
 
-        widths = []
+    async def go(engine):
+        real = engine.runner.prefill
 
-        async def go(engine):
-            real = engine.runner.prefill
+        def spy(inputs, spare):
+            widths.append(inputs.ids.shape[1])  # embedding columns this prefill runs
+            return real(inputs, spare)
 
-            def spy(inputs, spare):
-                widths.append(inputs.ids.shape[1])  # embedding columns this prefill runs
-                return real(inputs, spare)
+        engine.runner.prefill = spy
+        handles = [engine.submit(greedy("long", prompt=p)) for p in prompts]
+        return [await h.result() for h in handles], engine.stats()
 
-            engine.runner.prefill = spy
-            handles = [engine.submit(greedy("long", prompt=p)) for p in (PROMPT, "hello world")]
-            return [await h.result() for h in handles], engine.stats()
-
-        results, stats = run_engine(world, go)
-        assert stats["prompt_kv_misses"] == 1  # computed once, for both rows (admitted together or one step apart)
-        longest = max(len(world.loaded.tokenizer(p).input_ids) for p in (PROMPT, "hello world"))
-        assert widths[0] == 100 and 2 <= len(widths) <= 3 and max(widths[1:]) <= longest, widths
-        for prompt, result in zip((PROMPT, "hello world"), results):
-            assert [t.id for t in result.tokens] == world.oracle("long", prompt, 8), (model_type, prompt)
+    results, stats = run_engine(world, go)
+    assert stats["prompt_kv_misses"] == 1  # computed once, for both rows (admitted together or one step apart)
+    longest = max(len(world.loaded.tokenizer(p).input_ids) for p in prompts)
+    assert widths[0] == 100 and 2 <= len(widths) <= 3 and max(widths[1:]) <= longest, widths
+    for prompt, result in zip(prompts, results):
+        assert [t.id for t in result.tokens] == world.oracle("long", prompt, 8), prompt
