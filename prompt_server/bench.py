@@ -9,6 +9,7 @@ Modes (all greedy, exactly --new-tokens tokens per request):
   c  HF generate, batched, no adapter (the bare model)
   d  this engine, every request on a different adapter, all five kinds mixed
   e  this engine, no adapter
+  f  as d, with the soft-prompt cache off (prompt_kv_cache_bytes=0): virtual tokens prefilled with every request
 peft is needed for a, b and for writing the benchmark's adapters (it is a test dependency).
 """
 
@@ -31,6 +32,7 @@ MODES = {
     "c": "HF generate, batched, no adapter",
     "d": "prompt-server, every request a different adapter",
     "e": "prompt-server, no adapter",
+    "f": "prompt-server, every request a different adapter, virtual tokens re-run per request (no soft-prompt cache)",
 }
 TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bicycles", "tea", "comets", "bees", "glass", "maps",
           "clocks"]
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--http", action="store_true", help="benchmark the HTTP servers instead (see bench_http)")
+    parser.add_argument("--ttft", type=int, default=0, metavar="N",
+                        help="instead: time to first token of N chat requests sharing the chat template's system "
+                             "prompt, one at a time, with prefix caching on and off")
     parser.add_argument("--clients", type=int, default=32, help="--http: concurrent clients")
     parser.add_argument("--transformers-cmd", default="transformers",
                         help="--http: command that runs `transformers serve` (a transformers whose continuous "
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.http:
         return _main_http(args)
+    if args.ttft:
+        return _main_ttft(args)
 
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
@@ -166,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         adapters = write_adapters(model, root, args.requests, args.virtual_tokens)
-        settings = Settings(max_batch_size=max(args.requests, 1))
+        # The rounds repeat the same prompts: prefix caching would serve later rounds from the first one's keys and
+        # values. It is measured on its own (--ttft), with prompts that really share a head.
+        settings = Settings(max_batch_size=max(args.requests, 1), prefix_cache_bytes=0)
         registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
                                    max_virtual_tokens=max(128, args.virtual_tokens))
         for adapter_id, _ in adapters:
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             registry.put(adapter_id, files)
         engine = Engine(loaded, registry, settings)
         engine.start()
+        inline = None
+        if "f" in args.modes:  # a second engine on the same model; the modes run one at a time
+            inline = Engine(loaded, registry, settings.model_copy(update={"prompt_kv_cache_bytes": 0}))
+            inline.start()
         ids = [a for a, _ in adapters]
         single = [(ids[0], VARIANTS[0])]
 
@@ -189,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                 return rate
             if mode == "c":
                 return run_hf_batched(model, tok, prompts, args.new_tokens)
-            adapter_ids = ids if mode == "d" else [None] * len(prompts)
-            return asyncio.run(_engine_all(engine, prompts, adapter_ids, args.new_tokens))
+            adapter_ids = [None] * len(prompts) if mode == "e" else ids
+            return asyncio.run(_engine_all(inline if mode == "f" else engine, prompts, adapter_ids, args.new_tokens))
 
-        # warm-up: one short pass of each engine/HF path so first-call costs are not measured
-        asyncio.run(_engine_all(engine, prompts[:4], ids[:4], 2))
+        # warm-up: one short pass of each engine/HF path so first-call costs are not measured; every adapter is used
+        # once, so its virtual tokens' keys/values are computed before timing (once per adapter version, as in a
+        # server that has seen its adapters before)
+        asyncio.run(_engine_all(engine, prompts, ids, 1))
+        if inline is not None:
+            asyncio.run(_engine_all(inline, prompts[:4], ids[:4], 2))
         run_hf_batched(model, tok, prompts[:4], 2)
         for r in range(args.rounds):
             for mode in args.modes:
@@ -201,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 rates[mode].append(rate)
                 print(f"round {r + 1} {mode}: {rate:7.1f} tok/s", file=sys.stderr)
         engine.stop()
+        if inline is not None:
+            inline.stop()
 
     med = {m: statistics.median(v) for m, v in rates.items()}
     lengths = [len(tok(p).input_ids) for p in prompts]
@@ -213,9 +232,55 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.modes:
         print(f"| {m} | {MODES[m]} | {med[m]:.1f} |")
     print()
-    for num, den in (("d", "a"), ("d", "b"), ("d", "c"), ("d", "e")):
+    for num, den in (("d", "a"), ("d", "b"), ("d", "c"), ("d", "e"), ("f", "e"), ("d", "f")):
         if num in med and den in med:
             print(f"({num})/({den}) = {med[num] / med[den]:.2f}")
+    return 0
+
+
+QUESTIONS = ["What is the capital of France?", "How do bees make honey?", "Why is the sky blue?",
+             "Name three uses of glass.", "What does a volcano do?", "How does a bicycle stay upright?",
+             "What is jazz?", "Where do comets come from?"]
+
+
+async def _first_token_time(engine, prompt: str) -> float:
+    from prompt_server.engine.types import GenerateRequest
+
+    req = GenerateRequest(prompt=prompt, max_new_tokens=1, ignore_eos=True, add_special_tokens=False)
+    return (await engine.submit(req).result()).first_token_time
+
+
+def _main_ttft(args) -> int:
+    """Time to first token at concurrency 1 for chat requests that share the template's default system prompt."""
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.config import Settings
+    from prompt_server.engine.engine import Engine
+    from prompt_server.model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    tok = loaded.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}],
+                                       tokenize=False, add_generation_prompt=True) for i in range(args.ttft)]
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
+    results = {}
+    for label, budget in (("off", 0), ("on", Settings().prefix_cache_bytes)):
+        engine = Engine(loaded, registry, Settings(prefix_cache_bytes=budget))
+        engine.start()
+
+        asyncio.run(_first_token_time(engine, "warm-up: " + prompts[0]))
+        results[label] = [asyncio.run(_first_token_time(engine, p)) for p in prompts]
+        engine.stop()
+    lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    print(f"\nmodel {loaded.model_id}, {args.ttft} chat requests one at a time, prompts of {min(lengths)}-"
+          f"{max(lengths)} tokens sharing the chat template's system prompt, {loaded.device} {args.dtype}\n")
+    print("| prefix caching | time to first token p50 | p90 |")
+    print("|---|---:|---:|")
+    for label, times in results.items():
+        q = statistics.quantiles(times, n=10)
+        print(f"| {label} | {statistics.median(times) * 1000:.1f} ms | {q[8] * 1000:.1f} ms |")
+    print(f"\np50 on/off = {statistics.median(results['on']) / statistics.median(results['off']):.2f}")
     return 0
 
 

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="Memory for prompt-tuning / P-tuning adapters' virtual-token keys and values, computed once per "
                     "adapter version (LRU); 0 runs the virtual tokens with every request instead",
     )
+    prefix_cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Memory for cached prompt heads' keys and values, reused by prompts that start the same way "
+                    "under the same adapter version (LRU); 0 turns prefix caching off",
+    )
     pinned_adapters: str = Field(
         "", description="Comma-separated adapter ids whose virtual-token keys/values are never evicted"
     )

@@ -113,4 +113,4 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-_ENGINE_GAUGES = {"queue_depth", "running"}
+_ENGINE_GAUGES = {"queue_depth", "running", "prompt_kv_bytes", "prefix_cache_bytes"}

@@ -14,6 +14,7 @@ import torch
 from prompt_server.adapters.types import SoftPrompt
 from prompt_server.engine.batch import MAX_PREFILL_TOKENS, RunningBatch, length_groups, prefill_chunks, spare_for
 from prompt_server.engine.classify import ClassifyJob, plan_labels
+from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache, key_of
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
@@ -58,6 +59,7 @@ class Engine:
             pinned = frozenset(a.strip() for a in settings.pinned_adapters.split(",") if a.strip())
             self.prompt_kv = PromptKVCache(self.runner, self.pad_id, self.device, settings.prompt_kv_cache_bytes,
                                            pinned)
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
@@ -191,6 +193,11 @@ class Engine:
             kv = self.prompt_kv
             out.update(prompt_kv_hits=kv.stats.hits, prompt_kv_misses=kv.stats.misses,
                        prompt_kv_evictions=kv.stats.evictions, prompt_kv_bytes=kv.bytes)
+        if self.prefix_cache is not None:
+            pc = self.prefix_cache
+            out.update(prefix_cache_hits=pc.stats.hits, prefix_cache_reused_tokens=pc.stats.reused_tokens,
+                       prefix_cache_stored=pc.stats.stored, prefix_cache_evictions=pc.stats.evictions,
+                       prefix_cache_bytes=pc.bytes)
         return out
 
     def _soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -331,10 +338,21 @@ class Engine:
         self._batch = RunningBatch.concatenate(parts) if parts else None
 
     def _prefill(self, seqs: list[Sequence]) -> RunningBatch | None:
-        rows = [PrefillRow(ids=s.prompt_ids, virtual=virtual, prefix=prefix)
-                for s, (virtual, prefix) in zip(seqs, self._soft([s.adapter for s in seqs]))]
+        rows, reused = [], []
+        for s, (virtual, prefix) in zip(seqs, self._soft([s.adapter for s in seqs])):
+            n, head = 0, None
+            # a cached head stands in front of the prompt as keys/values (not when every prompt token's logprob is
+            # asked for, nor behind virtual tokens run inline)
+            if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
+                n, head = self.prefix_cache.lookup(_adapter_key(s.adapter), s.prompt_ids)
+            if head is not None:
+                prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
+            rows.append(PrefillRow(ids=s.prompt_ids[n:], virtual=virtual, prefix=prefix))
+            reused.append(n)
         inputs = build_prefill(rows, self.pad_id, self.device)
         hidden, kv = self.runner.prefill(inputs, spare=spare_for(seqs))
+        if self.prefix_cache is not None:
+            self._store_heads(seqs, rows, reused, inputs.prefix_width, kv)
         logits = self.runner.logits(hidden[:, -1])  # [n, vocab]
         for i, s in enumerate(seqs):
             if s.request.prefill_logprobs:
@@ -348,6 +366,21 @@ class Engine:
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
         return self._emit(new, logits)
+
+    def _store_heads(self, seqs: list[Sequence], rows: list[PrefillRow], reused: list[int], pmax: int, kv) -> None:
+        """Keep each prompt's head (all but its last token) for later prompts that start the same way."""
+        width = kv.width
+        for i, (s, row, n) in enumerate(zip(seqs, rows, reused)):
+            head = len(s.prompt_ids) - 1
+            if row.virtual is not None or head < MIN_REUSE_TOKENS or n >= head:
+                continue
+            # row i's columns: its reused head ends the prefix region, its own tokens end the batch
+            tail = len(row.ids)
+            cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
+            cols = cols.to(kv.keys[0].device)
+            keys = torch.stack([k[i].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, head, d]
+            values = torch.stack([v[i].index_select(1, cols) for v in kv.values])
+            self.prefix_cache.store(_adapter_key(s.adapter), s.prompt_ids[:head], torch.stack([keys, values], dim=1))
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
         """Prompt tokens with the logprob the model gave each (the first has none)."""
@@ -415,6 +448,10 @@ class Engine:
                 if r.handle.cancelled:
                     r.finish("cancelled")
             self._batch = batch.filter(keep)
+
+
+def _adapter_key(adapter: SoftPrompt | None):
+    return NO_ADAPTER if adapter is None else key_of(adapter)
 
 
 def _abandoned(item) -> bool:

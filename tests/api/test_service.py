@@ -43,6 +43,10 @@ def test_metrics_count_requests_and_latencies(client):
     client.post("/generate", json={"inputs": "Hello", "parameters": {"adapter_id": "ghost"}})
     text = client.get("/metrics").text
     ok = _sample(text, "prompt_server_requests_total", route="/generate", adapter="none", status="200")
+    # the soft-prompt and prefix caches report what they hold (gauges) and what they did (counters)
+    assert "# TYPE prompt_server_engine_prefix_cache_bytes gauge" in text
+    assert "# TYPE prompt_server_engine_prefix_cache_stored_total counter" in text
+    assert "# TYPE prompt_server_engine_prompt_kv_bytes gauge" in text
     assert ok >= 1
     assert _sample(text, "prompt_server_requests_total", route="/generate", adapter="unknown", status="404") >= 1
     count = "prompt_server_time_to_first_token_seconds_count"
