@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ class Runner(ABC):
     @abstractmethod
     def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: ids [B], mask [B, W+1] bool, positions [B] -> hidden [B, hidden]; kv grows by one."""
+
+    def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
+        """The running rows' next token and newcomer groups' prompts in one step.
+
+        -> (decode hidden [B, hidden] or None, [(prefill hidden [n, S, hidden], cache)] per group). Here one forward
+        per part; runners that can share the weights between parts override it.
+        """
+        groups_out = [self.prefill(inputs, spare) for inputs, spare in groups]
+        if decode is None:
+            return None, groups_out
+        return self.decode(decode.ids, decode.kv, decode.mask, decode.positions), groups_out
 
 
 def _packed_linear(linear: torch.nn.Module) -> torch.nn.Module | None:
@@ -117,7 +129,11 @@ class HFRunner(Runner):
 
 
 class LlamaRunner(Runner):
-    """Llama-family forward written out: KV written in place, grouped-query attention without repeating KV heads."""
+    """Llama-family forward written out: KV written in place, grouped-query attention without repeating KV heads.
+
+    `step` runs the running rows' next tokens and any newcomers' prompts through the model together: norms,
+    projections and MLPs see every token of the step at once (the weights are read once), attention runs per part.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -133,73 +149,134 @@ class LlamaRunner(Runner):
         self.attn_scale = attn.scaling
         self.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        # q: [B, H, S, d], k: [B, kv, S, d], cos/sin: [B, S, d]
-        return self.apply_rotary(q, k, cos, sin)
-
-    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        attn = layer.self_attn
-        b, s, _ = x.shape
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, d]
-        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv, S, d]
-        v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv, S, d]
-        q, k = self._rope(q, k, cos, sin)
-        return q, k, v
-
-    def _finish(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        x = x + layer.self_attn.o_proj(attn_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
-        x = embed(inputs, self.embed_tokens)  # [n, S, hidden]
-        n, s, _ = x.shape
-        pw = inputs.prefix_width
-        width = pw + s
-        cos, sin = self.rotary(x, inputs.positions)
-        # mask: [n, 1, S, Pmax+S]; causal over the S columns, each row's holes closed; every query sees itself
-        # so that padding rows stay finite (their outputs are never used).
-        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = inputs.mask[:, None, None, :].expand(n, 1, s, width).clone()
-        mask[:, :, :, pw:] &= causal
-        mask[:, :, :, pw:] |= torch.eye(s, dtype=torch.bool, device=x.device)
-        ref = self.layers[0].self_attn.k_proj.weight
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            kc = ref.new_zeros(n, self.n_kv, width + spare, self.head_dim)
-            vc = ref.new_zeros(n, self.n_kv, width + spare, self.head_dim)
-            if inputs.past is not None:
-                kc[:, :, :pw] = inputs.past[i, 0]
-                vc[:, :, :pw] = inputs.past[i, 1]
-            kc[:, :, pw:width] = k
-            vc[:, :, pw:width] = v
-            out = F.scaled_dot_product_attention(
-                q, kc[:, :, :width], vc[:, :, :width], attn_mask=mask, scale=self.attn_scale, enable_gqa=True
-            )  # [n, H, S, d]
-            x = self._finish(layer, x, out.transpose(1, 2).reshape(n, s, -1))
-            keys.append(kc)
-            values.append(vc)
-        return self.norm(x), KV(keys, values, width)
+        _, [(hidden, kv)] = self.step(None, [(inputs, spare)])
+        return hidden, kv
 
     def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kv.reserve(1)
-        x = self.embed_tokens(ids[:, None])  # [B, 1, hidden]
-        b = x.shape[0]
-        col = kv.width
-        cos, sin = self.rotary(x, positions[:, None])
-        group = self.n_heads // self.n_kv
-        attn_mask = mask[:, None, None, :]  # [B, 1, 1, W+1]
+        hidden, _ = self.step(DecodeInputs(ids, kv, mask, positions), [])
+        return hidden
+
+    def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
+        parts: list[_Part] = []
+        if decode is not None:
+            parts.append(_DecodePart(self, decode))
+        parts += [_PrefillPart(self, inputs, spare) for inputs, spare in groups]
+        x = torch.cat([p.x for p in parts]) if len(parts) > 1 else parts[0].x  # [N, hidden], every token
+        bounds = []
+        start = 0
+        for p in parts:
+            bounds.append((start, start + p.tokens))
+            start += p.tokens
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            kv.keys[i][:, :, col] = k[:, :, 0]
-            kv.values[i][:, :, col] = v[:, :, 0]
-            # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
-            qg = q.reshape(b, self.n_kv, group, self.head_dim)  # [B, kv, g, d]
-            out = F.scaled_dot_product_attention(
-                qg, kv.keys[i][:, :, : col + 1], kv.values[i][:, :, : col + 1], attn_mask=attn_mask, scale=self.attn_scale
-            )  # [B, kv, g, d]
-            x = self._finish(layer, x, out.reshape(b, 1, -1))
-        kv.width += 1
-        return self.norm(x)[:, -1]
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [N, H*d], [N, kv*d], [N, kv*d]
+            outs = [p.attend(i, q[a:b], k[a:b], v[a:b]) for p, (a, b) in zip(parts, bounds)]  # each [t, H*d]
+            x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.norm(x)
+        results = [p.finish(x[a:b]) for p, (a, b) in zip(parts, bounds)]
+        if decode is not None:
+            return results[0], results[1:]
+        return None, results
+
+
+@dataclass
+class DecodeInputs:
+    """The running batch's next step: one token per row."""
+
+    ids: torch.Tensor  # [B]
+    kv: KV
+    mask: torch.Tensor  # [B, W+1] bool, the new column included
+    positions: torch.Tensor  # [B]
+
+
+class _Part:
+    x: torch.Tensor  # [t, hidden]
+    tokens: int
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def finish(self, hidden: torch.Tensor):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class _DecodePart(_Part):
+    """One new token per running row; keys/values written into the batch cache's next column."""
+
+    def __init__(self, runner: LlamaRunner, inputs: DecodeInputs):
+        self.r, self.kv = runner, inputs.kv
+        self.kv.reserve(1)
+        self.col = self.kv.width
+        self.x = runner.embed_tokens(inputs.ids)  # [B, hidden]
+        self.tokens = self.b = self.x.shape[0]
+        self.cos, self.sin = runner.rotary(self.x, inputs.positions[:, None])  # [B, 1, d]
+        self.mask = inputs.mask[:, None, None, :]  # [B, 1, 1, W+1]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r, b, d = self.r, self.b, self.r.head_dim
+        q = q.view(b, 1, r.n_heads, d).transpose(1, 2)  # [B, H, 1, d]
+        k = k.view(b, 1, r.n_kv, d).transpose(1, 2)  # [B, kv, 1, d]
+        q, k = r.apply_rotary(q, k, self.cos, self.sin)
+        keys, values = self.kv.keys[layer], self.kv.values[layer]
+        keys[:, :, self.col] = k[:, :, 0]
+        values[:, :, self.col] = v.view(b, r.n_kv, d)
+        # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
+        qg = q.reshape(b, r.n_kv, r.n_heads // r.n_kv, d)  # [B, kv, g, d]
+        out = F.scaled_dot_product_attention(
+            qg, keys[:, :, : self.col + 1], values[:, :, : self.col + 1], attn_mask=self.mask, scale=r.attn_scale
+        )  # [B, kv, g, d]
+        return out.reshape(b, -1)
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.kv.width += 1
+        return hidden  # [B, hidden]
+
+
+class _PrefillPart(_Part):
+    """Newcomer rows laid out as in batch.py; each gets a fresh cache with `spare` free columns."""
+
+    def __init__(self, runner: LlamaRunner, inputs: PrefillInputs, spare: int):
+        self.r, self.inputs, self.spare = runner, inputs, spare
+        x = embed(inputs, runner.embed_tokens)  # [n, S, hidden]
+        self.n, self.s, _ = x.shape
+        self.x = x.reshape(self.n * self.s, -1)
+        self.tokens = self.n * self.s
+        self.pw = inputs.prefix_width
+        self.width = self.pw + self.s
+        self.cos, self.sin = runner.rotary(x, inputs.positions)  # [n, S, d]
+        # mask: [n, 1, S, Pmax+S]; causal over the S columns, each row's holes closed; every query sees itself
+        # so that padding rows stay finite (their outputs are never used).
+        s, dev = self.s, x.device
+        mask = inputs.mask[:, None, None, :].expand(self.n, 1, s, self.width).clone()
+        mask[:, :, :, self.pw :] &= torch.ones(s, s, dtype=torch.bool, device=dev).tril()
+        mask[:, :, :, self.pw :] |= torch.eye(s, dtype=torch.bool, device=dev)
+        self.mask = mask
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r, n, s, d, pw = self.r, self.n, self.s, self.r.head_dim, self.pw
+        q = q.view(n, s, r.n_heads, d).transpose(1, 2)  # [n, H, S, d]
+        k = k.view(n, s, r.n_kv, d).transpose(1, 2)  # [n, kv, S, d]
+        q, k = r.apply_rotary(q, k, self.cos, self.sin)
+        kc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
+        vc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
+        if self.inputs.past is not None:
+            kc[:, :, :pw] = self.inputs.past[layer, 0]
+            vc[:, :, :pw] = self.inputs.past[layer, 1]
+        kc[:, :, pw : self.width] = k
+        vc[:, :, pw : self.width] = v.view(n, s, r.n_kv, d).transpose(1, 2)
+        self.keys.append(kc)
+        self.values.append(vc)
+        out = F.scaled_dot_product_attention(
+            q, kc[:, :, : self.width], vc[:, :, : self.width], attn_mask=self.mask, scale=r.attn_scale,
+            enable_gqa=True,
+        )  # [n, H, S, d]
+        return out.transpose(1, 2).reshape(n * s, -1)
+
+    def finish(self, hidden: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        return hidden.view(self.n, self.s, -1), KV(self.keys, self.values, self.width)
 

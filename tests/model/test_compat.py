@@ -103,7 +103,13 @@ def test_the_lean_path_proves_itself_against_the_models_own_forward(v5_dir):
 
 
 def test_a_lean_path_that_disagrees_falls_back_to_the_generic_one(v5_dir, monkeypatch):
-    monkeypatch.setattr(forward.LlamaRunner, "_rope", lambda self, q, k, cos, sin: (q, k))  # rotary forgotten
+    init = forward.LlamaRunner.__init__
+
+    def forgetful(self, model):
+        init(self, model)
+        self.apply_rotary = lambda q, k, cos, sin: (q, k)  # rotary forgotten
+
+    monkeypatch.setattr(forward.LlamaRunner, "__init__", forgetful)
     loaded = load_model(v5_dir, device="cpu", progress=False)
     assert loaded.plan.forward_path == "generic"
     assert "lean self-check failed" in loaded.plan.reason
