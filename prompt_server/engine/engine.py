@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -29,8 +30,8 @@ from prompt_server.engine.types import (
     Token,
 )
 from prompt_server.engine.validation import check_classify, check_classify_lengths, check_generate
-from prompt_server.model.batch import PrefillRow, build_prefill
-from prompt_server.model.forward import make_runner
+from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
+from prompt_server.model.forward import DecodeInputs, make_runner
 from prompt_server.model.sampling import RowSampler, choose, token_logprobs
 
 log = logging.getLogger("prompt_server.engine")
@@ -254,14 +255,76 @@ class Engine:
                 item.handle.push(exc)
 
     def _step(self) -> None:
+        """One forward for the running rows' next tokens and the newcomers' prompts, then hand out the tokens."""
         self._drop_cancelled()
         seqs, jobs = self._schedule()
         for job in jobs:
             self._classify(job)
-        if seqs:
-            self._admit(seqs)
-        if self._batch is not None:
-            self._decode()
+        now = time.monotonic()
+        for s in seqs:
+            s.admitted_at = now
+        groups = []
+        for group in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
+            try:
+                groups.append(self._prepare(group))
+            except Exception as exc:  # e.g. an adapter's soft prompt that cannot be computed: this group alone
+                log.exception("prefill failed")
+                self._fail_group(group, exc)
+        batch = self._batch
+        decode = None if batch is None else DecodeInputs(
+            batch.next_ids, batch.kv, torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1),
+            batch.positions)
+        if decode is None and not groups:
+            return
+        try:
+            decoded, prefilled = self.runner.step(decode, [(g.inputs, g.spare) for g in groups])
+        except Exception:  # find the part that fails, each part alone; the others go on
+            log.info("step failed; running its parts one at a time", exc_info=True)
+            decoded, prefilled = self._step_apart(decode, groups)
+        parts = []
+        if decode is not None and decoded is not None:
+            batch.mask = decode.mask
+            batch.positions = batch.positions + 1
+            self._count("steps", 1)
+            self._count("batch_size_sum", len(batch))
+            kept = self._emit(batch, self.runner.logits(decoded))
+            if kept is not None:
+                parts.append(kept)
+        for group, out in zip(groups, prefilled):
+            if out is None:
+                continue
+            try:
+                part = self._admit(group, *out)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail_group(group.seqs, exc)
+                continue
+            if part is not None:
+                parts.append(part)
+        self._batch = RunningBatch.concatenate(parts) if parts else None
+
+    def _step_apart(self, decode: DecodeInputs | None, groups: list[Prepared]):
+        """The step again, one part at a time: a failing decode fails the running rows, a failing group its own."""
+        decoded = None
+        if decode is not None:
+            try:
+                decoded = self.runner.decode(decode.ids, decode.kv, decode.mask, decode.positions)
+            except Exception as exc:
+                log.exception("engine step failed")
+                rows, self._batch = self._batch.rows, None
+                self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
+        prefilled: list[tuple | None] = []
+        for group in groups:
+            try:
+                prefilled.append(self.runner.prefill(group.inputs, group.spare))
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail_group(group.seqs, exc)
+                prefilled.append(None)
+        return decoded, prefilled
+
+    def _fail_group(self, seqs: list[Sequence], exc: Exception) -> None:
+        self._fail([s for s in seqs if s.finish_reason is None], GenerationFailed(f"prefill failed: {exc}"))
 
     def _schedule(self) -> tuple[list[Sequence], list[ClassifyJob]]:
         """Take waiting requests that fit the batch-size, memory and prefill limits, in arrival order.
@@ -317,27 +380,8 @@ class Engine:
             log.exception("classification failed")
             job.resolve(GenerationFailed(f"classification failed: {exc}"))
 
-    def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefill newcomers in groups of similar length, choose their first tokens, merge them into the batch.
-
-        A group whose prefill fails is failed alone; the running batch and the other groups go on.
-        """
-        now = time.monotonic()
-        for s in seqs:
-            s.admitted_at = now
-        parts = [] if self._batch is None else [self._batch]
-        for group in length_groups(seqs):
-            try:
-                part = self._prefill(group)
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._fail([s for s in group if s.finish_reason is None], GenerationFailed(f"prefill failed: {exc}"))
-                continue
-            if part is not None:
-                parts.append(part)
-        self._batch = RunningBatch.concatenate(parts) if parts else None
-
-    def _prefill(self, seqs: list[Sequence]) -> RunningBatch | None:
+    def _prepare(self, seqs: list[Sequence]) -> Prepared:
+        """Lay out a group of newcomers: soft prompts as keys/values, cached prompt heads, their prompts."""
         rows, reused = [], []
         for s, (virtual, prefix) in zip(seqs, self._soft([s.adapter for s in seqs])):
             n, head = 0, None
@@ -349,10 +393,13 @@ class Engine:
                 prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
             rows.append(PrefillRow(ids=s.prompt_ids[n:], virtual=virtual, prefix=prefix))
             reused.append(n)
-        inputs = build_prefill(rows, self.pad_id, self.device)
-        hidden, kv = self.runner.prefill(inputs, spare=spare_for(seqs))
+        return Prepared(seqs, rows, reused, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
+
+    def _admit(self, group: Prepared, hidden: torch.Tensor, kv) -> RunningBatch | None:
+        """A prefilled group: keep its prompt heads, choose first tokens; -> its rows as a batch to merge."""
+        seqs, inputs = group.seqs, group.inputs
         if self.prefix_cache is not None:
-            self._store_heads(seqs, rows, reused, inputs.prefix_width, kv)
+            self._store_heads(seqs, group.rows, group.reused, inputs.prefix_width, kv)
         logits = self.runner.logits(hidden[:, -1])  # [n, vocab]
         for i, s in enumerate(seqs):
             if s.request.prefill_logprobs:
@@ -396,18 +443,6 @@ class Engine:
             for t, lp in zip(ids, logprobs)
         ]
 
-    def _decode(self) -> None:
-        batch = self._batch
-        assert batch is not None
-        b = len(batch)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(b, 1)], dim=1)  # [B, W+1]
-        hidden = self.runner.decode(batch.next_ids, batch.kv, mask, batch.positions)  # [B, hidden]
-        batch.mask = mask
-        batch.positions = batch.positions + 1
-        self._count("steps", 1)
-        self._count("batch_size_sum", b)
-        self._batch = self._emit(batch, self.runner.logits(hidden))
-
     def _emit(self, batch: RunningBatch, logits: torch.Tensor) -> RunningBatch | None:
         """Choose a token for every row, hand it to the caller, and drop finished or abandoned rows."""
         rows = batch.rows
@@ -448,6 +483,17 @@ class Engine:
                 if r.handle.cancelled:
                     r.finish("cancelled")
             self._batch = batch.filter(keep)
+
+
+@dataclass
+class Prepared:
+    """A group of newcomers laid out for their prefill."""
+
+    seqs: list[Sequence]
+    rows: list[PrefillRow]
+    reused: list[int]  # prompt tokens each row takes from the prefix cache
+    inputs: PrefillInputs
+    spare: int  # free cache columns to leave after the prompt
 
 
 def _adapter_key(adapter: SoftPrompt | None):

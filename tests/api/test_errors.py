@@ -220,19 +220,22 @@ LONG_OPENAI = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "tempera
 
 
 def _three_requests_then(c, when_all_running):
-    """A TGI stream, an OpenAI stream and a plain /generate, all running, then `when_all_running(real_decode)`
-    is called from inside the engine's decode step once the batch holds all three; returns the responses."""
+    """A TGI stream, an OpenAI stream and a plain /generate, all running, then `when_all_running(real_step, ...)`
+    is called from inside the engine's step once the batch holds all three (and again for any later forward over
+    that batch, as when the engine retries a failed step part by part); returns the responses."""
     engine = c.app.state.service.engine
-    real = engine.runner.decode
+    real = engine.runner.step
     done = threading.Event()
+    seen = {"kv": None}
 
-    def decode(next_ids, *args):
-        if len(next_ids) == 3 and not done.is_set():
+    def step(decode, groups):
+        if decode is not None and ((len(decode.ids) == 3 and not done.is_set()) or decode.kv is seen["kv"]):
             done.set()
-            return when_all_running(real, next_ids, *args)
-        return real(next_ids, *args)
+            seen["kv"] = decode.kv
+            return when_all_running(real, decode, groups)
+        return real(decode, groups)
 
-    engine.runner.decode = decode
+    engine.runner.step = step
     calls = {"tgi": ("/generate_stream", LONG_TGI), "openai": ("/v1/completions", LONG_OPENAI),
              "plain": ("/generate", LONG_TGI)}
     out = {}
@@ -242,7 +245,7 @@ def _three_requests_then(c, when_all_running):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    engine.runner.decode = real
+    engine.runner.step = real
     assert done.is_set()
     return out
 

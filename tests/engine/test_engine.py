@@ -311,14 +311,14 @@ def test_a_failed_prefill_fails_only_its_own_requests(llama_world):
     poison = world.loaded.tokenizer("zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz zzz").input_ids
 
     async def go(engine):
-        real = engine.runner.prefill
+        real = engine.runner.step
 
-        def prefill(inputs, spare):
-            if any(row[-len(poison):].tolist() == poison for row in inputs.ids):
+        def step(decode, groups):  # every forward of the lean runner goes through step
+            if any(row[-len(poison):].tolist() == poison for inputs, _ in groups for row in inputs.ids):
                 raise RuntimeError("injected fault")
-            return real(inputs, spare)
+            return real(decode, groups)
 
-        engine.runner.prefill = prefill
+        engine.runner.step = step
         good = engine.submit(greedy(PROMPTS[0], "p_tuning_mlp", n=8))
         bad = engine.submit(GenerateRequest(prompt=poison, max_new_tokens=8))
         with pytest.raises(GenerationFailed, match="prefill failed: injected fault"):
@@ -337,16 +337,19 @@ def test_a_failed_decode_step_fails_the_running_rows_and_the_engine_goes_on(llam
     world = llama_world
 
     async def go(engine):
-        real = engine.runner.decode
-        calls = {"n": 0}
+        real = engine.runner.step
+        state = {"n": 0, "bad": None}
 
-        def decode(*args):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("injected fault")
-            return real(*args)
+        def step(decode, groups):  # the third decode poisons that batch's cache: every later step over it fails
+            if decode is not None:
+                state["n"] += 1
+                if state["n"] == 3:
+                    state["bad"] = decode.kv
+                if decode.kv is state["bad"]:
+                    raise RuntimeError("injected fault")
+            return real(decode, groups)
 
-        engine.runner.decode = decode
+        engine.runner.step = step
         victims = [engine.submit(greedy(p, n=10)) for p in PROMPTS[:2]]
         for v in victims:
             with pytest.raises(GenerationFailed, match="generation failed: injected fault"):

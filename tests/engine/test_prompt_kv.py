@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prompt_server.engine import engine as engine_module
+from prompt_server.engine import prompt_kv
 from prompt_server.engine.prompt_kv import key_of
 from prompt_server.engine.types import GenerateRequest
+from prompt_server.model.batch import build_prefill
 from tests.engine.conftest import build_world, put_dir, run_engine
 from tests.tiny import make_peft, save_peft, save_tiny_arch
 
@@ -167,7 +170,8 @@ def test_a_replaced_adapter_is_never_served_from_its_old_keys(llama_world, tmp_p
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prompts(model_type, tmp_path):
+def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prompts(model_type, tmp_path,
+                                                                                     monkeypatch):
     """The prompt-tuning paper's 100 virtual tokens, on the lean (llama) and the generic (gpt2) path."""
     world = build_world(save_tiny_arch(model_type, tmp_path / "m"), tmp_path / "a")
     pm = make_peft(world.loaded.path, "prompt_tuning", seed=5, num_virtual_tokens=100)
@@ -176,14 +180,16 @@ def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prom
     prompts = (PROMPT, "hello world")
     widths = []
 
+    def spy(rows, pad_id, device):
+        inputs = build_prefill(rows, pad_id, device)
+        widths.append(inputs.ids.shape[1])  # embedding columns this prefill runs
+        return inputs
+
+    monkeypatch.setattr(prompt_kv, "build_prefill", spy)
+    monkeypatch.setattr(engine_module, "build_prefill", spy)
+
     async def go(engine):
-        real = engine.runner.prefill
-
-        def spy(inputs, spare):
-            widths.append(inputs.ids.shape[1])  # embedding columns this prefill runs
-            return real(inputs, spare)
-
-        engine.runner.prefill = spy
+        widths.clear()  # the engine's warm-up
         handles = [engine.submit(greedy("long", prompt=p)) for p in prompts]
         return [await h.result() for h in handles], engine.stats()
 
