@@ -80,7 +80,8 @@ BENCH_ARGS ?=
 bench: install model
 	$(PY) -m prompt_server.bench $(BENCH_ARGS)
 
-# The competitor needs transformers >= 5 (4.x's continuous batching runs only on CUDA): a venv of its own.
+# The competitor runs the newest transformers with its serving extras (fastapi, uvicorn, ...) in a venv of its own,
+# so that the server's pinned dependencies stay as they are.
 $(BENCH_VENV)/bin/transformers:
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"

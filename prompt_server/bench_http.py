@@ -4,8 +4,8 @@ different adapter) and, in the same run, against `transformers serve --continuou
     prompt-server bench --http [--clients 32] [--requests 96] [--new-tokens 32]
                         [--transformers-cmd ".venv-bench/bin/transformers"] [--skip-transformers]
 
-The competitor needs transformers >= 5 (4.x's continuous batching needs CUDA); `make bench-http` installs it in a
-separate virtual environment, .venv-bench, so that the server's own dependencies stay as they are.
+The competitor runs the newest transformers with its serving extras; `make bench-http` installs it in a separate
+virtual environment, .venv-bench, so that the server's own pinned dependencies stay as they are.
 
 Throughput counts streamed content chunks (one per generated token on both servers) over the wall time of the whole
 run; latency is per request, time to first token is the first content chunk.
@@ -129,7 +129,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
             return results
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        # transformers >= 5: `transformers serve [FORCE_MODEL] --continuous-batching` (4.x's runs only on CUDA)
+        # `transformers serve [FORCE_MODEL] --continuous-batching`
         cmd = shlex.split(args.transformers_cmd) + [
             "serve", str(model_dir), "--continuous-batching", "--dtype", "float32",
             "--host", "127.0.0.1", "--port", str(port)]

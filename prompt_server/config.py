@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Cache budget: rows x (widest row + most new tokens to come) stays within it"
     )
+    max_step_tokens: int = Field(
+        512, ge=16,
+        description="Tokens one forward step may run: the running rows' next tokens, then newcomers' prompts; a "
+                    "longer prompt is prefilled in chunks over several steps, so running rows wait one chunk at most",
+    )
     max_input_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for")
     default_max_new_tokens: int = Field(64, ge=1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.batch import MAX_PREFILL_TOKENS, RunningBatch, length_groups, prefill_chunks, spare_for
+from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks, spare_for
 from prompt_server.engine.classify import ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache, key_of
@@ -38,6 +38,8 @@ log = logging.getLogger("prompt_server.engine")
 
 # Prompt positions whose full-vocabulary logprobs are held at once (decoder_input_details).
 LOGPROB_CHUNK = 128
+# The smallest prompt chunk a step gives a row, whatever the running rows take of max_step_tokens.
+MIN_CHUNK = 16
 
 
 class Engine:
@@ -64,6 +66,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
+        self._prefilling: list[Sequence] = []  # admitted rows whose prompt is prefilled in chunks, not yet decoding
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = False
@@ -189,7 +192,8 @@ class Engine:
             waiting = len(self._waiting)
             counters = {k: float(v) for k, v in self._stats.items()}
         batch = self._batch
-        out = {"queue_depth": waiting, "running": 0 if batch is None else len(batch), **counters}
+        running = (0 if batch is None else len(batch)) + len(self._prefilling)
+        out = {"queue_depth": waiting, "running": running, **counters}
         if self.prompt_kv is not None:
             kv = self.prompt_kv
             out.update(prompt_kv_hits=kv.stats.hits, prompt_kv_misses=kv.stats.misses,
@@ -228,7 +232,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and self._batch is None:
+                while not self._stopping and not self._waiting and self._batch is None and not self._prefilling:
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -240,8 +244,8 @@ class Engine:
                 rows = [] if self._batch is None else self._batch.rows
                 self._batch = None
                 self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
-        rows = [] if self._batch is None else self._batch.rows
-        self._batch = None
+        rows = ([] if self._batch is None else self._batch.rows) + self._prefilling
+        self._batch, self._prefilling = None, []
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()
@@ -262,7 +266,7 @@ class Engine:
             self._classify(job)
         now = time.monotonic()
         for s in seqs:
-            s.admitted_at = now
+            s.admitted_at = s.admitted_at or now  # a row's first chunk admits it
         groups = []
         for group in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
             try:
@@ -324,20 +328,33 @@ class Engine:
         return decoded, prefilled
 
     def _fail_group(self, seqs: list[Sequence], exc: Exception) -> None:
+        self._prefilling = [s for s in self._prefilling if s not in seqs]
         self._fail([s for s in seqs if s.finish_reason is None], GenerationFailed(f"prefill failed: {exc}"))
 
     def _schedule(self) -> tuple[list[Sequence], list[ClassifyJob]]:
-        """Take waiting requests that fit the batch-size, memory and prefill limits, in arrival order.
+        """Choose what this step prefills: rows mid-prefill first, then waiting requests in arrival order.
 
+        A step runs at most `max_step_tokens` tokens: one per running row, the rest for prompts; a prompt longer
+        than what is left is prefilled in chunks over several steps (a request asking for every prompt token's
+        logprob is prefilled whole). A newcomer is admitted only while the batch-size and memory limits hold.
         Memory is what the right-aligned cache will hold at its widest: rows x (width + longest remaining).
         """
         batch = self._batch
-        size = 0 if batch is None else len(batch)
-        width = 0 if batch is None else batch.kv.width
-        ahead = 0 if batch is None else max(r.remaining for r in batch.rows)
+        rows = ([] if batch is None else batch.rows) + self._prefilling
+        size = len(rows)
+        width = max([0 if batch is None else batch.kv.width] + [r.soft_len + len(r.prompt_ids) for r in rows])
+        ahead = max((r.remaining for r in rows), default=0)
+        # at least a small chunk each step, so prompts progress whatever the number of running rows
+        budget = max(self.settings.max_step_tokens - (0 if batch is None else len(batch)), MIN_CHUNK)
         seqs: list[Sequence] = []
+        for s in self._prefilling:
+            if budget <= 0:
+                s.chunk = 0
+                continue
+            s.chunk = min(s.to_prefill, budget)
+            budget -= s.chunk
+            seqs.append(s)
         jobs: list[ClassifyJob] = []
-        longest = 0
         now = time.monotonic()
         with self._cond:
             while self._waiting:
@@ -358,13 +375,15 @@ class Engine:
                 fits = size + 1 <= self.settings.max_batch_size and (
                     size == 0 or (size + 1) * (new_width + new_ahead) <= self.settings.max_batch_tokens
                 )
-                padded = max(longest, item.embed_len) * (len(seqs) + 1)
-                if not fits or (seqs and padded > MAX_PREFILL_TOKENS):
+                whole = item.request.prefill_logprobs or (item.adapter is not None and item.inline_virtual)
+                need = item.embed_len if whole else min(item.embed_len, MIN_CHUNK)
+                if not fits or (seqs and need > budget):
                     break
                 self._waiting.popleft()
+                item.chunk = len(item.prompt_ids) if whole else min(len(item.prompt_ids), max(budget, MIN_CHUNK))
+                budget -= item.chunk
                 seqs.append(item)
                 size, width, ahead = size + 1, new_width, new_ahead
-                longest = max(longest, item.embed_len)
         return seqs, jobs
 
     def _classify(self, job: ClassifyJob) -> None:
@@ -381,53 +400,83 @@ class Engine:
             job.resolve(GenerationFailed(f"classification failed: {exc}"))
 
     def _prepare(self, seqs: list[Sequence]) -> Prepared:
-        """Lay out a group of newcomers: soft prompts as keys/values, cached prompt heads, their prompts."""
-        rows, reused = [], []
-        for s, (virtual, prefix) in zip(seqs, self._soft([s.adapter for s in seqs])):
-            n, head = 0, None
-            # a cached head stands in front of the prompt as keys/values (not when every prompt token's logprob is
-            # asked for, nor behind virtual tokens run inline)
-            if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
-                n, head = self.prefix_cache.lookup(_adapter_key(s.adapter), s.prompt_ids)
-            if head is not None:
-                prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
-            rows.append(PrefillRow(ids=s.prompt_ids[n:], virtual=virtual, prefix=prefix))
-            reused.append(n)
-        return Prepared(seqs, rows, reused, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
+        """Lay out a group for this step: soft prompts as keys/values, cached prompt heads or the chunks prefilled
+        so far in front, then each row's next chunk of prompt."""
+        rows, starts = [], []
+        soft = iter(self._soft([s.adapter for s in seqs if s.partial is None]))
+        for s in seqs:
+            if s.partial is not None:  # a later chunk: everything before it is keys/values already
+                virtual, prefix, start = None, s.partial, s.prefilled
+            else:
+                virtual, prefix = next(soft)
+                start = 0
+                # a cached head stands in front of the prompt as keys/values (not when every prompt token's
+                # logprob is asked for, nor behind virtual tokens run inline)
+                if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
+                    start, head = self.prefix_cache.lookup(_adapter_key(s.adapter), s.prompt_ids)
+                    if head is not None:
+                        prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
+            end = min(len(s.prompt_ids), start + max(s.chunk, 1))
+            rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix))
+            starts.append(start)
+        return Prepared(seqs, rows, starts, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
 
     def _admit(self, group: Prepared, hidden: torch.Tensor, kv) -> RunningBatch | None:
-        """A prefilled group: keep its prompt heads, choose first tokens; -> its rows as a batch to merge."""
+        """A prefilled group: rows whose prompt is done choose their first token and form a batch to merge; rows
+        with chunks to go keep their keys/values for the next step."""
         seqs, inputs = group.seqs, group.inputs
+        pmax, width = inputs.prefix_width, kv.width
+        done = []
+        for i, (s, row, start) in enumerate(zip(seqs, group.rows, group.starts)):
+            s.prefilled = start + len(row.ids)
+            self._count("prompt_tokens", len(row.ids))
+            if s.prefilled < len(s.prompt_ids):
+                # its columns: the prefix region's last p (soft prompt, head, earlier chunks), then this chunk
+                p = row.prefix_len
+                cols = torch.cat([torch.arange(pmax - p, pmax), torch.arange(width - len(row.ids), width)])
+                s.partial = _columns(kv, i, cols)
+                if s not in self._prefilling:
+                    self._prefilling.append(s)
+                continue
+            s.partial = None
+            if s in self._prefilling:
+                self._prefilling.remove(s)
+            done.append(i)
         if self.prefix_cache is not None:
-            self._store_heads(seqs, group.rows, group.reused, inputs.prefix_width, kv)
-        logits = self.runner.logits(hidden[:, -1])  # [n, vocab]
-        for i, s in enumerate(seqs):
+            self._store_heads(seqs, group.rows, group.starts, pmax, kv, done)
+        if not done:
+            return None
+        logits = self.runner.logits(hidden[done, -1])  # [n, vocab]
+        for i in done:
+            s = seqs[i]
             if s.request.prefill_logprobs:
                 s.prefill = self._prefill_tokens(s, hidden[i, -len(s.prompt_ids) :])
-        self._count("prompt_tokens", sum(len(s.prompt_ids) for s in seqs))
         new = RunningBatch(
-            rows=seqs,
+            rows=[seqs[i] for i in done],
             kv=kv,
             mask=inputs.mask,
             positions=inputs.positions[:, -1] + 1,
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
+        if len(done) < len(seqs):
+            new = _select(new, done, seqs)
         return self._emit(new, logits)
 
-    def _store_heads(self, seqs: list[Sequence], rows: list[PrefillRow], reused: list[int], pmax: int, kv) -> None:
-        """Keep each prompt's head (all but its last token) for later prompts that start the same way."""
+    def _store_heads(self, seqs: list[Sequence], rows: list[PrefillRow], reused: list[int], pmax: int, kv,
+                     done: list[int]) -> None:
+        """Keep each finished prompt's head (all but its last token) for later prompts that start the same way.
+
+        `reused[i]`: prompt tokens row i had in front of this step's tokens (a cached head, earlier chunks)."""
         width = kv.width
-        for i, (s, row, n) in enumerate(zip(seqs, rows, reused)):
+        for i in done:
+            s, row, n = seqs[i], rows[i], reused[i]
             head = len(s.prompt_ids) - 1
             if row.virtual is not None or head < MIN_REUSE_TOKENS or n >= head:
                 continue
             # row i's columns: its reused head ends the prefix region, its own tokens end the batch
             tail = len(row.ids)
             cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
-            cols = cols.to(kv.keys[0].device)
-            keys = torch.stack([k[i].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, head, d]
-            values = torch.stack([v[i].index_select(1, cols) for v in kv.values])
-            self.prefix_cache.store(_adapter_key(s.adapter), s.prompt_ids[:head], torch.stack([keys, values], dim=1))
+            self.prefix_cache.store(_adapter_key(s.adapter), s.prompt_ids[:head], _columns(kv, i, cols))
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
         """Prompt tokens with the logprob the model gave each (the first has none)."""
@@ -474,6 +523,12 @@ class Engine:
         return batch.filter(keep)
 
     def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for s in list(self._prefilling):
+            if s.handle.cancelled or now > s.deadline:
+                self._prefilling.remove(s)
+                s.partial = None
+                s.finish("cancelled" if s.handle.cancelled else "timeout")
         batch = self._batch
         if batch is None:
             return
@@ -491,9 +546,23 @@ class Prepared:
 
     seqs: list[Sequence]
     rows: list[PrefillRow]
-    reused: list[int]  # prompt tokens each row takes from the prefix cache
+    starts: list[int]  # prompt tokens each row has in front of this step's (a cached head, earlier chunks)
     inputs: PrefillInputs
     spare: int  # free cache columns to leave after the prompt
+
+
+def _columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:
+    """Row `row`'s keys/values at cache columns `cols` -> [L, 2, kv_heads, len(cols), head_dim]."""
+    cols = cols.to(kv.keys[0].device)
+    keys = torch.stack([k[row].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, n, d]
+    values = torch.stack([v[row].index_select(1, cols) for v in kv.values])
+    return torch.stack([keys, values], dim=1)
+
+
+def _select(batch: RunningBatch, keep: list[int], seqs: list[Sequence]) -> RunningBatch:
+    """The rows at `keep` of a batch laid out for `seqs` (the others are still prefilling)."""
+    full = RunningBatch(rows=seqs, kv=batch.kv, mask=batch.mask, positions=batch.positions, next_ids=batch.next_ids)
+    return full.filter(keep)
 
 
 def _adapter_key(adapter: SoftPrompt | None):

@@ -7,6 +7,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from prompt_server.adapters.types import SoftPrompt
 from prompt_server.engine.types import GenerateRequest, GenerationResult, Token, TokenEvent
 from prompt_server.model.sampling import RowSampler
@@ -102,6 +104,9 @@ class Sequence:
     special_ids: frozenset[int]
     max_position: int  # positions the model can take; generation stops before it
     inline_virtual: bool = False  # virtual tokens run with the prompt (no cached keys/values for them)
+    chunk: int = 0  # prompt tokens the current step prefills (chosen by the scheduler)
+    prefilled: int = 0  # prompt tokens already prefilled in earlier chunks
+    partial: torch.Tensor | None = None  # their keys/values, soft prompt first: [L, 2, kv_heads, columns, head_dim]
     submitted_at: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     admitted_at: float = 0.0
@@ -128,6 +133,11 @@ class Sequence:
     def budget(self) -> int:
         """Tokens this row may hold at its longest."""
         return self.soft_len + len(self.prompt_ids) + self.request.max_new_tokens
+
+    @property
+    def to_prefill(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return len(self.prompt_ids) - self.prefilled
 
     @property
     def remaining(self) -> int:
