@@ -17,6 +17,7 @@ from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chun
 from prompt_server.engine.classify import ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache, key_of
+from prompt_server.engine.scheduler import Scheduler
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
     AdapterNotFound,
@@ -38,8 +39,7 @@ log = logging.getLogger("prompt_server.engine")
 
 # Prompt positions whose full-vocabulary logprobs are held at once (decoder_input_details).
 LOGPROB_CHUNK = 128
-# The smallest prompt chunk a step gives a row, whatever the running rows take of max_step_tokens.
-MIN_CHUNK = 16
+
 
 
 class Engine:
@@ -67,6 +67,7 @@ class Engine:
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
         self._prefilling: list[Sequence] = []  # admitted rows whose prompt is prefilled in chunks, not yet decoding
+        self.scheduler = Scheduler(settings)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = False
@@ -332,59 +333,14 @@ class Engine:
         self._fail([s for s in seqs if s.finish_reason is None], GenerationFailed(f"prefill failed: {exc}"))
 
     def _schedule(self) -> tuple[list[Sequence], list[ClassifyJob]]:
-        """Choose what this step prefills: rows mid-prefill first, then waiting requests in arrival order.
-
-        A step runs at most `max_step_tokens` tokens: one per running row, the rest for prompts; a prompt longer
-        than what is left is prefilled in chunks over several steps (a request asking for every prompt token's
-        logprob is prefilled whole). A newcomer is admitted only while the batch-size and memory limits hold.
-        Memory is what the right-aligned cache will hold at its widest: rows x (width + longest remaining).
-        """
         batch = self._batch
-        rows = ([] if batch is None else batch.rows) + self._prefilling
-        size = len(rows)
-        width = max([0 if batch is None else batch.kv.width] + [r.soft_len + len(r.prompt_ids) for r in rows])
-        ahead = max((r.remaining for r in rows), default=0)
-        # at least a small chunk each step, so prompts progress whatever the number of running rows
-        budget = max(self.settings.max_step_tokens - (0 if batch is None else len(batch)), MIN_CHUNK)
-        seqs: list[Sequence] = []
-        for s in self._prefilling:
-            if budget <= 0:
-                s.chunk = 0
-                continue
-            s.chunk = min(s.to_prefill, budget)
-            budget -= s.chunk
-            seqs.append(s)
-        jobs: list[ClassifyJob] = []
-        now = time.monotonic()
+        running = [] if batch is None else batch.rows
+        width = 0 if batch is None else batch.kv.width
         with self._cond:
-            while self._waiting:
-                item = self._waiting[0]
-                if isinstance(item, ClassifyJob):
-                    if item.cancelled or not jobs:
-                        self._waiting.popleft()
-                        if not item.cancelled:
-                            jobs.append(item)
-                        continue
-                    break
-                if item.handle.cancelled or now > item.deadline:
-                    self._waiting.popleft()
-                    item.finish("cancelled" if item.handle.cancelled else "timeout")
-                    continue
-                new_width = max(width, item.soft_len + len(item.prompt_ids))
-                new_ahead = max(ahead, item.request.max_new_tokens)
-                fits = size + 1 <= self.settings.max_batch_size and (
-                    size == 0 or (size + 1) * (new_width + new_ahead) <= self.settings.max_batch_tokens
-                )
-                whole = item.request.prefill_logprobs or (item.adapter is not None and item.inline_virtual)
-                need = item.embed_len if whole else min(item.embed_len, MIN_CHUNK)
-                if not fits or (seqs and need > budget):
-                    break
-                self._waiting.popleft()
-                item.chunk = len(item.prompt_ids) if whole else min(len(item.prompt_ids), max(budget, MIN_CHUNK))
-                budget -= item.chunk
-                seqs.append(item)
-                size, width, ahead = size + 1, new_width, new_ahead
-        return seqs, jobs
+            plan = self.scheduler.plan(running, width, self._prefilling, self._waiting, time.monotonic())
+        for item, reason in plan.expired:
+            item.finish(reason)
+        return plan.prefill, plan.classify
 
     def _classify(self, job: ClassifyJob) -> None:
         try:
