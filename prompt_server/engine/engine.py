@@ -8,15 +8,15 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks, spare_for
+from prompt_server.engine.admission import Layout, Prepared, select
+from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks
 from prompt_server.engine.classify import ClassifyJob, plan_labels
-from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
-from prompt_server.engine.prompt_kv import PromptKVCache, key_of
+from prompt_server.engine.prefix_cache import PrefixCache
+from prompt_server.engine.prompt_kv import PromptKVCache
 from prompt_server.engine.scheduler import Scheduler
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
@@ -31,7 +31,7 @@ from prompt_server.engine.types import (
     Token,
 )
 from prompt_server.engine.validation import check_classify, check_classify_lengths, check_generate
-from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
+from prompt_server.model.batch import PrefillRow, build_prefill
 from prompt_server.model.forward import DecodeInputs, make_runner
 from prompt_server.model.sampling import RowSampler, choose, token_logprobs
 
@@ -63,6 +63,7 @@ class Engine:
             self.prompt_kv = PromptKVCache(self.runner, self.pad_id, self.device, settings.prompt_kv_cache_bytes,
                                            pinned)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
+        self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device)
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
@@ -206,24 +207,6 @@ class Engine:
                        prefix_cache_bytes=pc.bytes)
         return out
 
-    def _soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """(virtual tokens, prefix keys/values) per row; virtual tokens become their cached keys/values when the
-        soft-prompt cache is on, so a row prefills only its own tokens."""
-        cached = {}
-        if self.prompt_kv is not None:
-            cached = self.prompt_kv.get_many([a for a in adapters if a is not None and a.virtual_tokens is not None])
-        out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-        for a in adapters:
-            if a is None:
-                out.append((None, None))
-            elif a.prefix is not None:
-                out.append((None, a.prefix))
-            elif cached:
-                out.append((None, cached[key_of(a)]))
-            else:
-                out.append((a.virtual_tokens, None))
-        return out
-
     def _count(self, key: str, n: float) -> None:
         with self._cond:
             self._stats[key] += n
@@ -271,7 +254,7 @@ class Engine:
         groups = []
         for group in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
             try:
-                groups.append(self._prepare(group))
+                groups.append(self.layout.prepare(group))
             except Exception as exc:  # e.g. an adapter's soft prompt that cannot be computed: this group alone
                 log.exception("prefill failed")
                 self._fail_group(group, exc)
@@ -344,7 +327,7 @@ class Engine:
 
     def _classify(self, job: ClassifyJob) -> None:
         try:
-            rows = job.build_rows(*self._soft([job.adapter])[0])
+            rows = job.build_rows(*self.layout.soft([job.adapter])[0])
             hidden = []
             for chunk in prefill_chunks(rows):
                 h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
@@ -355,42 +338,16 @@ class Engine:
             log.exception("classification failed")
             job.resolve(GenerationFailed(f"classification failed: {exc}"))
 
-    def _prepare(self, seqs: list[Sequence]) -> Prepared:
-        """Lay out a group for this step: soft prompts as keys/values, cached prompt heads or the chunks prefilled
-        so far in front, then each row's next chunk of prompt."""
-        rows, starts = [], []
-        soft = iter(self._soft([s.adapter for s in seqs if s.partial is None]))
-        for s in seqs:
-            if s.partial is not None:  # a later chunk: everything before it is keys/values already
-                virtual, prefix, start = None, s.partial, s.prefilled
-            else:
-                virtual, prefix = next(soft)
-                start = 0
-                # a cached head stands in front of the prompt as keys/values (not when every prompt token's
-                # logprob is asked for, nor behind virtual tokens run inline)
-                if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
-                    start, head = self.prefix_cache.lookup(_adapter_key(s.adapter), s.prompt_ids)
-                    if head is not None:
-                        prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
-            end = min(len(s.prompt_ids), start + max(s.chunk, 1))
-            rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix))
-            starts.append(start)
-        return Prepared(seqs, rows, starts, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
-
     def _admit(self, group: Prepared, hidden: torch.Tensor, kv) -> RunningBatch | None:
         """A prefilled group: rows whose prompt is done choose their first token and form a batch to merge; rows
         with chunks to go keep their keys/values for the next step."""
         seqs, inputs = group.seqs, group.inputs
-        pmax, width = inputs.prefix_width, kv.width
         done = []
         for i, (s, row, start) in enumerate(zip(seqs, group.rows, group.starts)):
             s.prefilled = start + len(row.ids)
             self._count("prompt_tokens", len(row.ids))
             if s.prefilled < len(s.prompt_ids):
-                # its columns: the prefix region's last p (soft prompt, head, earlier chunks), then this chunk
-                p = row.prefix_len
-                cols = torch.cat([torch.arange(pmax - p, pmax), torch.arange(width - len(row.ids), width)])
-                s.partial = _columns(kv, i, cols)
+                s.partial = self.layout.keep_partial(group, i, kv)
                 if s not in self._prefilling:
                     self._prefilling.append(s)
                 continue
@@ -398,8 +355,7 @@ class Engine:
             if s in self._prefilling:
                 self._prefilling.remove(s)
             done.append(i)
-        if self.prefix_cache is not None:
-            self._store_heads(seqs, group.rows, group.starts, pmax, kv, done)
+        self.layout.store_heads(group, kv, done)
         if not done:
             return None
         logits = self.runner.logits(hidden[done, -1])  # [n, vocab]
@@ -415,24 +371,8 @@ class Engine:
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
         if len(done) < len(seqs):
-            new = _select(new, done, seqs)
+            new = select(new, done, seqs)
         return self._emit(new, logits)
-
-    def _store_heads(self, seqs: list[Sequence], rows: list[PrefillRow], reused: list[int], pmax: int, kv,
-                     done: list[int]) -> None:
-        """Keep each finished prompt's head (all but its last token) for later prompts that start the same way.
-
-        `reused[i]`: prompt tokens row i had in front of this step's tokens (a cached head, earlier chunks)."""
-        width = kv.width
-        for i in done:
-            s, row, n = seqs[i], rows[i], reused[i]
-            head = len(s.prompt_ids) - 1
-            if row.virtual is not None or head < MIN_REUSE_TOKENS or n >= head:
-                continue
-            # row i's columns: its reused head ends the prefix region, its own tokens end the batch
-            tail = len(row.ids)
-            cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
-            self.prefix_cache.store(_adapter_key(s.adapter), s.prompt_ids[:head], _columns(kv, i, cols))
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
         """Prompt tokens with the logprob the model gave each (the first has none)."""
@@ -494,35 +434,6 @@ class Engine:
                 if r.handle.cancelled:
                     r.finish("cancelled")
             self._batch = batch.filter(keep)
-
-
-@dataclass
-class Prepared:
-    """A group of newcomers laid out for their prefill."""
-
-    seqs: list[Sequence]
-    rows: list[PrefillRow]
-    starts: list[int]  # prompt tokens each row has in front of this step's (a cached head, earlier chunks)
-    inputs: PrefillInputs
-    spare: int  # free cache columns to leave after the prompt
-
-
-def _columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:
-    """Row `row`'s keys/values at cache columns `cols` -> [L, 2, kv_heads, len(cols), head_dim]."""
-    cols = cols.to(kv.keys[0].device)
-    keys = torch.stack([k[row].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, n, d]
-    values = torch.stack([v[row].index_select(1, cols) for v in kv.values])
-    return torch.stack([keys, values], dim=1)
-
-
-def _select(batch: RunningBatch, keep: list[int], seqs: list[Sequence]) -> RunningBatch:
-    """The rows at `keep` of a batch laid out for `seqs` (the others are still prefilling)."""
-    full = RunningBatch(rows=seqs, kv=batch.kv, mask=batch.mask, positions=batch.positions, next_ids=batch.next_ids)
-    return full.filter(keep)
-
-
-def _adapter_key(adapter: SoftPrompt | None):
-    return NO_ADAPTER if adapter is None else key_of(adapter)
 
 
 def _abandoned(item) -> bool:

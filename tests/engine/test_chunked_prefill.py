@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from prompt_server.engine import engine as engine_module
+from prompt_server.engine import admission
 from prompt_server.engine.types import GenerateRequest
 from prompt_server.model.batch import build_prefill
 from tests.engine.conftest import run_engine
@@ -33,7 +33,7 @@ def widths(monkeypatch) -> list[int]:
         seen.append(inputs.ids.shape[1])
         return inputs
 
-    monkeypatch.setattr(engine_module, "build_prefill", spy)
+    monkeypatch.setattr(admission, "build_prefill", spy)
     return seen
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prompt_server.engine import engine as engine_module
-from prompt_server.engine import prompt_kv
+from prompt_server.engine import admission, prompt_kv
 from prompt_server.engine.prompt_kv import key_of
 from prompt_server.engine.types import GenerateRequest
 from prompt_server.model.batch import build_prefill
@@ -186,7 +185,7 @@ def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prom
         return inputs
 
     monkeypatch.setattr(prompt_kv, "build_prefill", spy)
-    monkeypatch.setattr(engine_module, "build_prefill", spy)
+    monkeypatch.setattr(admission, "build_prefill", spy)
 
     async def go(engine):
         widths.clear()  # the engine's warm-up

@@ -1,0 +1,121 @@
+"""How newcomers and prompt chunks are laid out for a step, and what a finished prefill leaves for later ones.
+
+In front of a row's tokens stand, as keys/values: its adapter's prefix, or its virtual tokens' cached keys/values
+(prompt_kv.py); then a cached head of its prompt (prefix_cache.py) or the chunks it prefilled in earlier steps.
+After the step, finished prompts leave their heads in the prefix cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prompt_server.adapters.types import SoftPrompt
+from prompt_server.engine.batch import RunningBatch, spare_for
+from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
+from prompt_server.engine.prompt_kv import PromptKVCache, key_of
+from prompt_server.engine.sequence import Sequence
+from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
+
+
+@dataclass
+class Prepared:
+    """A group of rows laid out for this step's prefill."""
+
+    seqs: list[Sequence]
+    rows: list[PrefillRow]
+    starts: list[int]  # prompt tokens each row has in front of this step's (a cached head, earlier chunks)
+    inputs: PrefillInputs
+    spare: int  # free cache columns to leave after the prompt
+
+
+class Layout:
+    """Soft prompts, cached heads and chunks in front of each row's tokens."""
+
+    def __init__(self, prompt_kv: PromptKVCache | None, prefix_cache: PrefixCache | None, pad_id: int,
+                 device: torch.device):
+        self.prompt_kv = prompt_kv
+        self.prefix_cache = prefix_cache
+        self.pad_id = pad_id
+        self.device = device
+
+    def soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(virtual tokens, prefix keys/values) per row; virtual tokens become their cached keys/values when the
+        soft-prompt cache is on, so a row prefills only its own tokens."""
+        cached = {}
+        if self.prompt_kv is not None:
+            cached = self.prompt_kv.get_many([a for a in adapters if a is not None and a.virtual_tokens is not None])
+        out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        for a in adapters:
+            if a is None:
+                out.append((None, None))
+            elif a.prefix is not None:
+                out.append((None, a.prefix))
+            elif cached:
+                out.append((None, cached[key_of(a)]))
+            else:
+                out.append((a.virtual_tokens, None))
+        return out
+
+    def prepare(self, seqs: list[Sequence]) -> Prepared:
+        """Lay out a group for this step: soft prompts as keys/values, cached prompt heads or the chunks prefilled
+        so far in front, then each row's next chunk of prompt."""
+        rows, starts = [], []
+        soft = iter(self.soft([s.adapter for s in seqs if s.partial is None]))
+        for s in seqs:
+            if s.partial is not None:  # a later chunk: everything before it is keys/values already
+                virtual, prefix, start = None, s.partial, s.prefilled
+            else:
+                virtual, prefix = next(soft)
+                start = 0
+                # a cached head stands in front of the prompt as keys/values (not when every prompt token's
+                # logprob is asked for, nor behind virtual tokens run inline)
+                if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
+                    start, head = self.prefix_cache.lookup(adapter_key(s.adapter), s.prompt_ids)
+                    if head is not None:
+                        prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
+            end = min(len(s.prompt_ids), start + max(s.chunk, 1))
+            rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix))
+            starts.append(start)
+        return Prepared(seqs, rows, starts, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
+
+    def keep_partial(self, group: Prepared, i: int, kv) -> torch.Tensor:
+        """Row i's keys/values so far, for its next chunk: the prefix region's last columns (soft prompt, head,
+        earlier chunks), then this step's chunk."""
+        row, pmax, width = group.rows[i], group.inputs.prefix_width, kv.width
+        p = row.prefix_len
+        return columns(kv, i, torch.cat([torch.arange(pmax - p, pmax), torch.arange(width - len(row.ids), width)]))
+
+    def store_heads(self, group: Prepared, kv, done: list[int]) -> None:
+        """Keep each finished prompt's head (all but its last token) for later prompts that start the same way."""
+        if self.prefix_cache is None:
+            return
+        pmax, width = group.inputs.prefix_width, kv.width
+        for i in done:
+            s, row, n = group.seqs[i], group.rows[i], group.starts[i]
+            head = len(s.prompt_ids) - 1
+            if row.virtual is not None or head < MIN_REUSE_TOKENS or n >= head:
+                continue
+            # row i's columns: the n prompt tokens before this step end the prefix region, its tokens end the batch
+            tail = len(row.ids)
+            cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
+            self.prefix_cache.store(adapter_key(s.adapter), s.prompt_ids[:head], columns(kv, i, cols))
+
+
+def columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:
+    """Row `row`'s keys/values at cache columns `cols` -> [L, 2, kv_heads, len(cols), head_dim]."""
+    cols = cols.to(kv.keys[0].device)
+    keys = torch.stack([k[row].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, n, d]
+    values = torch.stack([v[row].index_select(1, cols) for v in kv.values])
+    return torch.stack([keys, values], dim=1)
+
+
+def select(batch: RunningBatch, keep: list[int], seqs: list[Sequence]) -> RunningBatch:
+    """The rows at `keep` of a batch laid out for `seqs` (the others are still prefilling)."""
+    full = RunningBatch(rows=seqs, kv=batch.kv, mask=batch.mask, positions=batch.positions, next_ids=batch.next_ids)
+    return full.filter(keep)
+
+
+def adapter_key(adapter: SoftPrompt | None):
+    return NO_ADAPTER if adapter is None else key_of(adapter)
