@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--http", action="store_true", help="benchmark the HTTP servers instead (see bench_http)")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="instead: mixed load for SECONDS with adapters replaced as it runs; reports resident "
+                             "memory after warm-up and at the end (exit 1 past 10%% growth or on any failure)")
     parser.add_argument("--ttft", type=int, default=0, metavar="N",
                         help="instead: time to first token of N chat requests sharing the chat template's system "
                              "prompt, one at a time, with prefix caching on and off")
@@ -157,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main_http(args)
     if args.ttft:
         return _main_ttft(args)
+    if args.soak:
+        from prompt_server.bench_soak import main_soak
+
+        return main_soak(args)
 
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
