@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformers-cmd", default="transformers",
                         help="--http: command that runs `transformers serve` (a transformers whose continuous "
                              "batching runs on this device)")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                        help="--http: streamed /v1/chat/completions or /v1/completions")
     parser.add_argument("--skip-transformers", action="store_true", help="--http: only measure prompt-server")
     args = parser.parse_args(argv)
     if args.http:

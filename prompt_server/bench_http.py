@@ -50,13 +50,17 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int):
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
-            "stream": True, "temperature": 0}
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, endpoint: str):
+    body = {"model": model, "max_tokens": new_tokens, "stream": True, "temperature": 0}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     start = time.perf_counter()
     first = None
     tokens = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    async with client.stream("POST", url + path, json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
             raise RuntimeError(f"{resp.status_code}: {resp.text[:200]}")
@@ -68,14 +72,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new
                 break
             chunk = json.loads(data)
             for choice in chunk.get("choices", []):
-                if (choice.get("delta") or {}).get("content"):
+                if (choice.get("delta") or {}).get("content") or choice.get("text"):
                     tokens += 1
                     if first is None:
                         first = time.perf_counter() - start
     return tokens, time.perf_counter() - start, first
 
 
-async def drive(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int) -> RunStats:
+async def drive(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int,
+                endpoint: str = "chat") -> RunStats:
     """`clients` concurrent clients share the request list; each sends its next request when the last one ends."""
     queue: asyncio.Queue = asyncio.Queue()
     for i, p in enumerate(prompts):
@@ -86,7 +91,7 @@ async def drive(url: str, models: list[str], prompts: list[str], clients: int, n
         while not queue.empty():
             model, prompt = queue.get_nowait()
             try:
-                tokens, latency, first = await _one(client, url, model, prompt, new_tokens)
+                tokens, latency, first = await _one(client, url, model, prompt, new_tokens, endpoint)
             except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # counted and reported, the run goes on
                 stats.errors += 1
                 print(f"request failed: {exc}", file=sys.stderr)
@@ -120,9 +125,9 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, proc, timeout=600)
-            asyncio.run(drive(url, adapter_ids, prompts[: args.clients], args.clients, 4))  # warm-up
+            asyncio.run(drive(url, adapter_ids, prompts[: args.clients], args.clients, 4, args.endpoint))  # warm-up
             results["prompt-server (mixed adapters)"] = asyncio.run(
-                drive(url, adapter_ids, prompts, args.clients, args.new_tokens))
+                drive(url, adapter_ids, prompts, args.clients, args.new_tokens, args.endpoint))
         finally:
             stop(proc)
         if args.skip_transformers:
@@ -137,17 +142,18 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
         try:
             wait_healthy(url, proc, timeout=600)
             model = str(model_dir)
-            asyncio.run(drive(url, [model], prompts[: args.clients], args.clients, 4))  # warm-up
+            asyncio.run(drive(url, [model], prompts[: args.clients], args.clients, 4, args.endpoint))  # warm-up
             results["transformers serve --continuous-batching (no adapter)"] = asyncio.run(
-                drive(url, [model], prompts, args.clients, args.new_tokens))
+                drive(url, [model], prompts, args.clients, args.new_tokens, args.endpoint))
         finally:
             stop(proc)
     return results
 
 
 def report(results: dict[str, RunStats], args) -> None:
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     print(f"\n{args.clients} concurrent clients, {args.requests} requests x {args.new_tokens} new tokens, "
-          "streamed /v1/chat/completions\n")
+          f"streamed {path}\n")
     print("| server | tokens/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, s in results.items():
