@@ -192,15 +192,19 @@ class DecodeInputs:
     positions: torch.Tensor  # [B]
 
 
-class _Part:
+class _Part(ABC):
+    """Some of a step's tokens whose attention runs on its own: the running rows, or one newcomer group."""
+
     x: torch.Tensor  # [t, hidden]
     tokens: int
 
+    @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """This part's projected q, k, v [t, *] in layer `layer` -> attention output [t, heads * head_dim]."""
 
+    @abstractmethod
     def finish(self, hidden: torch.Tensor):
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The part's final hidden states [t, hidden] -> what the runner returns for it."""
 
 
 class _DecodePart(_Part):
