@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.batch import RunningBatch, spare_for
+from prompt_server.engine.batch import spare_for
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache, key_of
 from prompt_server.engine.sequence import Sequence
@@ -109,12 +109,6 @@ def columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:
     keys = torch.stack([k[row].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, n, d]
     values = torch.stack([v[row].index_select(1, cols) for v in kv.values])
     return torch.stack([keys, values], dim=1)
-
-
-def select(batch: RunningBatch, keep: list[int], seqs: list[Sequence]) -> RunningBatch:
-    """The rows at `keep` of a batch laid out for `seqs` (the others are still prefilling)."""
-    full = RunningBatch(rows=seqs, kv=batch.kv, mask=batch.mask, positions=batch.positions, next_ids=batch.next_ids)
-    return full.filter(keep)
 
 
 def adapter_key(adapter: SoftPrompt | None):

@@ -12,7 +12,7 @@ import time
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.admission import Layout, Prepared, select
+from prompt_server.engine.admission import Layout, Prepared
 from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks
 from prompt_server.engine.classify import ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import PrefixCache
@@ -39,7 +39,6 @@ log = logging.getLogger("prompt_server.engine")
 
 # Prompt positions whose full-vocabulary logprobs are held at once (decoder_input_details).
 LOGPROB_CHUNK = 128
-
 
 
 class Engine:
@@ -364,14 +363,12 @@ class Engine:
             if s.request.prefill_logprobs:
                 s.prefill = self._prefill_tokens(s, hidden[i, -len(s.prompt_ids) :])
         new = RunningBatch(
-            rows=[seqs[i] for i in done],
+            rows=seqs,
             kv=kv,
             mask=inputs.mask,
             positions=inputs.positions[:, -1] + 1,
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
-        )
-        if len(done) < len(seqs):
-            new = select(new, done, seqs)
+        ).filter(done)  # the rows still prefilling stay out (filter keeps the batch as it is when all are done)
         return self._emit(new, logits)
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:

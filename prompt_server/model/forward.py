@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -67,6 +68,11 @@ class Runner(ABC):
         return self.decode(decode.ids, decode.kv, decode.mask, decode.positions), groups_out
 
 
+# One packed copy per (frozen) module, shared by every runner built on it: the start-up self-check and the engine
+# build runners over the same model.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _packed_linear(linear: torch.nn.Module) -> torch.nn.Module | None:
     """On the CPU in float32, a oneDNN copy of `linear` with its weight prepacked: the vocabulary projection, the
     largest matrix a decode step multiplies, runs about twice as fast (a second copy of its weight is the price)."""
@@ -74,9 +80,11 @@ def _packed_linear(linear: torch.nn.Module) -> torch.nn.Module | None:
     if (not isinstance(linear, torch.nn.Linear) or weight.device.type != "cpu" or weight.dtype != torch.float32
             or not torch.backends.mkldnn.is_available()):
         return None
-    from torch.utils.mkldnn import MkldnnLinear
+    if linear not in _PACKED:
+        from torch.utils.mkldnn import MkldnnLinear
 
-    return MkldnnLinear(linear, torch.float32)
+        _PACKED[linear] = MkldnnLinear(linear, torch.float32)
+    return _PACKED[linear]
 
 
 def make_runner(model: torch.nn.Module, forward_path: str = "lean") -> Runner:
