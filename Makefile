@@ -1,7 +1,8 @@
 # make serve   set up .venv if needed and serve the default model with the sample adapters
 # make test    set up .venv if needed, fetch the default model, run the whole test suite (slow tests too)
 # make bench   in-process throughput benchmark: PEFT, HF generate and this engine side by side
-# make bench-http  HTTP benchmark against `transformers serve --continuous-batching` (own venv: .venv-bench)
+# make bench-http  HTTP benchmark sweep against `transformers serve --continuous-batching` (own venv: .venv-bench);
+#                  table, numbers and plot in docs/bench/
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -88,7 +89,7 @@ $(BENCH_VENV)/bin/transformers:
 	$(BENCH_VENV)/bin/pip install "transformers[serving]>=5"
 
 bench-http: install model $(BENCH_VENV)/bin/transformers
-	$(PY) -m prompt_server.bench --http --clients 32 --requests 96 \
+	$(PY) -m prompt_server.bench --http --out docs/bench \
 		--transformers-cmd $(BENCH_VENV)/bin/transformers $(BENCH_ARGS)
 
 lint: install

@@ -1,7 +1,7 @@
 """Side-by-side throughput benchmark: PEFT, plain HF generate and this engine, on one model and one prompt set.
 
     prompt-server bench [--model DIR] [--requests 32] [--new-tokens 32] [--virtual-tokens 8] [--rounds 2]
-    prompt-server bench --http [--clients 32] [--requests 96] ...   (see prompt_server/bench_http.py)
+    prompt-server bench --http [--concurrency 1,8,32,64] [--rates 1,2,4] ...   (see prompt_server/bench_http.py)
 
 Modes (all greedy, exactly --new-tokens tokens per request):
   a  PEFT, mixed adapters, one request at a time (what PEFT users do today)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def peft_config(variant: str, n_virtual: int):
     return PrefixTuningConfig(prefix_projection=variant == "prefix_projection", encoder_hidden_size=128, **common)
 
 
-def write_adapters(model, root: Path, n: int, n_virtual: int) -> list[tuple[str, str]]:
+def write_adapters(model, root: Path, n: int, n_virtual: int, prefix: str = "") -> list[tuple[str, str]]:
     """n PEFT adapters cycling through the five kinds, small random encoders, saved with save_pretrained."""
     from peft import get_peft_model
 
@@ -73,7 +74,7 @@ def write_adapters(model, root: Path, n: int, n_virtual: int) -> list[tuple[str,
             for name, p in pm.prompt_encoder["default"].named_parameters():
                 std = 0.02 if name.endswith("embedding.weight") else p.shape[-1] ** -0.5 if p.dim() > 1 else 0.0
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-        adapter_id = f"{variant}-{i}"
+        adapter_id = f"{prefix}{variant}-{i}"
         pm.save_pretrained(root / adapter_id)
         pm.base_model.peft_config = {}
         made.append((adapter_id, variant))
@@ -131,13 +132,22 @@ async def _engine_all(engine, prompts, adapter_ids, new_tokens) -> float:
     return len(prompts) * new_tokens / elapsed
 
 
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prompt-server bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
     parser.add_argument("--requests", type=int, default=32, help="requests in flight")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--virtual-tokens", type=int, default=8, help="virtual tokens / prefix length per adapter")
+    parser.add_argument("--virtual-tokens", type=_ints, default=None,
+                        help="virtual tokens / prefix length per adapter (default 8; --http: a list, default 20,100)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per mode (the median is reported)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -150,16 +160,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft", type=int, default=0, metavar="N",
                         help="instead: time to first token of N chat requests sharing the chat template's system "
                              "prompt, one at a time, with prefix caching on and off")
-    parser.add_argument("--clients", type=int, default=32, help="--http: concurrent clients")
-    parser.add_argument("--transformers-cmd", default="transformers",
-                        help="--http: command that runs `transformers serve` (a transformers whose continuous "
-                             "batching runs on this device)")
-    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
-                        help="--http: streamed /v1/chat/completions or /v1/completions")
-    parser.add_argument("--skip-transformers", action="store_true", help="--http: only measure prompt-server")
+    parser.add_argument("--clients", type=int, default=32, help="--soak: concurrent clients")
+    http = parser.add_argument_group("--http")
+    http.add_argument("--endpoints", type=lambda t: t.split(","), default=["completions", "chat"],
+                      help="streamed endpoints to sweep: completions, chat or both (default completions,chat)")
+    http.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64], help="closed-loop clients (default 1,8,32,64)")
+    http.add_argument("--rates", type=_floats, default=[1.0, 2.0, 4.0],
+                      help="open-loop Poisson arrival rates in requests/s (default 1,2,4; empty for none)")
+    http.add_argument("--requests-per-client", type=int, default=2,
+                      help="closed loop: requests per client at each concurrency (at least 8 in all)")
+    http.add_argument("--open-seconds", type=float, default=16.0,
+                      help="open loop: requests sent at each rate = rate x this (at least 8)")
+    http.add_argument("--out", default="bench-results", help="folder for bench-http.md, .json and .png")
+    http.add_argument("--transformers-cmd", default="transformers",
+                      help="command that runs `transformers serve` (a transformers whose continuous batching runs "
+                           "on this device)")
+    http.add_argument("--skip-transformers", action="store_true", help="only measure prompt-server")
     args = parser.parse_args(argv)
     if args.http:
+        bad = sorted(set(args.endpoints) - {"completions", "chat"})
+        if bad:
+            parser.error(f"--endpoints: {', '.join(bad)} is not completions or chat")
+        args.virtual_tokens = args.virtual_tokens or [20, 100]
         return _main_http(args)
+    if args.virtual_tokens is not None and len(args.virtual_tokens) != 1:
+        parser.error("--virtual-tokens takes one number here (a list only with --http)")
+    args.virtual_tokens = args.virtual_tokens[0] if args.virtual_tokens else 8
     if args.ttft:
         return _main_ttft(args)
     if args.soak:
@@ -294,18 +320,26 @@ def _main_ttft(args) -> int:
 
 
 def _main_http(args) -> int:
+    import platform
+
     from prompt_server.bench_http import report, run_http
     from prompt_server.model.loader import load_model
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
-    prompts = [f"Tell me a long story about {TOPICS[i % len(TOPICS)]}, in many sentences ({i})."
-               for i in range(args.requests)]
+    count = max(max(args.concurrency, default=1), 5)  # every request in flight on a different adapter
+    need = max([c * args.requests_per_client for c in args.concurrency]
+               + [round(r * args.open_seconds) for r in args.rates] + [8])
+    prompts = [f"Tell me a long story about {TOPICS[i % len(TOPICS)]}, in many sentences ({i})." for i in range(need)]
 
-    def adapters_into(store: Path):
-        return write_adapters(loaded.model, store, args.clients, args.virtual_tokens)
+    def adapters_into(store: Path, n_virtual: int) -> list[str]:
+        made = write_adapters(loaded.model, store, count, n_virtual, prefix=f"v{n_virtual}-")
+        return [adapter_id for adapter_id, _ in made]
 
-    results = run_http(args, loaded.path, adapters_into, prompts)
-    report(results, args)
+    points = run_http(args, loaded.path, adapters_into, prompts)
+    header = (f"model {loaded.model_id}, float32 on the CPU ({platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores), {args.new_tokens} new tokens per request, greedy, streamed; every "
+              f"adapter request on a different adapter")
+    report(points, args, header)
     return 0
 
 

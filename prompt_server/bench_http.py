@@ -1,66 +1,104 @@
-"""HTTP benchmark: concurrent OpenAI-style streaming clients against `prompt-server serve` (every request on a
-different adapter) and, in the same run, against `transformers serve --continuous-batching` (no adapter).
+"""HTTP benchmark: streaming OpenAI clients against `prompt-server serve` and, in the same run, against
+`transformers serve --continuous-batching`, over a sweep of loads.
 
-    prompt-server bench --http [--clients 32] [--requests 96] [--new-tokens 32]
-                        [--transformers-cmd ".venv-bench/bin/transformers"] [--skip-transformers]
+    prompt-server bench --http [--endpoints completions,chat] [--concurrency 1,8,32,64] [--rates 1,2,4]
+                        [--virtual-tokens 20,100] [--new-tokens 32] [--requests-per-client 2]
+                        [--out DIR] [--transformers-cmd ".venv-bench/bin/transformers"] [--skip-transformers]
 
-The competitor runs the newest transformers with its serving extras; `make bench-http` installs it in a separate
-virtual environment, .venv-bench, so that the server's own pinned dependencies stay as they are.
+Series, all on one model and one prompt set:
+  - prompt-server, every request a different adapter of V virtual tokens (each --virtual-tokens value; the five
+    kinds mixed: prompt tuning, P-tuning MLP and LSTM, prefix tuning with and without projection);
+  - prompt-server, no adapter;
+  - transformers serve --continuous-batching, no adapter (the newest transformers with its serving extras, in a
+    virtual environment of its own: `make bench-http` installs it in .venv-bench).
 
-Throughput counts streamed content chunks (one per generated token on both servers) over the wall time of the whole
-run; latency is per request, time to first token is the first content chunk.
+Loads, per endpoint (streamed /v1/completions and streamed /v1/chat/completions):
+  - closed loop: C clients, each sending its next request when its last one ends (C from --concurrency);
+  - open loop: requests arriving as a Poisson process at R requests/s (R from --rates), as `vllm bench serve` does.
+
+Reported per point: output tokens/s (generated tokens as each response's usage counts them, over the wall time from
+the first request sent to the last one finished), time to first token (the first content chunk) and inter-token
+latency (the gaps between a response's content chunks) p50 and p99, errors. The table goes to stdout and to DIR/bench-http.md, every number to DIR/bench-http.json, and a plot
+to DIR/bench-http.png (matplotlib).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import random
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
 from prompt_server.procs import free_port, stop, wait_healthy
 
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+TRANSFORMERS = "transformers serve (no adapter)"
+OURS_BASE = "prompt-server, no adapter"
+
+
+def ours_adapters(v: int) -> str:
+    return f"prompt-server, {v}-token adapters"
+
 
 @dataclass
-class RunStats:
-    tokens: int
-    wall: float
-    latencies: list[float]
-    ttfts: list[float]
-    errors: int
+class Point:
+    """One load point of one series on one endpoint."""
+
+    series: str
+    endpoint: str
+    loop: str  # "closed" (level = concurrent clients) or "open" (level = requests/s)
+    level: float
+    requests: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    errors: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.tokens / self.wall if self.wall else 0.0
 
+    def summary(self) -> dict:
+        return {"series": self.series, "endpoint": self.endpoint, "loop": self.loop, "level": self.level,
+                "requests": self.requests, "errors": self.errors, "tokens": self.tokens, "wall_s": self.wall,
+                "tokens_per_s": self.rate, "ttft_p50_s": pct(self.ttfts, 0.5), "ttft_p99_s": pct(self.ttfts, 0.99),
+                "itl_p50_s": pct(self.itls, 0.5), "itl_p99_s": pct(self.itls, 0.99)}
+
 
 def pct(values: list[float], q: float) -> float:
+    """The q-quantile by the nearest rank (nan for no values)."""
     if not values:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, endpoint: str):
-    body = {"model": model, "max_tokens": new_tokens, "stream": True, "temperature": 0}
+async def one_request(client: httpx.AsyncClient, url: str, endpoint: str, model: str, prompt: str,
+                      new_tokens: int) -> tuple[list[float], int]:
+    """One streamed request, greedy; -> (the arrival time of each content chunk in seconds from the send, tokens
+    generated). Tokens come from the final usage chunk where the server sends one, else one per content chunk (a
+    token whose text is still an incomplete character is sent with the next one)."""
+    body = {"model": model, "max_tokens": new_tokens, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
     start = time.perf_counter()
-    first = None
-    tokens = 0
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-    async with client.stream("POST", url + path, json=body) as resp:
+    arrivals = []
+    usage = None
+    async with client.stream("POST", url + PATHS[endpoint], json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
             raise RuntimeError(f"{resp.status_code}: {resp.text[:200]}")
@@ -73,65 +111,122 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new
             chunk = json.loads(data)
             for choice in chunk.get("choices", []):
                 if (choice.get("delta") or {}).get("content") or choice.get("text"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter() - start
-    return tokens, time.perf_counter() - start, first
+                    arrivals.append(time.perf_counter() - start)
+            usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
+    return arrivals, len(arrivals) if usage is None else usage
 
 
-async def drive(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int,
-                endpoint: str = "chat") -> RunStats:
-    """`clients` concurrent clients share the request list; each sends its next request when the last one ends."""
+def _record(point: Point, arrivals: list[float], tokens: int) -> None:
+    point.requests += 1
+    point.tokens += tokens
+    if arrivals:
+        point.ttfts.append(arrivals[0])
+        point.itls += [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+async def _guarded(point: Point, client, url, model, prompt, new_tokens) -> None:
+    try:
+        _record(point, *await one_request(client, url, point.endpoint, model, prompt, new_tokens))
+    except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # counted and reported, the run goes on
+        point.errors += 1
+        print(f"request failed: {exc}", file=sys.stderr)
+
+
+async def closed_loop(point: Point, url: str, models: list[str], prompts: list[str], new_tokens: int) -> Point:
+    """`point.level` clients share the request list; each sends its next request when its last one ends."""
     queue: asyncio.Queue = asyncio.Queue()
     for i, p in enumerate(prompts):
         queue.put_nowait((models[i % len(models)], p))
-    stats = RunStats(0, 0.0, [], [], 0)
+    clients = int(point.level)
 
     async def worker(client):
         while not queue.empty():
             model, prompt = queue.get_nowait()
-            try:
-                tokens, latency, first = await _one(client, url, model, prompt, new_tokens, endpoint)
-            except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # counted and reported, the run goes on
-                stats.errors += 1
-                print(f"request failed: {exc}", file=sys.stderr)
-                continue
-            stats.tokens += tokens
-            stats.latencies.append(latency)
-            if first is not None:
-                stats.ttfts.append(first)
+            await _guarded(point, client, url, model, prompt, new_tokens)
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
-        stats.wall = time.perf_counter() - start
-    return stats
+        point.wall = time.perf_counter() - start
+    return point
 
 
-def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[str, RunStats]:
-    """Start both servers one after the other on free ports, drive each with the same clients and prompts."""
-    results: dict[str, RunStats] = {}
+async def open_loop(point: Point, url: str, models: list[str], prompts: list[str], new_tokens: int,
+                    seed: int = 0) -> Point:
+    """Requests sent at Poisson arrival times of rate `point.level` per second, whatever is still running."""
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as client:
+        start = time.perf_counter()
+        tasks = []
+        due = 0.0
+        for i, prompt in enumerate(prompts):
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            tasks.append(asyncio.create_task(
+                _guarded(point, client, url, models[i % len(models)], prompt, new_tokens)))
+            due += rng.expovariate(point.level)
+        await asyncio.gather(*tasks)
+        point.wall = time.perf_counter() - start
+    return point
+
+
+def sweep(url: str, series: str, models: list[str], prompts: list[str], args) -> list[Point]:
+    """Every endpoint x every load for one series on one running server, after a short warm-up."""
+    points = []
+    for endpoint in args.endpoints:
+        warm = Point(series, endpoint, "closed", min(8, len(prompts)))
+        asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
+        for c in args.concurrency:
+            n = max(8, c * args.requests_per_client)
+            point = asyncio.run(closed_loop(Point(series, endpoint, "closed", c), url, models,
+                                            _take(prompts, n), args.new_tokens))
+            points.append(point)
+            _progress(point)
+        for r in args.rates:
+            n = max(8, round(r * args.open_seconds))
+            point = asyncio.run(open_loop(Point(series, endpoint, "open", r), url, models, _take(prompts, n),
+                                          args.new_tokens))
+            points.append(point)
+            _progress(point)
+    return points
+
+
+def _take(prompts: list[str], n: int) -> list[str]:
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def _progress(p: Point) -> None:
+    load = f"{int(p.level)} clients" if p.loop == "closed" else f"{p.level:g} req/s"
+    print(f"{p.series} | {p.endpoint} | {load}: {p.rate:.1f} tok/s, TTFT p50 {pct(p.ttfts, 0.5):.3f} s, "
+          f"ITL p50 {pct(p.itls, 0.5) * 1000:.0f} ms, errors {p.errors}", file=sys.stderr, flush=True)
+
+
+def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[Point]:
+    """Start each server in turn on a free port and sweep it; `write_adapters(store, v)` -> adapter ids of V
+    virtual tokens written into `store`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    points: list[Point] = []
+    widest = max(args.concurrency, default=1)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "adapters"
         store.mkdir()
-        adapter_ids = [a for a, _ in write_adapters(store)]
+        ids = {v: write_adapters(store, v) for v in args.virtual_tokens}
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        queue = max(1024, 4 * len(prompts))
         cmd = [sys.executable, "-m", "prompt_server.cli", "serve", "--model", str(model_dir), "--adapters",
-               str(store), "--port", str(port), "--max-batch-size", str(max(args.clients, 1)),
-               "--max-queue", str(max(args.requests, 256))]
+               str(store), "--port", str(port), "--max-batch-size", str(widest), "--max-queue", str(queue),
+               "--max-virtual-tokens", str(max([128, *args.virtual_tokens]))]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, proc, timeout=600)
-            asyncio.run(drive(url, adapter_ids, prompts[: args.clients], args.clients, 4, args.endpoint))  # warm-up
-            results["prompt-server (mixed adapters)"] = asyncio.run(
-                drive(url, adapter_ids, prompts, args.clients, args.new_tokens, args.endpoint))
+            base = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            for v in args.virtual_tokens:
+                points += sweep(url, ours_adapters(v), ids[v], prompts, args)
+            points += sweep(url, OURS_BASE, [base], prompts, args)
         finally:
             stop(proc)
         if args.skip_transformers:
-            return results
+            return points
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         # `transformers serve [FORCE_MODEL] --continuous-batching`
@@ -141,24 +236,85 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> dict[
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, proc, timeout=600)
-            model = str(model_dir)
-            asyncio.run(drive(url, [model], prompts[: args.clients], args.clients, 4, args.endpoint))  # warm-up
-            results["transformers serve --continuous-batching (no adapter)"] = asyncio.run(
-                drive(url, [model], prompts, args.clients, args.new_tokens, args.endpoint))
+            points += sweep(url, TRANSFORMERS, [str(model_dir)], prompts, args)
         finally:
             stop(proc)
-    return results
+    return points
 
 
-def report(results: dict[str, RunStats], args) -> None:
-    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
-    print(f"\n{args.clients} concurrent clients, {args.requests} requests x {args.new_tokens} new tokens, "
-          f"streamed {path}\n")
-    print("| server | tokens/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, s in results.items():
-        print(f"| {name} | {s.rate:.1f} | {statistics.median(s.latencies) if s.latencies else float('nan'):.2f} | "
-              f"{pct(s.latencies, 0.99):.2f} | {pct(s.ttfts, 0.5):.2f} | {pct(s.ttfts, 0.99):.2f} | {s.errors} |")
-    names = list(results)
-    if len(names) == 2 and results[names[1]].rate:
-        print(f"\nratio prompt-server / transformers serve = {results[names[0]].rate / results[names[1]].rate:.2f}")
+def _load(p: dict) -> str:
+    return f"{int(p['level'])} clients" if p["loop"] == "closed" else f"Poisson {p['level']:g} req/s"
+
+
+def table(points: list[dict]) -> str:
+    """Markdown: one row per point, and the ratios against transformers serve at each closed-loop load."""
+    lines = ["| endpoint | load | series | tokens/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {PATHS[p['endpoint']]} | {_load(p)} | {p['series']} | {p['tokens_per_s']:.1f} | "
+                     f"{p['ttft_p50_s']:.3f} | {p['ttft_p99_s']:.3f} | {p['itl_p50_s'] * 1000:.0f} | "
+                     f"{p['itl_p99_s'] * 1000:.0f} | {p['errors']} |")
+    ratios = []
+    by_key = {(p["series"], p["endpoint"], p["loop"], p["level"]): p for p in points}
+    for p in points:
+        if p["loop"] != "closed" or p["series"] == TRANSFORMERS:
+            continue
+        for against in (TRANSFORMERS, OURS_BASE):
+            other = by_key.get((against, p["endpoint"], "closed", p["level"]))
+            if other and other is not p and other["tokens_per_s"]:
+                ratios.append(f"| {PATHS[p['endpoint']]} | {_load(p)} | {p['series']} / {against} | "
+                              f"{p['tokens_per_s'] / other['tokens_per_s']:.2f} |")
+    if ratios:
+        lines += ["", "| endpoint | load | ratio of tokens/s | |", "|---|---|---|---:|", *ratios]
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], path: Path) -> None:
+    """Per endpoint: tokens/s against concurrent clients, and TTFT p50 against the Poisson request rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    endpoints = list(dict.fromkeys(p["endpoint"] for p in points))
+    fig, axes = plt.subplots(len(endpoints), 3, figsize=(15, 4.2 * len(endpoints)), squeeze=False)
+    for row, endpoint in zip(axes, endpoints):
+        for series in dict.fromkeys(p["series"] for p in points):
+            closed = [p for p in points if (p["series"], p["endpoint"], p["loop"]) == (series, endpoint, "closed")]
+            opened = [p for p in points if (p["series"], p["endpoint"], p["loop"]) == (series, endpoint, "open")]
+            if closed:
+                row[0].plot([p["level"] for p in closed], [p["tokens_per_s"] for p in closed], marker="o",
+                            label=series)
+                row[1].plot([p["level"] for p in closed], [p["itl_p99_s"] * 1000 for p in closed], marker="o",
+                            label=series)
+            if opened:
+                row[2].plot([p["level"] for p in opened], [p["ttft_p50_s"] for p in opened], marker="o",
+                            label=series)
+        titles = ("output tokens/s, closed loop", "inter-token latency p99 (ms), closed loop",
+                  "time to first token p50 (s), Poisson arrivals")
+        xlabels = ("concurrent clients", "concurrent clients", "requests/s")
+        for ax, title, xlabel in zip(row, titles, xlabels):
+            ax.set_title(f"{PATHS[endpoint]}: {title}", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        row[0].set_xscale("log", base=2)
+        row[1].set_xscale("log", base=2)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(points: list[Point], args, header: str) -> str:
+    """Print the table; write it, the raw numbers and the plot under args.out."""
+    rows = [p.summary() for p in points]
+    text = f"{header}\n\n{table(rows)}\n"
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-http.md").write_text(text)
+    (out / "bench-http.json").write_text(json.dumps({"header": header, "points": rows,
+                                                      "raw": [asdict(p) for p in points]}, indent=1))
+    plot(rows, out / "bench-http.png")
+    print(f"wrote {out / 'bench-http.md'}, {out / 'bench-http.json'} and {out / 'bench-http.png'}")
+    return text

@@ -1,0 +1,67 @@
+"""The HTTP benchmark's sweep, end to end on a tiny model: both servers started, every load point measured, the
+table, raw numbers and plot written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from prompt_server.bench import write_adapters
+from prompt_server.bench_http import OURS_BASE, TRANSFORMERS, Point, closed_loop, ours_adapters, pct, report, run_http
+from prompt_server.model.loader import load_model
+
+TRANSFORMERS_CMD = Path(sys.executable).with_name("transformers")
+
+
+def test_nearest_rank_percentiles():
+    assert pct([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert pct(list(range(101)), 0.99) == 99
+    assert pct([], 0.5) != pct([], 0.5)  # nan
+
+
+def test_a_failed_request_is_counted_and_the_run_goes_on():
+    import asyncio
+
+    point = Point("nobody", "completions", "closed", 2)
+    asyncio.run(closed_loop(point, "http://127.0.0.1:9", ["m"], ["a", "b", "c"], 4))  # port 9: refused
+    assert (point.errors, point.requests, point.tokens) == (3, 0, 0)
+
+
+@pytest.mark.skipif(not TRANSFORMERS_CMD.exists(), reason="the transformers command is not installed")
+def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_dir, tmp_path):
+    loaded = load_model(tiny_llama_dir, device="cpu", dtype="float32")
+    args = argparse.Namespace(endpoints=["completions", "chat"], concurrency=[1, 4], rates=[8.0], new_tokens=6,
+                              requests_per_client=2, open_seconds=1.0, virtual_tokens=[4], skip_transformers=False,
+                              transformers_cmd=str(TRANSFORMERS_CMD), out=str(tmp_path / "out"))
+
+    def adapters_into(store: Path, n_virtual: int) -> list[str]:
+        return [a for a, _ in write_adapters(loaded.model, store, 5, n_virtual, prefix=f"v{n_virtual}-")]
+
+    prompts = [f"hello number {i}, tell me more" for i in range(8)]
+    points = run_http(args, tiny_llama_dir, adapters_into, prompts)
+
+    series = [ours_adapters(4), OURS_BASE, TRANSFORMERS]
+    loads = [("closed", 1), ("closed", 4), ("open", 8.0)]
+    assert [(p.series, p.endpoint, p.loop, p.level) for p in points] == [
+        (s, e, loop, level) for s in series for e in args.endpoints for loop, level in loads]
+    for p in points:
+        assert p.errors == 0, p
+        assert p.requests == 8  # max(8, clients x 2) closed, max(8, rate x seconds) open
+        assert 8 <= p.tokens <= 8 * 6 and p.wall > 0  # usage counts every token, text or not
+        assert 0 < len(p.ttfts) <= 8 and all(t > 0 for t in p.ttfts)  # requests whose text was not empty
+        assert len(p.itls) <= p.tokens - len(p.ttfts)  # gaps between a request's content chunks
+
+    text = report(points, args, "tiny model")
+    out = tmp_path / "out"
+    assert (out / "bench-http.md").read_text() == text
+    rows = json.loads((out / "bench-http.json").read_text())["points"]
+    assert len(rows) == len(points) and rows[0]["tokens_per_s"] == points[0].rate
+    for s in series:
+        assert f"| /v1/chat/completions | 4 clients | {s} |" in text
+    assert f"| /v1/completions | 1 clients | {ours_adapters(4)} / {TRANSFORMERS} |" in text
+    assert f"| /v1/completions | Poisson 8 req/s | {OURS_BASE} |" in text
+    assert (out / "bench-http.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
