@@ -1,13 +1,11 @@
-"""The running batch: rows kept aligned with the cache, the mask and the positions; filter and concatenate."""
+"""The running batch: rows in slots of one cache, freed and filled without copying the others."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from prompt_server.engine.sequence import Sequence
-from prompt_server.model.batch import KV, PrefillRow, pad_mask_left
+from prompt_server.model.batch import KV, PrefillRow
 
 # Free cache columns kept ahead of the rows so decoding writes in place; bounded to cap the memory a batch holds.
 MAX_SPARE = 256
@@ -19,50 +17,130 @@ def spare_for(rows: list[Sequence]) -> int:
     return min(MAX_SPARE, max((r.remaining for r in rows), default=1))
 
 
-@dataclass
 class RunningBatch:
-    rows: list[Sequence]
-    kv: KV
-    mask: torch.Tensor  # [B, W] bool, True where a row has a real column
-    positions: torch.Tensor  # [B] position of the token each row feeds next
-    next_ids: torch.Tensor  # [B] the token each row feeds next
+    """The running rows, each in a slot (a row index) of one cache that outlives them.
+
+    Rows are right-aligned on a shared last column (`kv.width`): a decode step writes one column for every row. A
+    row keeps its slot from admission to its end; a finished row only frees its slot, and newcomers are written
+    into free slots, right-aligned to the same column. Nothing of the running rows is copied when rows join or
+    leave; the cache is laid out again (one copy) only when its capacity changes: more slots than it has, a
+    newcomer wider than the columns left of the shared one, or the columns run out (then the columns no row uses
+    any more are dropped), and when at most half its slots are in use (the rows move to the lowest slots).
+
+    Per slot: `rows` (None when free), `mask` [S, W] (True where the row has a real column; all False when free),
+    `positions` [S] and `next_ids` [S]. Columns before `start` are used by no row: attention skips them.
+    """
+
+    def __init__(self, rows: list[Sequence | None], kv: KV, mask: torch.Tensor, positions: torch.Tensor,
+                 next_ids: torch.Tensor):
+        self.rows = rows
+        self.kv = kv
+        self.mask = mask
+        self.positions = positions
+        self.next_ids = next_ids
+        self.relayouts = 0  # copies of the whole cache, for the metrics
+        self._changed()
+
+    def _changed(self) -> None:
+        self.alive = [i for i, r in enumerate(self.rows) if r is not None]
+        self._slots = torch.tensor(self.alive, dtype=torch.long, device=self.mask.device)
+        used = self.mask[self._slots].any(dim=0).nonzero() if self.alive else None
+        self.start = int(used[0]) if used is not None and len(used) else 0
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.alive)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The used slots, ascending [n] long: the order of every per-row tensor the engine sees."""
+        return self._slots
+
+    @property
+    def dense(self) -> bool:
+        """Rows fill slots 0..n-1: per-row tensors are plain views of the slot tensors."""
+        return len(self.alive) == len(self.rows) or (bool(self.alive) and self.alive[-1] == len(self.alive) - 1)
+
+    def sequences(self) -> list[Sequence]:
+        return [self.rows[i] for i in self.alive]
 
     def filter(self, keep: list[int]) -> RunningBatch | None:
-        """Keep the rows at `keep`, dropping columns no kept row uses any more."""
+        """Keep the rows at positions `keep` of `sequences()`; the others' slots are freed, nothing is copied
+        (unless at most half the slots stay in use: then the rows move down, see the class docstring)."""
         if not keep:
             return None
-        if len(keep) == len(self.rows):
+        if len(keep) == len(self.alive):
             return self
-        idx = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[idx]
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        rows = [self.rows[i] for i in keep]
-        return RunningBatch(
-            rows=rows,
-            kv=self.kv.select(idx, start, spare_for(rows)),
-            mask=mask[:, start:],
-            positions=self.positions[idx],
-            next_ids=self.next_ids[idx],
-        )
+        kept = set(keep)
+        gone = [slot for i, slot in enumerate(self.alive) if i not in kept]
+        for slot in gone:
+            self.rows[slot] = None
+        self.mask[torch.tensor(gone, device=self.mask.device)] = False
+        self._changed()
+        if len(self.rows) >= 8 and 2 * len(self.alive) <= len(self.rows):
+            self._relayout(len(self.alive), self.kv.width - self.start, spare_for(self.sequences()))
+        return self
 
-    @staticmethod
-    def concatenate(batches: list[RunningBatch]) -> RunningBatch:
-        """One batch of all rows, right-aligned to the widest."""
-        if len(batches) == 1:
-            return batches[0]
-        rows = [r for b in batches for r in b.rows]
-        width = max(b.kv.width for b in batches)
-        return RunningBatch(
-            rows=rows,
-            kv=KV.concatenate([b.kv for b in batches], spare_for(rows)),
-            mask=torch.cat([pad_mask_left(b.mask[:, : b.kv.width], width) for b in batches]),
-            positions=torch.cat([b.positions for b in batches]),
-            next_ids=torch.cat([b.next_ids for b in batches]),
-        )
+    def admit(self, new: RunningBatch, max_rows: int) -> RunningBatch:
+        """Write `new`'s rows into free slots, right-aligned to the shared column; -> self."""
+        n = len(new)
+        if n == 0:
+            return self
+        width = max(self.kv.width - self.start, new.kv.width - new.start)
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if len(free) < n or new.kv.width - new.start > self.kv.width:
+            rows = len(self.alive) + n
+            self._relayout(min(max(rows, 2 * len(self.rows)), max(rows, max_rows)), width,
+                           spare_for(self.sequences() + new.sequences()))
+            free = [i for i, r in enumerate(self.rows) if r is None]
+        slots = torch.tensor(free[:n], dtype=torch.long, device=self.mask.device)
+        w, col = new.kv.width - new.start, self.kv.width
+        src = new.slots
+        for dst_t, src_t in zip(self.kv.keys + self.kv.values, new.kv.keys + new.kv.values):
+            dst_t[slots, :, col - w : col] = src_t[src, :, new.start : new.kv.width]
+        self.mask[slots] = False
+        self.mask[slots, col - w : col] = new.mask[src, new.start : new.kv.width]
+        self.positions[slots] = new.positions[src]
+        self.next_ids[slots] = new.next_ids[src]
+        for slot, seq in zip(free[:n], new.sequences()):
+            self.rows[slot] = seq
+        self._changed()
+        return self
+
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` more columns right of the shared one; a full cache is laid out again without the
+        columns no row uses."""
+        if self.kv.width + columns > self.kv.capacity:
+            self._relayout(len(self.rows), self.kv.width - self.start, max(columns, spare_for(self.sequences())))
+
+    def _relayout(self, n_slots: int, width: int, spare: int) -> None:
+        """One copy: the rows into slots 0..n-1 of a cache of `n_slots` slots, their last `width` columns
+        right-aligned in `width + spare` columns."""
+        n = len(self.alive)
+        assert n <= n_slots and width >= self.kv.width - self.start
+        old_cols = slice(self.start, self.kv.width)
+        new_cols = slice(width - (self.kv.width - self.start), width)
+        src = self.slots
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(n_slots, t.shape[1], width + spare, t.shape[3])
+            out[:n, :, new_cols] = t[src, :, old_cols]
+            return out
+
+        self.kv = KV([moved(k) for k in self.kv.keys], [moved(v) for v in self.kv.values], width)
+        mask = self.mask.new_zeros(n_slots, width)
+        mask[:n, new_cols] = self.mask[src, old_cols]
+        self.mask = mask
+        self.positions = _slotted(self.positions, src, n_slots)
+        self.next_ids = _slotted(self.next_ids, src, n_slots)
+        self.rows = [self.rows[i] for i in self.alive] + [None] * (n_slots - n)
+        self.relayouts += 1
+        self._changed()
+
+
+def _slotted(t: torch.Tensor, src: torch.Tensor, n_slots: int) -> torch.Tensor:
+    out = t.new_zeros(n_slots)
+    out[: len(src)] = t[src]
+    return out
 
 
 def prefill_chunks(rows: list[PrefillRow]) -> list[list[PrefillRow]]:

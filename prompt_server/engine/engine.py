@@ -90,7 +90,7 @@ class Engine:
             self.runner.logits(hidden[:, -1])
             mask = torch.cat([inputs.mask, inputs.mask.new_ones(len(rows), 1)], dim=1)
             ids = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
-            self.runner.logits(self.runner.decode(ids, kv, mask, inputs.positions[:, -1] + 1))
+            self.runner.logits(self.runner.decode(DecodeInputs(ids, kv, mask, inputs.positions[:, -1] + 1)))
 
     def stop(self) -> None:
         self.ready = False
@@ -224,10 +224,10 @@ class Engine:
                     self._step()
             except Exception as exc:  # a failed decode step fails the running rows; the loop and the queue go on
                 log.exception("engine step failed")
-                rows = [] if self._batch is None else self._batch.rows
+                rows = [] if self._batch is None else self._batch.sequences()
                 self._batch = None
                 self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
-        rows = ([] if self._batch is None else self._batch.rows) + self._prefilling
+        rows = ([] if self._batch is None else self._batch.sequences()) + self._prefilling
         self._batch, self._prefilling = None, []
         with self._cond:
             pending = list(self._waiting)
@@ -258,9 +258,19 @@ class Engine:
                 log.exception("prefill failed")
                 self._fail_group(group, exc)
         batch = self._batch
-        decode = None if batch is None else DecodeInputs(
-            batch.next_ids, batch.kv, torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1),
-            batch.positions)
+        decode = None
+        if batch is not None:
+            batch.reserve(1)
+            slots = batch.slots
+            decode = DecodeInputs(
+                ids=batch.next_ids[slots],
+                kv=batch.kv,
+                mask=torch.cat([batch.mask, (batch.mask.new_zeros(len(batch.rows)).index_fill_(0, slots, True))[:, None]],
+                               dim=1),
+                positions=batch.positions[slots],
+                slots=None if batch.dense else slots,
+                start=batch.start,
+            )
         if decode is None and not groups:
             return
         try:
@@ -268,15 +278,12 @@ class Engine:
         except Exception:  # find the part that fails, each part alone; the others go on
             log.info("step failed; running its parts one at a time", exc_info=True)
             decoded, prefilled = self._step_apart(decode, groups)
-        parts = []
         if decode is not None and decoded is not None:
             batch.mask = decode.mask
-            batch.positions = batch.positions + 1
+            batch.positions += 1
             self._count("steps", 1)
             self._count("batch_size_sum", len(batch))
-            kept = self._emit(batch, self.runner.logits(decoded))
-            if kept is not None:
-                parts.append(kept)
+            self._batch = self._emit(batch, self.runner.logits(decoded))
         for group, out in zip(groups, prefilled):
             if out is None:
                 continue
@@ -287,18 +294,27 @@ class Engine:
                 self._fail_group(group.seqs, exc)
                 continue
             if part is not None:
-                parts.append(part)
-        self._batch = RunningBatch.concatenate(parts) if parts else None
+                self._admit_rows(part)
+        if self._batch is not None and self._batch.relayouts:
+            self._count("cache_relayouts", self._batch.relayouts)
+            self._batch.relayouts = 0
+
+    def _admit_rows(self, part: RunningBatch) -> None:
+        """Newly prefilled rows join the running batch (written into its free slots)."""
+        if self._batch is None:
+            self._batch = part
+            return
+        self._batch.admit(part, self.settings.max_batch_size)
 
     def _step_apart(self, decode: DecodeInputs | None, groups: list[Prepared]):
         """The step again, one part at a time: a failing decode fails the running rows, a failing group its own."""
         decoded = None
         if decode is not None:
             try:
-                decoded = self.runner.decode(decode.ids, decode.kv, decode.mask, decode.positions)
+                decoded = self.runner.decode(decode)
             except Exception as exc:
                 log.exception("engine step failed")
-                rows, self._batch = self._batch.rows, None
+                rows, self._batch = self._batch.sequences(), None
                 self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
         prefilled: list[tuple | None] = []
         for group in groups:
@@ -316,8 +332,8 @@ class Engine:
 
     def _schedule(self) -> tuple[list[Sequence], list[ClassifyJob]]:
         batch = self._batch
-        running = [] if batch is None else batch.rows
-        width = 0 if batch is None else batch.kv.width
+        running = [] if batch is None else batch.sequences()
+        width = 0 if batch is None else batch.kv.width - batch.start
         with self._cond:
             plan = self.scheduler.plan(running, width, self._prefilling, self._waiting, time.monotonic())
         for item, reason in plan.expired:
@@ -387,7 +403,7 @@ class Engine:
 
     def _emit(self, batch: RunningBatch, logits: torch.Tensor) -> RunningBatch | None:
         """Choose a token for every row, hand it to the caller, and drop finished or abandoned rows."""
-        rows = batch.rows
+        rows = batch.sequences()
         samplers = [r.sampler for r in rows]
         history = [
             torch.tensor(r.history(), device=logits.device) if r.sampler.repetition_penalty != 1.0 else None
@@ -396,7 +412,7 @@ class Engine:
         ids = choose(logits, samplers, history)
         logprobs = token_logprobs(logits, ids).tolist()
         id_list = ids.tolist()
-        positions = batch.positions.tolist()
+        positions = batch.positions[batch.slots].tolist()
         now = time.monotonic()
         keep = []
         finished = 0
@@ -412,7 +428,7 @@ class Engine:
                 keep.append(i)
         self._count("generated_tokens", len(rows))
         self._count("finished", finished)
-        batch.next_ids = ids
+        batch.next_ids[batch.slots] = ids
         return batch.filter(keep)
 
     def _drop_cancelled(self) -> None:
@@ -425,9 +441,10 @@ class Engine:
         batch = self._batch
         if batch is None:
             return
-        keep = [i for i, r in enumerate(batch.rows) if not r.handle.cancelled]
-        if len(keep) < len(batch):
-            for r in batch.rows:
+        rows = batch.sequences()
+        keep = [i for i, r in enumerate(rows) if not r.handle.cancelled]
+        if len(keep) < len(rows):
+            for r in rows:
                 if r.handle.cancelled:
                     r.finish("cancelled")
             self._batch = batch.filter(keep)

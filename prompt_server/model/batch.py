@@ -103,7 +103,8 @@ class KV:
     """Per-layer keys and values of a running batch, [B, kv_heads, capacity, head_dim]; `width` columns are used.
 
     Column j holds the same step for every row (rows are right-aligned), so a decode step writes one column for
-    all rows at once. Spare capacity lets the fast runner write in place instead of concatenating.
+    all rows at once. Spare capacity lets decoding write in place; engine/batch.py decides which row is in which
+    slot.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int):
@@ -119,9 +120,6 @@ class KV:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i][:, :, : self.width], self.values[i][:, :, : self.width]
-
     def reserve(self, columns: int) -> None:
         """Make room for `columns` more columns beyond `width`."""
         need = self.width + columns
@@ -129,34 +127,6 @@ class KV:
             return
         self.keys = [_resized(k, self.width, need) for k in self.keys]
         self.values = [_resized(v, self.width, need) for v in self.values]
-
-    def select(self, rows: torch.Tensor, start: int, spare: int) -> KV:
-        """Keep `rows`, drop the columns before `start`, leave `spare` free columns."""
-        width = self.width - start
-        keys = [_copy_into(k[rows, :, start : self.width], width + spare) for k in self.keys]
-        values = [_copy_into(v[rows, :, start : self.width], width + spare) for v in self.values]
-        return KV(keys, values, width)
-
-    @staticmethod
-    def concatenate(parts: list[KV], spare: int) -> KV:
-        """Stack batches row-wise, right-aligning the narrower ones (their new left columns are masked out)."""
-        width = max(p.width for p in parts)
-        ref = parts[0].keys[0]
-        total = sum(p.batch_size for p in parts)
-        n_layers = len(parts[0].keys)
-        keys, values = [], []
-        for i in range(n_layers):
-            k = ref.new_zeros(total, ref.shape[1], width + spare, ref.shape[3])
-            v = ref.new_zeros(total, ref.shape[1], width + spare, ref.shape[3])
-            row = 0
-            for p in parts:
-                b = p.batch_size
-                k[row : row + b, :, width - p.width : width] = p.keys[i][:, :, : p.width]
-                v[row : row + b, :, width - p.width : width] = p.values[i][:, :, : p.width]
-                row += b
-            keys.append(k)
-            values.append(v)
-        return KV(keys, values, width)
 
 
 def _copy_into(t: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -168,10 +138,3 @@ def _copy_into(t: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def _resized(t: torch.Tensor, width: int, capacity: int) -> torch.Tensor:
     return _copy_into(t[:, :, :width], capacity)
-
-
-def pad_mask_left(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, w] -> [B, width], new columns on the left are False."""
-    if mask.shape[1] == width:
-        return mask
-    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)

@@ -53,8 +53,9 @@ class Runner(ABC):
         """Run new rows; -> hidden [n, S, hidden] and their cache with `spare` free columns."""
 
     @abstractmethod
-    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per row: ids [B], mask [B, W+1] bool, positions [B] -> hidden [B, hidden]; kv grows by one."""
+    def decode(self, inputs: DecodeInputs) -> torch.Tensor:
+        """One token per running row -> hidden [n, hidden]; each row's keys/values go into column kv.width of its
+        slot, and kv.width grows by one."""
 
     def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
         """The running rows' next token and newcomer groups' prompts in one step.
@@ -65,7 +66,7 @@ class Runner(ABC):
         groups_out = [self.prefill(inputs, spare) for inputs, spare in groups]
         if decode is None:
             return None, groups_out
-        return self.decode(decode.ids, decode.kv, decode.mask, decode.positions), groups_out
+        return self.decode(decode), groups_out
 
 
 # One packed copy per (frozen) module, shared by every runner built on it: the start-up self-check and the engine
@@ -120,18 +121,23 @@ class HFRunner(Runner):
         kv = KV([la.keys for la in cache.layers], [la.values for la in cache.layers], x.shape[1] + inputs.prefix_width)
         return out.last_hidden_state, kv
 
-    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        views = [kv.layer(i) for i in range(len(kv.keys))]
-        cache = self._cache([k for k, _ in views], [v for _, v in views])
+    def decode(self, inputs: DecodeInputs) -> torch.Tensor:
+        kv, col, start = inputs.kv, inputs.kv.width, inputs.start
+        kv.reserve(1)
+        rows = slice(0, len(inputs.ids)) if inputs.slots is None else inputs.slots
+        # the model's own cache appends a column to a copy of the rows' keys/values; the new column is then
+        # written back into each row's slot
+        cache = self._cache([k[rows, :, start:col] for k in kv.keys], [v[rows, :, start:col] for v in kv.values])
         out = self.base(
-            inputs_embeds=self.embed_tokens(ids[:, None]),
-            attention_mask=mask.long(),
-            position_ids=positions[:, None],
+            inputs_embeds=self.embed_tokens(inputs.ids[:, None]),
+            attention_mask=inputs.mask[rows, start:].long(),
+            position_ids=inputs.positions[:, None],
             use_cache=True,
             **{self.cache_arg: cache},
         )
-        kv.keys = [la.keys for la in cache.layers]
-        kv.values = [la.values for la in cache.layers]
+        for i, layer in enumerate(cache.layers):
+            kv.keys[i][rows, :, col] = layer.keys[:, :, -1]
+            kv.values[i][rows, :, col] = layer.values[:, :, -1]
         kv.width += 1
         return out.last_hidden_state[:, -1]
 
@@ -161,8 +167,8 @@ class LlamaRunner(Runner):
         _, [(hidden, kv)] = self.step(None, [(inputs, spare)])
         return hidden, kv
 
-    def decode(self, ids: torch.Tensor, kv: KV, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.step(DecodeInputs(ids, kv, mask, positions), [])
+    def decode(self, inputs: DecodeInputs) -> torch.Tensor:
+        hidden, _ = self.step(inputs, [])
         return hidden
 
     def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
@@ -192,12 +198,14 @@ class LlamaRunner(Runner):
 
 @dataclass
 class DecodeInputs:
-    """The running batch's next step: one token per row."""
+    """The running batch's next step: one token per running row, each row in a slot of the cache."""
 
-    ids: torch.Tensor  # [B]
-    kv: KV
-    mask: torch.Tensor  # [B, W+1] bool, the new column included
-    positions: torch.Tensor  # [B]
+    ids: torch.Tensor  # [n]
+    kv: KV  # [S, kv_heads, capacity, head_dim] per layer
+    mask: torch.Tensor  # [S, W+1] bool per slot, the new column included
+    positions: torch.Tensor  # [n]
+    slots: torch.Tensor | None = None  # [n] the rows' slots, ascending; None: slots 0..n-1
+    start: int = 0  # columns before it are used by no row
 
 
 class _Part(ABC):
@@ -216,35 +224,51 @@ class _Part(ABC):
 
 
 class _DecodePart(_Part):
-    """One new token per running row; keys/values written into the batch cache's next column."""
+    """One new token per running row, written into column kv.width of the row's slot.
+
+    Attention runs over the slots up to the highest used one and the columns from `start`; where free slots lie
+    between used ones, the queries are scattered into slot order and the outputs gathered back (free slots see
+    only the new column, so they stay finite; their outputs are dropped).
+    """
 
     def __init__(self, runner: LlamaRunner, inputs: DecodeInputs):
-        self.r, self.kv = runner, inputs.kv
+        self.r, self.kv, self.slots, self.start = runner, inputs.kv, inputs.slots, inputs.start
         self.kv.reserve(1)
         self.col = self.kv.width
-        self.x = runner.embed_tokens(inputs.ids)  # [B, hidden]
+        self.x = runner.embed_tokens(inputs.ids)  # [n, hidden]
         self.tokens = self.b = self.x.shape[0]
-        self.cos, self.sin = runner.rotary(self.x, inputs.positions[:, None])  # [B, 1, d]
-        self.mask = inputs.mask[:, None, None, :]  # [B, 1, 1, W+1]
+        self.cos, self.sin = runner.rotary(self.x, inputs.positions[:, None])  # [n, 1, d]
+        self.span = self.b if self.slots is None else int(self.slots[-1]) + 1
+        mask = inputs.mask[: self.span, self.start :]
+        if self.slots is not None:
+            mask = mask.clone()
+            mask[:, -1] = True
+        self.mask = mask[:, None, None, :]  # [span, 1, 1, W+1-start]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, b, d = self.r, self.b, self.r.head_dim
-        q = q.view(b, 1, r.n_heads, d).transpose(1, 2)  # [B, H, 1, d]
-        k = k.view(b, 1, r.n_kv, d).transpose(1, 2)  # [B, kv, 1, d]
+        q = q.view(b, 1, r.n_heads, d).transpose(1, 2)  # [n, H, 1, d]
+        k = k.view(b, 1, r.n_kv, d).transpose(1, 2)  # [n, kv, 1, d]
         q, k = r.apply_rotary(q, k, self.cos, self.sin)
         keys, values = self.kv.keys[layer], self.kv.values[layer]
-        keys[:, :, self.col] = k[:, :, 0]
-        values[:, :, self.col] = v.view(b, r.n_kv, d)
+        rows = slice(0, b) if self.slots is None else self.slots
+        keys[rows, :, self.col] = k[:, :, 0]
+        values[rows, :, self.col] = v.view(b, r.n_kv, d)
         # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
-        qg = q.reshape(b, r.n_kv, r.n_heads // r.n_kv, d)  # [B, kv, g, d]
+        qg = q.reshape(b, r.n_kv, r.n_heads // r.n_kv, d)  # [n, kv, g, d]
+        if self.slots is not None:
+            qg = qg.new_zeros(self.span, *qg.shape[1:]).index_copy_(0, self.slots, qg)
+        cols = slice(self.start, self.col + 1)
         out = F.scaled_dot_product_attention(
-            qg, keys[:, :, : self.col + 1], values[:, :, : self.col + 1], attn_mask=self.mask, scale=r.attn_scale
-        )  # [B, kv, g, d]
+            qg, keys[: self.span, :, cols], values[: self.span, :, cols], attn_mask=self.mask, scale=r.attn_scale
+        )  # [span, kv, g, d]
+        if self.slots is not None:
+            out = out[self.slots]
         return out.reshape(b, -1)
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
         self.kv.width += 1
-        return hidden  # [B, hidden]
+        return hidden  # [n, hidden]
 
 
 class _PrefillPart(_Part):

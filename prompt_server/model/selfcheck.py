@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from prompt_server.model.batch import PrefillRow, build_prefill
+from prompt_server.model.forward import DecodeInputs
 
 # Probe length: long enough that a wrong rotary base or scaling shows in the logits.
 PROBE_TOKENS = 48
@@ -42,7 +43,7 @@ def runner_logits(runner, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     for t in tokens[head:]:
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         step = torch.tensor([t], device=ids.device)
-        out.append(runner.logits(runner.decode(step, kv, mask, position)))  # [1, vocab]
+        out.append(runner.logits(runner.decode(DecodeInputs(step, kv, mask, position))))  # [1, vocab]
         position = position + 1
     return torch.cat(out)
 

@@ -1,11 +1,11 @@
-"""Batch layout, filter and concatenate: exact tensor state, as TGI's batch tests do."""
+"""Batch layout, slots freed and filled, the cache laid out again: exact tensor state, as TGI's batch tests do."""
 
 from __future__ import annotations
 
 import torch
 
 from prompt_server.engine.batch import RunningBatch
-from prompt_server.model.batch import KV, PrefillRow, build_prefill, pad_mask_left
+from prompt_server.model.batch import KV, PrefillRow, build_prefill
 
 L, KVH, D, H = 2, 1, 2, 3
 
@@ -64,29 +64,83 @@ def batch_of(values, mask, capacity=6) -> RunningBatch:
     )
 
 
-def test_filter_keeps_rows_and_trims_columns_nobody_uses():
+def cols(b: RunningBatch) -> list[list[float]]:
+    """Every slot's used columns (keys, layer 0)."""
+    return b.kv.keys[0][:, 0, : b.kv.width, 0].tolist()
+
+
+def test_filter_frees_slots_without_copying_the_cache():
     b = batch_of([[0, 0, 1, 2], [0, 3, 4, 5], [6, 7, 8, 9]], [[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
-    f = b.filter([0, 1])
-    assert f.kv.width == 3
-    assert f.kv.keys[0][:, 0, :3, 0].tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert f.mask.int().tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert f.positions.tolist() == [10, 11]
-    assert f.next_ids.tolist() == [100, 101]
-    assert f.kv.capacity == 3 + 3  # spare columns for the longest remaining row
+    storage = b.kv.keys[0].data_ptr()
+    f = b.filter([0, 2])
+    assert f is b and len(f) == 2
+    assert f.kv.keys[0].data_ptr() == storage and f.relayouts == 0  # nothing moved
+    assert f.alive == [0, 2] and [r is None for r in f.rows] == [False, True, False]
+    assert f.mask.int().tolist() == [[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]  # the freed slot is masked out
+    assert f.slots.tolist() == [0, 2] and not f.dense
+    assert f.positions[f.slots].tolist() == [10, 12]
+    assert f.next_ids[f.slots].tolist() == [100, 102]
+    assert f.start == 0
+    assert b.filter([0, 1]) is b  # all rows kept
     assert b.filter([]) is None
-    assert b.filter([0, 1, 2]) is b
 
 
-def test_concatenate_right_aligns_the_narrower_batch():
-    a = batch_of([[1, 2, 3]], [[1, 1, 1]])
-    b = batch_of([[4]], [[1]])
-    c = RunningBatch.concatenate([a, b])
-    assert c.kv.width == 3
-    assert c.kv.keys[0][:, 0, :3, 0].tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert c.mask.int().tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert c.positions.tolist() == [10, 10]
-    assert c.next_ids.tolist() == [100, 100]
-    assert len(c) == 2
+def test_start_skips_columns_no_row_uses():
+    b = batch_of([[0, 0, 1, 2], [0, 3, 4, 5]], [[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert b.start == 1
+    b.filter([0])
+    assert b.start == 2 and b.dense  # only slot 0 is left, it uses columns 2..3
+
+
+def test_admit_writes_newcomers_into_free_slots_right_aligned():
+    b = batch_of([[0, 0, 1, 2], [0, 3, 4, 5], [6, 7, 8, 9]], [[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    b.filter([0, 2])
+    storage = b.kv.keys[0].data_ptr()
+    new = batch_of([[40, 41]], [[1, 1]])
+    new.positions[0], new.next_ids[0] = 50, 500
+    b.admit(new, max_rows=8)
+    assert b.kv.keys[0].data_ptr() == storage and b.relayouts == 0
+    assert b.alive == [0, 1, 2] and b.dense
+    assert cols(b)[1][2:] == [40, 41]  # the columns left of it are the freed row's, masked out
+    assert b.mask.int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]]
+    assert b.positions.tolist() == [10, 50, 12] and b.next_ids.tolist() == [100, 500, 102]
+
+
+def test_admit_lays_the_cache_out_again_only_when_it_must_grow():
+    b = batch_of([[1, 2], [3, 4]], [[1, 1], [0, 1]], capacity=4)
+    wide = batch_of([[5, 6, 7]], [[1, 1, 1]])
+    b.admit(wide, max_rows=4)  # no free slot and a wider row: one copy into 4 slots, 3 columns
+    assert b.relayouts == 1 and len(b.rows) == 4 and b.kv.width == 3
+    assert cols(b) == [[0, 1, 2], [0, 3, 4], [5, 6, 7], [0, 0, 0]]
+    assert b.mask.int().tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]]
+    assert b.kv.capacity == 3 + 3  # spare columns for the longest remaining row
+    b.admit(batch_of([[8]], [[1]]), max_rows=4)  # a free slot and room: no copy
+    assert b.relayouts == 1 and cols(b)[3] == [0, 0, 8]
+
+
+def test_slots_never_grow_past_max_rows():
+    b = batch_of([[1], [2], [3]], [[1], [1], [1]])
+    b.admit(batch_of([[4]], [[1]]), max_rows=4)
+    assert len(b.rows) == 4  # not 2 x 3
+
+
+def test_a_mostly_free_cache_moves_its_rows_down():
+    values = [[float(i)] for i in range(8)]
+    b = batch_of(values, [[1]] * 8)
+    b.filter([1, 3, 4, 6, 7])
+    assert b.relayouts == 0 and len(b.rows) == 8  # 5 of 8 slots in use
+    b.filter([1, 4])  # rows 3 and 7 left of 8 slots: moved into 2
+    assert b.relayouts == 1 and len(b.rows) == 2 and b.alive == [0, 1]
+    assert cols(b) == [[3.0], [7.0]]
+    assert b.positions.tolist() == [13, 17] and b.next_ids.tolist() == [103, 107]
+
+
+def test_reserve_drops_columns_no_row_uses_when_full():
+    b = batch_of([[1, 2, 3], [4, 5, 6]], [[1, 1, 1], [0, 0, 1]], capacity=3)
+    b.filter([1])
+    b.reserve(1)
+    assert b.relayouts == 1 and b.kv.width == 1 and cols(b) == [[6], [0]]
+    assert b.kv.capacity >= 2 and b.mask.int().tolist() == [[1], [0]]
 
 
 def test_kv_reserve_keeps_contents_and_grows_capacity():
@@ -94,9 +148,3 @@ def test_kv_reserve_keeps_contents_and_grows_capacity():
     kv.reserve(1)
     assert kv.capacity >= 3 and kv.width == 2
     assert kv.keys[0][0, 0, :2, 0].tolist() == [1, 2]
-
-
-def test_pad_mask_left():
-    m = torch.tensor([[True, False]])
-    assert pad_mask_left(m, 4).tolist() == [[False, False, True, False]]
-    assert pad_mask_left(m, 2) is m
