@@ -80,8 +80,11 @@ class RunningBatch:
             self._relayout(len(self.alive), self.kv.width - self.start, spare_for(self.sequences()))
         return self
 
-    def admit(self, new: RunningBatch, max_rows: int) -> RunningBatch:
-        """Write `new`'s rows into free slots, right-aligned to the shared column; -> self."""
+    def admit(self, new: RunningBatch, max_rows: int, max_tokens: int) -> RunningBatch:
+        """Write `new`'s rows into free slots, right-aligned to the shared column; -> self.
+
+        When the slots must grow they double, up to `max_rows` and to what `max_tokens` cache columns in all
+        allow (never fewer than the rows need: the scheduler admitted them within that budget)."""
         n = len(new)
         if n == 0:
             return self
@@ -89,8 +92,9 @@ class RunningBatch:
         free = [i for i, r in enumerate(self.rows) if r is None]
         if len(free) < n or new.kv.width - new.start > self.kv.width:
             rows = len(self.alive) + n
-            self._relayout(min(max(rows, 2 * len(self.rows)), max(rows, max_rows)), width,
-                           spare_for(self.sequences() + new.sequences()))
+            spare = spare_for(self.sequences() + new.sequences())
+            cap = min(max_rows, max_tokens // (width + spare))
+            self._relayout(max(rows, min(2 * len(self.rows), cap)), width, spare)
             free = [i for i, r in enumerate(self.rows) if r is None]
         slots = torch.tensor(free[:n], dtype=torch.long, device=self.mask.device)
         w, col = new.kv.width - new.start, self.kv.width

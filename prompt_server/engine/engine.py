@@ -304,7 +304,7 @@ class Engine:
         if self._batch is None:
             self._batch = part
             return
-        self._batch.admit(part, self.settings.max_batch_size)
+        self._batch.admit(part, self.settings.max_batch_size, self.settings.max_batch_tokens)
 
     def _step_apart(self, decode: DecodeInputs | None, groups: list[Prepared]):
         """The step again, one part at a time: a failing decode fails the running rows, a failing group its own."""

@@ -63,6 +63,34 @@ def test_rows_joining_a_running_batch_match_running_alone(world):
     assert [[t.id for t in r.tokens] for r in others] == expected
 
 
+def test_newcomers_take_freed_slots_without_copying_the_running_batch(llama_world):
+    """Rows that finish free their slots; newcomers that fit are written into them, and the cache is laid out
+    again only when a newcomer is wider than the columns left of the shared one."""
+    world = llama_world
+    prompt = PROMPTS[0]
+
+    async def go(engine):
+        long = engine.submit(greedy(prompt, "prompt_tuning", n=40))
+        short = [engine.submit(greedy(prompt, "prompt_tuning", n=4)) for _ in range(3)]
+        first = [await h.result() for h in short]  # three slots free, the long row still running
+        copies = [engine.stats().get("cache_relayouts", 0)]  # the batch may have grown to 4 slots: one copy
+        joined = [engine.submit(greedy(prompt, "prompt_tuning", n=6)) for _ in range(3)]
+        second = [await h.result() for h in joined]
+        copies.append(engine.stats().get("cache_relayouts", 0))
+        wide = await engine.submit(greedy(PROMPTS[2] * 6, None, n=3)).result()  # wider than the batch
+        copies.append(engine.stats().get("cache_relayouts", 0))
+        return await long.result(), first + second, wide, copies
+
+    long, short, wide, copies = run_engine(world, go, max_batch_size=4)
+    assert copies[0] <= 1  # the first requests arrived in one step (no copy) or two (the slots grew once)
+    assert copies[1] == copies[0]  # three newcomers took the freed slots: nothing copied
+    assert copies[2] == copies[1] + 1  # the wide newcomer: the cache laid out again, once
+    assert [t.id for t in long.tokens] == world.oracle("prompt_tuning", prompt, 40)
+    assert [[t.id for t in r.tokens] for r in short] == [world.oracle("prompt_tuning", prompt, 4)] * 3 + [
+        world.oracle("prompt_tuning", prompt, 6)] * 3
+    assert [t.id for t in wide.tokens] == world.oracle(None, PROMPTS[2] * 6, 3)
+
+
 def test_same_seed_same_text_whatever_the_batch(world):
     params = SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=1234)
     req = GenerateRequest(prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, sampling=params,

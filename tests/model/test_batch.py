@@ -98,7 +98,7 @@ def test_admit_writes_newcomers_into_free_slots_right_aligned():
     storage = b.kv.keys[0].data_ptr()
     new = batch_of([[40, 41]], [[1, 1]])
     new.positions[0], new.next_ids[0] = 50, 500
-    b.admit(new, max_rows=8)
+    b.admit(new, max_rows=8, max_tokens=10**6)
     assert b.kv.keys[0].data_ptr() == storage and b.relayouts == 0
     assert b.alive == [0, 1, 2] and b.dense
     assert cols(b)[1][2:] == [40, 41]  # the columns left of it are the freed row's, masked out
@@ -109,19 +109,25 @@ def test_admit_writes_newcomers_into_free_slots_right_aligned():
 def test_admit_lays_the_cache_out_again_only_when_it_must_grow():
     b = batch_of([[1, 2], [3, 4]], [[1, 1], [0, 1]], capacity=4)
     wide = batch_of([[5, 6, 7]], [[1, 1, 1]])
-    b.admit(wide, max_rows=4)  # no free slot and a wider row: one copy into 4 slots, 3 columns
+    b.admit(wide, max_rows=4, max_tokens=10**6)  # no free slot and a wider row: one copy into 4 slots, 3 columns
     assert b.relayouts == 1 and len(b.rows) == 4 and b.kv.width == 3
     assert cols(b) == [[0, 1, 2], [0, 3, 4], [5, 6, 7], [0, 0, 0]]
     assert b.mask.int().tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]]
     assert b.kv.capacity == 3 + 3  # spare columns for the longest remaining row
-    b.admit(batch_of([[8]], [[1]]), max_rows=4)  # a free slot and room: no copy
+    b.admit(batch_of([[8]], [[1]]), max_rows=4, max_tokens=10**6)  # a free slot and room: no copy
     assert b.relayouts == 1 and cols(b)[3] == [0, 0, 8]
 
 
-def test_slots_never_grow_past_max_rows():
+def test_slots_never_grow_past_max_rows_or_the_token_budget():
     b = batch_of([[1], [2], [3]], [[1], [1], [1]])
-    b.admit(batch_of([[4]], [[1]]), max_rows=4)
+    b.admit(batch_of([[4]], [[1]]), max_rows=4, max_tokens=10**6)
     assert len(b.rows) == 4  # not 2 x 3
+    b = batch_of([[1], [2], [3]], [[1], [1], [1]])
+    b.admit(batch_of([[4]], [[1]]), max_rows=64, max_tokens=5 * (1 + 3))  # 1 column + 3 spare per slot
+    assert len(b.rows) == 5
+    b = batch_of([[1], [2], [3]], [[1], [1], [1]])
+    b.admit(batch_of([[4]], [[1]]), max_rows=64, max_tokens=1)
+    assert len(b.rows) == 4  # the rows admitted always get their slots
 
 
 def test_a_mostly_free_cache_moves_its_rows_down():
