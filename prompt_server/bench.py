@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     http.add_argument("--open-seconds", type=float, default=16.0,
                       help="open loop: requests sent at each rate = rate x this (at least 8)")
     http.add_argument("--out", default="bench-results", help="folder for bench-http.md, .json and .png")
+    http.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                      help="every request generates exactly --new-tokens tokens on both servers (default on)")
     http.add_argument("--transformers-cmd", default="transformers",
                       help="command that runs `transformers serve` (a transformers whose continuous batching runs "
                            "on this device)")
@@ -342,8 +344,9 @@ def _main_http(args) -> int:
 
     points = run_http(args, loaded.path, adapters_into, prompts)
     header = (f"model {loaded.model_id}, float32 on the CPU ({platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores), {args.new_tokens} new tokens per request, greedy, streamed; every "
-              f"adapter request on a different adapter")
+              f"{os.cpu_count()} cores), {args.new_tokens} new tokens per request"
+              f"{' (EOS ignored)' if args.ignore_eos else ''}, greedy, streamed; every adapter request on a "
+              f"different adapter")
     report(points, args, header)
     return 0
 

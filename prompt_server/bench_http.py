@@ -5,7 +5,9 @@
                         [--virtual-tokens 20,100] [--new-tokens 32] [--requests-per-client 2]
                         [--out DIR] [--transformers-cmd ".venv-bench/bin/transformers"] [--skip-transformers]
 
-Series, all on one model and one prompt set:
+Every request generates exactly --new-tokens tokens on both servers (EOS ignored, as `vllm bench serve` does;
+--no-ignore-eos lets EOS end a response, and then the series generate different amounts). Series, all on one model
+and one prompt set:
   - prompt-server, every request a different adapter of V virtual tokens (each --virtual-tokens value; the five
     kinds mixed: prompt tuning, P-tuning MLP and LSTM, prefix tuning with and without projection);
   - prompt-server, no adapter;
@@ -44,6 +46,10 @@ from prompt_server.procs import free_port, stop, wait_healthy
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 TRANSFORMERS = "transformers serve (no adapter)"
 OURS_BASE = "prompt-server, no adapter"
+# How each server is told to generate exactly max_tokens tokens: ours takes vLLM's `ignore_eos`; transformers serve
+# takes a whole generation config, and its continuous batching stops at no token when the EOS id is -1.
+OURS_IGNORE_EOS = {"ignore_eos": True}
+TRANSFORMERS_IGNORE_EOS = {"generation_config": json.dumps({"eos_token_id": -1})}
 
 
 def ours_adapters(v: int) -> str:
@@ -58,6 +64,7 @@ class Point:
     endpoint: str
     loop: str  # "closed" (level = concurrent clients) or "open" (level = requests/s)
     level: float
+    extra: dict = field(default_factory=dict)  # request fields for this server (how it ignores EOS)
     requests: int = 0
     tokens: int = 0
     wall: float = 0.0
@@ -71,7 +78,8 @@ class Point:
 
     def summary(self) -> dict:
         return {"series": self.series, "endpoint": self.endpoint, "loop": self.loop, "level": self.level,
-                "requests": self.requests, "errors": self.errors, "tokens": self.tokens, "wall_s": self.wall,
+                "requests": self.requests, "errors": self.errors, "tokens": self.tokens,
+                "tokens_per_request": self.tokens / self.requests if self.requests else 0.0, "wall_s": self.wall,
                 "tokens_per_s": self.rate, "ttft_p50_s": pct(self.ttfts, 0.5), "ttft_p99_s": pct(self.ttfts, 0.99),
                 "itl_p50_s": pct(self.itls, 0.5), "itl_p99_s": pct(self.itls, 0.99)}
 
@@ -85,12 +93,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, endpoint: str, model: str, prompt: str,
-                      new_tokens: int) -> tuple[list[float], int]:
+                      new_tokens: int, extra: dict | None = None) -> tuple[list[float], int]:
     """One streamed request, greedy; -> (the arrival time of each content chunk in seconds from the send, tokens
     generated). Tokens come from the final usage chunk where the server sends one, else one per content chunk (a
     token whose text is still an incomplete character is sent with the next one)."""
     body = {"model": model, "max_tokens": new_tokens, "stream": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -126,7 +134,7 @@ def _record(point: Point, arrivals: list[float], tokens: int) -> None:
 
 async def _guarded(point: Point, client, url, model, prompt, new_tokens) -> None:
     try:
-        _record(point, *await one_request(client, url, point.endpoint, model, prompt, new_tokens))
+        _record(point, *await one_request(client, url, point.endpoint, model, prompt, new_tokens, point.extra))
     except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # counted and reported, the run goes on
         point.errors += 1
         print(f"request failed: {exc}", file=sys.stderr)
@@ -169,22 +177,25 @@ async def open_loop(point: Point, url: str, models: list[str], prompts: list[str
     return point
 
 
-def sweep(url: str, series: str, models: list[str], prompts: list[str], args) -> list[Point]:
-    """Every endpoint x every load for one series on one running server, after a short warm-up."""
+def sweep(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict) -> list[Point]:
+    """Every endpoint x every load for one series on one running server, after a short warm-up. `extra`: the
+    request fields that make this server ignore EOS (with --ignore-eos), so both servers generate the same
+    number of tokens for every request."""
+    extra = extra if args.ignore_eos else {}
     points = []
     for endpoint in args.endpoints:
-        warm = Point(series, endpoint, "closed", min(8, len(prompts)))
+        warm = Point(series, endpoint, "closed", min(8, len(prompts)), extra)
         asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
         for c in args.concurrency:
             n = max(8, c * args.requests_per_client)
-            point = asyncio.run(closed_loop(Point(series, endpoint, "closed", c), url, models,
+            point = asyncio.run(closed_loop(Point(series, endpoint, "closed", c, extra), url, models,
                                             _take(prompts, n), args.new_tokens))
             points.append(point)
             _progress(point)
         for r in args.rates:
             n = max(8, round(r * args.open_seconds))
-            point = asyncio.run(open_loop(Point(series, endpoint, "open", r), url, models, _take(prompts, n),
-                                          args.new_tokens))
+            point = asyncio.run(open_loop(Point(series, endpoint, "open", r, extra), url, models,
+                                          _take(prompts, n), args.new_tokens))
             points.append(point)
             _progress(point)
     return points
@@ -221,8 +232,8 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[
             wait_healthy(url, proc, timeout=600)
             base = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             for v in args.virtual_tokens:
-                points += sweep(url, ours_adapters(v), ids[v], prompts, args)
-            points += sweep(url, OURS_BASE, [base], prompts, args)
+                points += sweep(url, ours_adapters(v), ids[v], prompts, args, OURS_IGNORE_EOS)
+            points += sweep(url, OURS_BASE, [base], prompts, args, OURS_IGNORE_EOS)
         finally:
             stop(proc)
         if args.skip_transformers:
@@ -236,7 +247,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, proc, timeout=600)
-            points += sweep(url, TRANSFORMERS, [str(model_dir)], prompts, args)
+            points += sweep(url, TRANSFORMERS, [str(model_dir)], prompts, args, TRANSFORMERS_IGNORE_EOS)
         finally:
             stop(proc)
     return points
@@ -248,10 +259,12 @@ def _load(p: dict) -> str:
 
 def table(points: list[dict]) -> str:
     """Markdown: one row per point, and the ratios against transformers serve at each closed-loop load."""
-    lines = ["| endpoint | load | series | tokens/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | errors |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| endpoint | load | series | tokens/s | tokens/request | TTFT p50 s | TTFT p99 s | ITL p50 ms | "
+              "ITL p99 ms | errors |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         lines.append(f"| {PATHS[p['endpoint']]} | {_load(p)} | {p['series']} | {p['tokens_per_s']:.1f} | "
+                     f"{p['tokens_per_request']:.1f} | "
                      f"{p['ttft_p50_s']:.3f} | {p['ttft_p99_s']:.3f} | {p['itl_p50_s'] * 1000:.0f} | "
                      f"{p['itl_p99_s'] * 1000:.0f} | {p['errors']} |")
     ratios = []

@@ -36,6 +36,7 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
     loaded = load_model(tiny_llama_dir, device="cpu", dtype="float32")
     args = argparse.Namespace(endpoints=["completions", "chat"], concurrency=[1, 4], rates=[8.0], new_tokens=6,
                               requests_per_client=2, open_seconds=1.0, virtual_tokens=[4], skip_transformers=False,
+                              ignore_eos=True,
                               transformers_cmd=str(TRANSFORMERS_CMD), out=str(tmp_path / "out"))
 
     def adapters_into(store: Path, n_virtual: int) -> list[str]:
@@ -51,7 +52,7 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
     for p in points:
         assert p.errors == 0, p
         assert p.requests == 8  # max(8, clients x 2) closed, max(8, rate x seconds) open
-        assert 8 <= p.tokens <= 8 * 6 and p.wall > 0  # usage counts every token, text or not
+        assert p.tokens == 8 * 6 and p.wall > 0  # EOS ignored on both servers; usage counts every token
         assert 0 < len(p.ttfts) <= 8 and all(t > 0 for t in p.ttfts)  # requests whose text was not empty
         assert len(p.itls) <= p.tokens - len(p.ttfts)  # gaps between a request's content chunks
 
@@ -60,6 +61,7 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
     assert (out / "bench-http.md").read_text() == text
     rows = json.loads((out / "bench-http.json").read_text())["points"]
     assert len(rows) == len(points) and rows[0]["tokens_per_s"] == points[0].rate
+    assert {r["tokens_per_request"] for r in rows} == {6.0}
     for s in series:
         assert f"| /v1/chat/completions | 4 clients | {s} |" in text
     assert f"| /v1/completions | 1 clients | {ours_adapters(4)} / {TRANSFORMERS} |" in text
