@@ -18,7 +18,9 @@ Loads, per endpoint (streamed /v1/completions and streamed /v1/chat/completions)
   - closed loop: C clients, each sending its next request when its last one ends (C from --concurrency);
   - open loop: requests arriving as a Poisson process at R requests/s (R from --rates), as `vllm bench serve` does.
 
-Reported per point: output tokens/s (generated tokens as each response's usage counts them, over the wall time from
+The servers' caches stay warm from point to point, as in a running server: every adapter is used once before the
+first point, and prompts repeat across points (prefix caching sees their shared head). Reported per point: output
+tokens/s (generated tokens as each response's usage counts them, over the wall time from
 the first request sent to the last one finished), time to first token (the first content chunk) and inter-token
 latency (the gaps between a response's content chunks) p50 and p99, errors. The table goes to stdout and to DIR/bench-http.md, every number to DIR/bench-http.json, and a plot
 to DIR/bench-http.png (matplotlib).
@@ -183,6 +185,10 @@ def sweep(url: str, series: str, models: list[str], prompts: list[str], args, ex
     number of tokens for every request."""
     extra = extra if args.ignore_eos else {}
     points = []
+    # warm-up: every model once (an adapter's soft-prompt keys/values are computed at its first use, once per
+    # version, as in a server that has seen its adapters before), then a few requests on each endpoint
+    asyncio.run(closed_loop(Point(series, args.endpoints[0], "closed", 8, extra), url, models,
+                            _take(prompts, max(8, len(models))), 2))
     for endpoint in args.endpoints:
         warm = Point(series, endpoint, "closed", min(8, len(prompts)), extra)
         asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
