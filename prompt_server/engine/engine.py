@@ -71,7 +71,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = False
-        self._stats = collections.Counter()
+        # counters exported from the start, also while they are zero
+        self._stats = collections.Counter(dict.fromkeys(("requests", "steps", "cache_relayouts"), 0))
 
     # ---- caller side (event loop thread) -------------------------------------------------------------------
     def start(self) -> None:

@@ -47,6 +47,7 @@ def test_metrics_count_requests_and_latencies(client):
     assert "# TYPE prompt_server_engine_prefix_cache_bytes gauge" in text
     assert "# TYPE prompt_server_engine_prefix_cache_stored_total counter" in text
     assert "# TYPE prompt_server_engine_prompt_kv_bytes gauge" in text
+    assert _sample(text, "prompt_server_engine_cache_relayouts_total") >= 0
     assert ok >= 1
     assert _sample(text, "prompt_server_requests_total", route="/generate", adapter="unknown", status="404") >= 1
     count = "prompt_server_time_to_first_token_seconds_count"
