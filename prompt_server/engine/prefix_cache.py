@@ -89,14 +89,15 @@ class PrefixCache:
             extended = old.adapter == adapter and old.tokens == tokens[: len(old.tokens)]
             if stale or extended:
                 self._remove(entry_id)
+        # room first, so that `bytes` (read by other threads) never passes the budget
+        while self.bytes + entry.nbytes > self.budget_bytes:
+            self._remove(next(iter(self._entries)))
+            self.stats.evictions += 1
         entry_id = next(self._ids)
         self._entries[entry_id] = entry
         self._index.setdefault((adapter, tokens[0]), set()).add(entry_id)
         self.bytes += entry.nbytes
         self.stats.stored += 1
-        while self.bytes > self.budget_bytes:
-            self._remove(next(iter(self._entries)))
-            self.stats.evictions += 1
 
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)

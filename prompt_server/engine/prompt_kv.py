@@ -89,13 +89,20 @@ class PromptKVCache:
         # Older versions of the same adapter are dead: requests pin the version they were admitted with.
         for old in [k for k in self._entries if k[0] == key[0]]:
             self.bytes -= _nbytes(self._entries.pop(old))
+        # room is made before the entry goes in, so `bytes` (read by other threads) never passes the budget; an
+        # entry that finds no room (pinned entries fill it) is used for this step and not kept, like an eviction
+        need = _nbytes(kv)
+        self._evict(need)
+        if self.bytes + need > self.budget_bytes and key[0] not in self.pinned:
+            self.stats.evictions += 1
+            return
         self._entries[key] = kv
-        self.bytes += _nbytes(kv)
-        self._evict()
+        self.bytes += need
 
-    def _evict(self) -> None:
+    def _evict(self, room: int) -> None:
+        """Drop unpinned entries, least recently used first, until `room` more bytes fit in the budget."""
         for key in list(self._entries):
-            if self.bytes <= self.budget_bytes:
+            if self.bytes + room <= self.budget_bytes:
                 break
             if key[0] in self.pinned:
                 continue

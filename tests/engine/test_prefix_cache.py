@@ -159,3 +159,21 @@ def test_store_replaces_what_it_extends_and_other_versions_and_evicts_least_rece
     assert [(e.adapter[1], e.tokens[0]) for e in cache.entries()] == [(0, 7), (2, 5)]
     assert cache.lookup(A, [9, 9, 9, 9, 9, 9, 9]) == (0, None)
     assert cache.bytes == 10 * unit
+
+
+def test_bytes_never_pass_the_budget_while_an_entry_goes_in():
+    """Other threads read `bytes` (the engine's stats): room is made before an entry is added, never after."""
+    unit = kv(1).numel() * 4
+    cache = PrefixCache(10 * unit)
+    seen = []
+    remove = cache._remove
+
+    def watched(entry_id):
+        seen.append(cache.bytes)  # what a reader could see at that moment
+        remove(entry_id)
+
+    cache._remove = watched
+    for first in range(6):
+        cache.store(A, [first] + [1] * 4, kv(5))
+        seen.append(cache.bytes)
+    assert cache.stats.evictions == 4 and seen and max(seen) <= 10 * unit
