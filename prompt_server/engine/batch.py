@@ -23,9 +23,10 @@ class RunningBatch:
     Rows are right-aligned on a shared last column (`kv.width`): a decode step writes one column for every row. A
     row keeps its slot from admission to its end; a finished row only frees its slot, and newcomers are written
     into free slots, right-aligned to the same column. Nothing of the running rows is copied when rows join or
-    leave; the cache is laid out again (one copy) only when its capacity changes: more slots than it has, a
-    newcomer wider than the columns left of the shared one, or the columns run out (then the columns no row uses
-    any more are dropped), and when at most half its slots are in use (the rows move to the lowest slots).
+    leave; the cache is laid out again (one copy) only when its capacity changes: more rows than slots, a newcomer
+    wider than the columns left of the shared one, or the columns run out (then the columns no row uses any more
+    are dropped); and when free slots make up half the slots up to the highest used one (the rows move to the
+    lowest slots, so attention runs over used slots only; the number of slots stays).
 
     Per slot: `rows` (None when free), `mask` [S, W] (True where the row has a real column; all False when free),
     `positions` [S] and `next_ids` [S]. Columns before `start` are used by no row: attention skips them.
@@ -65,7 +66,7 @@ class RunningBatch:
 
     def filter(self, keep: list[int]) -> RunningBatch | None:
         """Keep the rows at positions `keep` of `sequences()`; the others' slots are freed, nothing is copied
-        (unless at most half the slots stay in use: then the rows move down, see the class docstring)."""
+        (unless free slots make up half the span up to the highest used one: then the rows move down)."""
         if not keep:
             return None
         if len(keep) == len(self.alive):
@@ -76,8 +77,9 @@ class RunningBatch:
             self.rows[slot] = None
         self.mask[torch.tensor(gone, device=self.mask.device)] = False
         self._changed()
-        if len(self.rows) >= 8 and 2 * len(self.alive) <= len(self.rows):
-            self._relayout(len(self.alive), self.kv.width - self.start, spare_for(self.sequences()))
+        span = self.alive[-1] + 1
+        if span >= 8 and 2 * len(self.alive) <= span:
+            self._relayout(len(self.rows), self.kv.width - self.start, spare_for(self.sequences()))
         return self
 
     def admit(self, new: RunningBatch, max_rows: int, max_tokens: int) -> RunningBatch:

@@ -135,10 +135,16 @@ def test_a_mostly_free_cache_moves_its_rows_down():
     b = batch_of(values, [[1]] * 8)
     b.filter([1, 3, 4, 6, 7])
     assert b.relayouts == 0 and len(b.rows) == 8  # 5 of 8 slots in use
-    b.filter([1, 4])  # rows 3 and 7 left of 8 slots: moved into 2
-    assert b.relayouts == 1 and len(b.rows) == 2 and b.alive == [0, 1]
-    assert cols(b) == [[3.0], [7.0]]
-    assert b.positions.tolist() == [13, 17] and b.next_ids.tolist() == [103, 107]
+    b.filter([1, 4])  # rows 3 and 7 left of 8 slots: moved into slots 0 and 1, the 8 slots stay
+    assert b.relayouts == 1 and len(b.rows) == 8 and b.alive == [0, 1] and b.dense
+    assert cols(b)[:2] == [[3.0], [7.0]]
+    assert b.positions[:2].tolist() == [13, 17] and b.next_ids[:2].tolist() == [103, 107]
+
+
+def test_free_slots_at_the_top_cost_no_copy():
+    b = batch_of([[float(i)] for i in range(8)], [[1]] * 8)
+    b.filter([0, 1])  # slots 0 and 1 stay: no hole below the highest used slot
+    assert b.relayouts == 0 and b.dense and b.alive == [0, 1]
 
 
 def test_reserve_drops_columns_no_row_uses_when_full():
