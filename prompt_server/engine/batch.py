@@ -59,7 +59,7 @@ class RunningBatch:
     @property
     def dense(self) -> bool:
         """Rows fill slots 0..n-1: per-row tensors are plain views of the slot tensors."""
-        return len(self.alive) == len(self.rows) or (bool(self.alive) and self.alive[-1] == len(self.alive) - 1)
+        return not self.alive or self.alive[-1] == len(self.alive) - 1
 
     def sequences(self) -> list[Sequence]:
         return [self.rows[i] for i in self.alive]

@@ -263,11 +263,12 @@ class Engine:
         if batch is not None:
             batch.reserve(1)
             slots = batch.slots
+            new_column = batch.mask.new_zeros(len(batch.rows), 1)
+            new_column[slots] = True  # the token each running row feeds now; free slots stay masked out
             decode = DecodeInputs(
                 ids=batch.next_ids[slots],
                 kv=batch.kv,
-                mask=torch.cat([batch.mask, (batch.mask.new_zeros(len(batch.rows)).index_fill_(0, slots, True))[:, None]],
-                               dim=1),
+                mask=torch.cat([batch.mask, new_column], dim=1),
                 positions=batch.positions[slots],
                 slots=None if batch.dense else slots,
                 start=batch.start,
