@@ -24,6 +24,8 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # extra norms) means the layer computes something the lean path does not.
 LEAN_ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 LEAN_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+# The MLP the lean path writes out: down(act(gate(x)) * up(x)).
+LEAN_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
 class ConfigError(ValueError):
@@ -138,4 +140,7 @@ def lean_unsupported(model: Any) -> str | None:
         attn = {name for name, _ in layer.self_attn.named_children()}
         if attn != LEAN_ATTENTION_CHILDREN:
             return f"attention in layer {i} has modules {sorted(attn)}, not {sorted(LEAN_ATTENTION_CHILDREN)}"
+        mlp = {name for name, _ in layer.mlp.named_children()}
+        if mlp != LEAN_MLP_CHILDREN:
+            return f"MLP in layer {i} has modules {sorted(mlp)}, not {sorted(LEAN_MLP_CHILDREN)}"
     return None

@@ -88,6 +88,33 @@ def _packed_linear(linear: torch.nn.Module) -> torch.nn.Module | None:
     return _PACKED[linear]
 
 
+def _linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, linear.weight, linear.bias)
+
+
+def _linear_weight_first(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` for x [N, in] computed as W @ x^T, returned as a [N, out] view of the [out, N] product.
+
+    On the CPU, MKL multiplies a few rows by a large weight up to 1.7x faster in this orientation (the weight streams
+    through once instead of being repacked per call: 30 layers of the default model at 32 rows, 154 ms -> 89 ms on
+    an AVX2 EPYC). Elementwise ops keep the transposed layout, so the MLP's three products need no copies.
+    """
+    y = torch.mm(linear.weight, x.t())
+    if linear.bias is not None:
+        y += linear.bias[:, None]
+    return y.t()
+
+
+def _cpu_rows(n: int) -> int:
+    """How many rows a step's matrix multiplies run for n tokens on the CPU: at least 4, then a multiple of 8.
+
+    MKL's float32 products with few rows are up to twice as slow for some row counts (31 rows: 150 ms for the default
+    model's 30 layers, 32 rows: 90 ms; 9 rows: 80 ms, 16 rows: 60 ms; 1 row: 55 ms, 4 rows: 40 ms, on an AVX2 EPYC);
+    zero rows up to the next multiple of 8 cost less than they save.
+    """
+    return 4 if n <= 4 else -(-n // 8) * 8
+
+
 def make_runner(model: torch.nn.Module, forward_path: str = "lean") -> Runner:
     """The runner for a forward path chosen by compat.plan ("lean" or "generic")."""
     return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
@@ -162,6 +189,9 @@ class LlamaRunner(Runner):
         self.n_heads = attn.q_proj.out_features // self.head_dim
         self.attn_scale = attn.scaling
         self.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        cpu = model.device.type == "cpu"
+        self.linear = _linear_weight_first if cpu else _linear
+        self.pad_rows = _cpu_rows if cpu else int
 
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
         _, [(hidden, kv)] = self.step(None, [(inputs, spare)])
@@ -182,13 +212,21 @@ class LlamaRunner(Runner):
         for p in parts:
             bounds.append((start, start + p.tokens))
             start += p.tokens
+        # rows of zeros up to a count the CPU's matrix multiplies handle well; they belong to no part
+        pad = self.pad_rows(start) - start
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        lin = self.linear
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [N, H*d], [N, kv*d], [N, kv*d]
+            q, k, v = lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)  # [N, H*d], [N, kv*d] x2
             outs = [p.attend(i, q[a:b], k[a:b], v[a:b]) for p, (a, b) in zip(parts, bounds)]  # each [t, H*d]
-            x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if pad:
+                outs.append(q.new_zeros(pad, q.shape[1]))
+            x = x + lin(attn.o_proj, torch.cat(outs) if len(outs) > 1 else outs[0])
+            h = layer.post_attention_layernorm(x)
+            x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
         x = self.norm(x)
         results = [p.finish(x[a:b]) for p, (a, b) in zip(parts, bounds)]
         if decode is not None:
@@ -244,24 +282,33 @@ class _DecodePart(_Part):
             mask = mask.clone()
             mask[:, -1] = True
         self.mask = mask[:, None, None, :]  # [span, 1, 1, W+1-start]
+        # On the CPU attention is written out (a few rows per KV head: two batched products beat the fused kernel's
+        # per-block overhead), with the mask made additive once per step instead of once per layer.
+        self.bias = None
+        if self.x.device.type == "cpu":
+            self.bias = torch.zeros(self.mask.shape, dtype=self.x.dtype).masked_fill_(~self.mask, float("-inf"))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, b, d = self.r, self.b, self.r.head_dim
-        q = q.view(b, 1, r.n_heads, d).transpose(1, 2)  # [n, H, 1, d]
-        k = k.view(b, 1, r.n_kv, d).transpose(1, 2)  # [n, kv, 1, d]
+        q = q.contiguous().view(b, 1, r.n_heads, d).transpose(1, 2)  # [n, H, 1, d]
+        k = k.contiguous().view(b, 1, r.n_kv, d).transpose(1, 2)  # [n, kv, 1, d]
         q, k = r.apply_rotary(q, k, self.cos, self.sin)
         keys, values = self.kv.keys[layer], self.kv.values[layer]
         rows = slice(0, b) if self.slots is None else self.slots
         keys[rows, :, self.col] = k[:, :, 0]
-        values[rows, :, self.col] = v.view(b, r.n_kv, d)
+        values[rows, :, self.col] = v.reshape(b, r.n_kv, d)
         # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
         qg = q.reshape(b, r.n_kv, r.n_heads // r.n_kv, d)  # [n, kv, g, d]
         if self.slots is not None:
             qg = qg.new_zeros(self.span, *qg.shape[1:]).index_copy_(0, self.slots, qg)
         cols = slice(self.start, self.col + 1)
-        out = F.scaled_dot_product_attention(
-            qg, keys[: self.span, :, cols], values[: self.span, :, cols], attn_mask=self.mask, scale=r.attn_scale
-        )  # [span, kv, g, d]
+        keys, values = keys[: self.span, :, cols], values[: self.span, :, cols]
+        if self.bias is not None:
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(r.attn_scale).add_(self.bias)  # [span, kv, g, W]
+            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(qg.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self.mask, scale=r.attn_scale)
+        # out: [span, kv, g, d]
         if self.slots is not None:
             out = out[self.slots]
         return out.reshape(b, -1)
@@ -295,8 +342,8 @@ class _PrefillPart(_Part):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, n, s, d, pw = self.r, self.n, self.s, self.r.head_dim, self.pw
-        q = q.view(n, s, r.n_heads, d).transpose(1, 2)  # [n, H, S, d]
-        k = k.view(n, s, r.n_kv, d).transpose(1, 2)  # [n, kv, S, d]
+        q = q.contiguous().view(n, s, r.n_heads, d).transpose(1, 2)  # [n, H, S, d]
+        k = k.contiguous().view(n, s, r.n_kv, d).transpose(1, 2)  # [n, kv, S, d]
         q, k = r.apply_rotary(q, k, self.cos, self.sin)
         kc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
         vc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
@@ -304,7 +351,7 @@ class _PrefillPart(_Part):
             kc[:, :, :pw] = self.inputs.past[layer, 0]
             vc[:, :, :pw] = self.inputs.past[layer, 1]
         kc[:, :, pw : self.width] = k
-        vc[:, :, pw : self.width] = v.view(n, s, r.n_kv, d).transpose(1, 2)
+        vc[:, :, pw : self.width] = v.reshape(n, s, r.n_kv, d).transpose(1, 2)
         self.keys.append(kc)
         self.values.append(vc)
         out = F.scaled_dot_product_attention(

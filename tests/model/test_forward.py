@@ -1,0 +1,44 @@
+"""The lean runner's CPU arithmetic: weight-first products and padded row counts change no result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prompt_server.model import forward
+from prompt_server.model.batch import PrefillRow, build_prefill
+from prompt_server.model.loader import load_model
+from tests.tiny import save_tiny_arch
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_the_weight_first_product_is_the_linear_layer(bias, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 48)
+    y = forward._linear_weight_first(linear, x)
+    assert y.shape == (rows, 80)
+    torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias), rtol=0, atol=1e-5)
+
+
+def test_row_counts_are_padded_to_four_then_to_multiples_of_eight():
+    assert [forward._cpu_rows(n) for n in (1, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33)] == [
+        4, 4, 4, 8, 8, 16, 16, 24, 32, 32, 40]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, so zero rows do not stay zero
+def test_padding_rows_changes_no_hidden_state(arch, tmp_path):
+    loaded = load_model(save_tiny_arch(arch, tmp_path / arch), device="cpu", progress=False)
+    runner = forward.make_runner(loaded.model, "lean")
+    assert runner.pad_rows is forward._cpu_rows
+    rows = [PrefillRow(ids=[5, 6, 7, 8, 9]), PrefillRow(ids=[11, 12])]  # 2 x 5 tokens -> 16 rows
+    inputs = build_prefill(rows, 0, torch.device("cpu"))
+    with torch.inference_mode():
+        padded, kv_padded = runner.prefill(inputs, 2)
+        runner.pad_rows = int  # exactly as many rows as tokens
+        plain, kv_plain = runner.prefill(inputs, 2)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
+    for a, b in zip(kv_padded.keys + kv_padded.values, kv_plain.keys + kv_plain.values):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
