@@ -22,6 +22,7 @@ def build_service(settings: Settings) -> Service:
     import transformers
 
     from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.adapters.types import FAMILY_TASKS
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
 
@@ -55,6 +56,8 @@ def build_service(settings: Settings) -> Service:
         forward_path_reason=plan.reason,
         max_position=plan.max_position,
         serving_notes=plan.notes,
+        family=loaded.spec.family,
+        tasks=FAMILY_TASKS[loaded.spec.family],
     )
     log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s", info.model_id, info.architecture,
              info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "")

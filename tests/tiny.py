@@ -129,6 +129,24 @@ def resave_as_transformers_4(src: str | Path, dst: str | Path, tokenizer: str = 
     return dst
 
 
+def save_tiny_encoder(model_type: str, path: str | Path, **overrides) -> Path:
+    """A tiny random encoder classifier ("bert", "roberta") with a 2-label head, plus tokenizer; fixed seed."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    fields = {"vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 128, "max_position_embeddings": 128, "pad_token_id": tokenizer.pad_token_id,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    config = AutoConfig.for_model(model_type, **{**fields, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_tiny_model(kind: str, path: str | Path) -> Path:
     """Write a tiny random model ("llama" with GQA, or "gpt2") plus tokenizer to `path`; fixed seed."""
     path = Path(path)
@@ -189,8 +207,9 @@ def make_peft(base_model, variant: str, *, task_type: str = "CAUSAL_LM", num_vir
     from peft import get_peft_model
 
     if isinstance(base_model, (str, Path)):
-        if task_type == "SEQ_CLS":
-            base_model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+        if task_type == "SEQ_CLS":  # a head of another label count than the saved one is trained from scratch
+            base_model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels,
+                                                                            ignore_mismatched_sizes=True)
         else:
             base_model = AutoModelForCausalLM.from_pretrained(base_model)
     elif task_type == "SEQ_CLS":

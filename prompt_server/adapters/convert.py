@@ -12,12 +12,13 @@ import torch
 from prompt_server.adapters.encoders import collapse, encoder_weights, is_raw_checkpoint
 from prompt_server.adapters.errors import AdapterError
 from prompt_server.adapters.peft_format import AdapterConfig, parse_config, parse_weights, split_files
-from prompt_server.adapters.types import ClassifierHead, ModelSpec, SoftPrompt
+from prompt_server.adapters.types import FAMILY_NAMES, FAMILY_TASKS, ClassifierHead, ModelSpec, SoftPrompt
 
-# PEFT saves a SEQ_CLS head from modules_to_save as e.g. "base_model.score.weight"; a raw state dict names the trained
-# copy "...score.modules_to_save.<adapter>.weight" and also carries the frozen "...score.original_module.weight".
-_HEAD_KEY = re.compile(r"^(?:.*\.)?(score|classifier)\.(?:modules_to_save\.[^.]+\.)?(weight|bias)$")
-_ORIGINAL_HEAD_KEY = re.compile(r"^(?:.*\.)?(score|classifier)\.original_module\.(weight|bias)$")
+# PEFT saves a SEQ_CLS head from modules_to_save as e.g. "base_model.score.weight" (RoBERTa's two-layer head:
+# "base_model.classifier.dense.weight", "...classifier.out_proj.weight"); a raw state dict names the trained copy
+# "...score.modules_to_save.<adapter>.weight" and also carries the frozen "...score.original_module.weight".
+_HEAD_KEY = re.compile(r"^(?:.*\.)?(?:score|classifier)\.(?:modules_to_save\.[^.]+\.)?((?:\w+\.)*(?:weight|bias))$")
+_ORIGINAL_HEAD_KEY = re.compile(r"^(?:.*\.)?(?:score|classifier)\.original_module\.")
 MAX_LABELS = 1000
 
 
@@ -50,9 +51,9 @@ def _split_head(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
             continue
         m = _HEAD_KEY.match(key)
         if m:
-            if m.group(2) in head:
-                raise AdapterError(f"weights hold more than one classifier {m.group(2)} (key {key})")
-            head[m.group(2)] = value
+            if m.group(1) in head:
+                raise AdapterError(f"weights hold more than one classifier {m.group(1)} (key {key})")
+            head[m.group(1)] = value
         else:
             rest[key] = value
     return head, rest
@@ -103,24 +104,39 @@ def _prefix(cfg: AdapterConfig, emb: torch.Tensor, spec: ModelSpec) -> torch.Ten
 
 
 def _classifier(cfg: AdapterConfig, head: dict[str, torch.Tensor], spec: ModelSpec) -> ClassifierHead | None:
+    """The adapter's head, checked against the model's head parameter by parameter (label count free)."""
     if cfg.task_type != "SEQ_CLS":
         if head:
             raise AdapterError(f"classifier weights found but task_type is {cfg.task_type}: expected SEQ_CLS")
         return None
-    if "weight" not in head:
-        raise AdapterError("task_type SEQ_CLS needs a classifier head: key score.weight (or classifier.weight) missing")
-    weight = head["weight"].float()
-    if weight.dim() != 2 or weight.shape[1] != spec.hidden_size:
+    template = dict(spec.head_template)
+    out_name = [name for name, shape in spec.head_template if shape[0] == -1 and len(shape) == 2][-1]
+    if out_name not in head:
         raise AdapterError(
-            f"classifier weight has shape {list(weight.shape)}, expected [num_labels, {spec.hidden_size}]"
-        )
-    bias = head.get("bias")
-    if bias is not None:
-        bias = bias.float()
-        _check_shape("classifier bias", bias, (weight.shape[0],), "num_labels")
-        _finite("classifier bias", bias)
-    _finite("classifier weight", weight)
-    return ClassifierHead(weight=weight, bias=bias)
+            f"task_type SEQ_CLS needs a classifier head: key {out_name} under score. or classifier. missing")
+    unknown = sorted(set(head) - set(template))
+    if unknown:
+        raise AdapterError(f"classifier parameter(s) {', '.join(unknown)} are not part of the {spec.model_type} "
+                           f"head, which has {', '.join(template)}")
+    optional = {"bias"} if spec.head is None else set()  # a causal LM's score layer may have no bias
+    missing = [name for name in template if name not in head and name not in optional]
+    if missing:
+        raise AdapterError(f"classifier parameter(s) {', '.join(missing)} missing: the {spec.model_type} head has "
+                           f"{', '.join(template)}")
+    out = head[out_name]
+    num_labels = int(out.shape[0]) if out.dim() == 2 else 0
+    params = {}
+    for name, t in head.items():
+        dims = template[name]
+        expected = tuple(num_labels if d == -1 else d for d in dims)
+        what = ", ".join("num_labels" if d == -1 else str(d) for d in dims)
+        label = f"classifier {name.replace('.', ' ')}"
+        if tuple(t.shape) != expected:
+            raise AdapterError(f"{label} has shape {list(t.shape)}, expected [{what}]")
+        t = t.float()
+        _finite(label, t)
+        params[name] = t
+    return ClassifierHead(params=params, num_labels=num_labels)
 
 
 def _to(t: torch.Tensor | None, name: str, device: Any, dtype: torch.dtype) -> torch.Tensor | None:
@@ -147,6 +163,17 @@ def build_soft_prompt(
     """Parse, validate and convert an adapter's files into a published-ready SoftPrompt."""
     config_bytes, weights_name, weights_bytes = split_files(files)
     cfg = parse_config(config_bytes)
+    allowed = FAMILY_TASKS[spec.family]
+    if cfg.task_type not in allowed:
+        raise AdapterError(
+            f"task_type {cfg.task_type} cannot be served on {spec.model_type} ({FAMILY_NAMES[spec.family]}): "
+            f"expected {' or '.join(allowed)}"
+        )
+    if cfg.num_transformer_submodules != 1:
+        raise AdapterError(
+            f"num_transformer_submodules {cfg.num_transformer_submodules} is not supported: expected 1 on "
+            f"{spec.model_type} (2 means an encoder-decoder adapter)"
+        )
     if cfg.num_virtual_tokens > max_virtual_tokens:
         raise AdapterError(
             f"num_virtual_tokens {cfg.num_virtual_tokens} is more than the limit max_virtual_tokens {max_virtual_tokens}"
@@ -159,13 +186,13 @@ def build_soft_prompt(
     _finite("prompt_embeddings", emb)
     classifier = _classifier(cfg, head, spec)
     if classifier is not None:
-        n = classifier.weight.shape[0]
+        n = classifier.num_labels
         if labels is not None and len(labels) != n:
             raise AdapterError(f"labels has {len(labels)} entries, expected {n} (the classifier head's num_labels)")
         labels = labels or tuple(f"LABEL_{i}" for i in range(n))
         classifier = ClassifierHead(
-            weight=_to(classifier.weight, "classifier weight", device, dtype),  # type: ignore[arg-type]
-            bias=_to(classifier.bias, "classifier bias", device, dtype),
+            params={k: _to(v, f"classifier {k}", device, dtype) for k, v in classifier.params.items()},
+            num_labels=n,
         )
     virtual = prefix = None
     if cfg.peft_type == "PREFIX_TUNING":

@@ -20,7 +20,8 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 WEIGHT_FILES = (SAFETENSORS_FILE, BIN_FILE)
 IGNORED_FILES = ("README.md",)  # PEFT's save_pretrained writes a model card; it carries no weights
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+# PEFT task types; which of them a model serves depends on its family (types.FAMILY_TASKS)
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -78,13 +79,8 @@ def parse_config(data: bytes) -> AdapterConfig:
         )
     task_type = cfg.get("task_type")
     if task_type not in TASK_TYPES:
-        raise AdapterError(f"task_type {task_type!r} is not supported: expected one of {', '.join(TASK_TYPES)}")
+        raise AdapterError(f"task_type {task_type!r} is not a PEFT task type: expected one of {', '.join(TASK_TYPES)}")
     submodules = _int_field(cfg, "num_transformer_submodules", default=1)
-    if submodules != 1:
-        raise AdapterError(
-            f"num_transformer_submodules {submodules} is not supported: expected 1 (decoder-only base models; "
-            "2 means an encoder-decoder adapter)"
-        )
     reparam = cfg.get("encoder_reparameterization_type")
     if peft_type == "P_TUNING":
         reparam = str(reparam or "MLP").upper()

@@ -13,6 +13,13 @@ PREFIX_TUNING = "PREFIX_TUNING"
 SOFT_PROMPT_TYPES = (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)
 
 
+CAUSAL = "causal"  # decoder-only LMs: generation, and classification by verbalizers or a SEQ_CLS head
+ENCODER = "encoder"  # encoder-only classifiers (BERT, RoBERTa): classification only
+# The PEFT task types each model family serves.
+FAMILY_TASKS = {CAUSAL: ("CAUSAL_LM", "SEQ_CLS"), ENCODER: ("SEQ_CLS",)}
+FAMILY_NAMES = {CAUSAL: "a decoder-only causal LM", ENCODER: "an encoder-only classifier"}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The base-model dimensions an adapter must agree with."""
@@ -24,9 +31,13 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    family: str = CAUSAL
+    # The model's own classifier head (encoders): (parameter name, shape) with the label count as -1. None: a
+    # causal LM, whose SEQ_CLS head is one linear layer on the last token, [num_labels, hidden] (+ bias).
+    head: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> ModelSpec:
+    def from_config(cls, config: Any, family: str = CAUSAL, head=None) -> ModelSpec:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -37,15 +48,29 @@ class ModelSpec:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             vocab_size=config.vocab_size,
+            family=family,
+            head=head,
         )
+
+    @property
+    def head_template(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return self.head or (("weight", (-1, self.hidden_size)), ("bias", (-1,)))
 
 
 @dataclass(frozen=True)
 class ClassifierHead:
-    """A SEQ_CLS head applied to the last token's final hidden state."""
+    """A SEQ_CLS head: its parameters by the names of the model's head module (a causal LM's: weight, bias)."""
 
-    weight: torch.Tensor  # [num_labels, hidden]
-    bias: torch.Tensor | None  # [num_labels]
+    params: dict[str, torch.Tensor]
+    num_labels: int
+
+    @property
+    def weight(self) -> torch.Tensor:  # causal LMs: [num_labels, hidden]
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.params.get("bias")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
-from prompt_server.engine.types import AdapterNotFound, EngineError, EngineStopped, InvalidRequest, QueueFull
+from prompt_server.engine.types import (
+    AdapterNotFound,
+    EngineError,
+    EngineStopped,
+    InvalidRequest,
+    NotServed,
+    QueueFull,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,8 @@ def from_exception(exc: Exception) -> ApiError:
     """Map an engine or registry error to its HTTP form; anything else is a 500 that hides the detail."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, NotServed):
+        return ApiError(400, str(exc), BAD_REQUEST)
     if isinstance(exc, InvalidRequest):
         return ApiError(422, str(exc), VALIDATION)
     if isinstance(exc, AdapterNotFound):

@@ -30,6 +30,8 @@ class ModelInfo:
     forward_path_reason: str  # why generic; empty for lean
     max_position: int  # positions a sequence may use
     serving_notes: tuple[str, ...] = ()  # limits taken to stay exact
+    family: str = "causal"  # causal | encoder
+    tasks: tuple[str, ...] = ("CAUSAL_LM", "SEQ_CLS")  # the PEFT task types its adapters may have
 
 
 class ClientGone(Exception):
@@ -147,6 +149,8 @@ class Service:
             "architecture": self.info.architecture,
             "model_type": self.info.model_type,
             "transformers_version": self.info.transformers_version,
+            "family": self.info.family,
+            "tasks": list(self.info.tasks),
             "forward_path": self.info.forward_path,
             "forward_path_reason": self.info.forward_path_reason,
             "max_position": self.info.max_position,

@@ -35,6 +35,10 @@ class ClassifyJob:
                 rows.append(PrefillRow(ids=ids + lab, virtual=virtual, prefix=prefix))
         return rows
 
+    def predictions(self, scores: torch.Tensor) -> list[Prediction]:
+        """Head scores [inputs, labels] -> one prediction per input."""
+        return [_prediction(self.labels, row.float()) for row in scores]
+
     def score(self, hidden: list[torch.Tensor], logits_fn) -> list[Prediction]:
         """hidden[i]: [S_i, hidden] of row i, right-aligned -> one prediction per input."""
         if self.label_ids is None:
@@ -43,7 +47,7 @@ class ClassifyJob:
             scores = h @ head.weight.T  # [n, labels]
             if head.bias is not None:
                 scores = scores + head.bias
-            return [_prediction(self.labels, row.float()) for row in scores]
+            return self.predictions(scores)
         preds = []
         n_labels = len(self.label_ids)
         for i in range(len(self.inputs)):
@@ -75,14 +79,22 @@ def _prediction(labels: list[str], scores: torch.Tensor) -> Prediction:
     return Prediction(label=labels[best], score=probs[best], scores=dict(zip(labels, probs)))
 
 
-def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer) -> tuple[list[str], list | None]:
-    """Decide head or verbalizers; -> (label names, verbalizer token ids or None for the head)."""
+def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer,
+                base_labels: tuple[str, ...] | None = None) -> tuple[list[str], list | None]:
+    """Decide head or verbalizers; -> (label names, verbalizer token ids or None for the head).
+
+    base_labels: the model's own head's labels when it has one (encoder classifiers), used without an adapter.
+    """
     head = adapter.classifier if adapter is not None else None
-    if head is not None:
-        n = head.weight.shape[0]
-        names = list(labels) if labels else list(adapter.labels or [f"LABEL_{i}" for i in range(n)])
+    if head is not None or (adapter is None and base_labels is not None):
+        whose = "the adapter's" if head is not None else "the model's"
+        default = (adapter.labels or [f"LABEL_{i}" for i in range(head.num_labels)]) if head is not None else base_labels
+        n = len(default)
+        names = list(labels) if labels else list(default)
         if len(names) != n:
-            raise InvalidRequest(f"labels: the adapter's classifier head has {n} outputs, got {len(names)} labels")
+            raise InvalidRequest(f"labels: {whose} classifier head has {n} outputs, got {len(names)} labels")
+        if len(set(names)) != len(names):
+            raise InvalidRequest("labels: labels must be distinct")
         return names, None
     names = list(labels) if labels else list(adapter.labels or []) if adapter is not None else []
     if len(names) < 2:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from prompt_server.adapters.types import SoftPrompt
+from prompt_server.adapters.types import FAMILY_NAMES, SoftPrompt
 from prompt_server.engine.admission import Layout, Prepared
 from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks
 from prompt_server.engine.classify import ClassifyJob, plan_labels
@@ -26,6 +26,7 @@ from prompt_server.engine.types import (
     GenerateRequest,
     GenerationFailed,
     InvalidRequest,
+    NotServed,
     Prediction,
     QueueFull,
     Token,
@@ -56,12 +57,15 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.family = self.runner.family
         self.prompt_kv: PromptKVCache | None = None
-        if settings.prompt_kv_cache_bytes > 0:
+        # soft-prompt and prefix caching hold keys/values that only causal attention makes reusable
+        causal = self.runner.generates
+        if causal and settings.prompt_kv_cache_bytes > 0:
             pinned = frozenset(a.strip() for a in settings.pinned_adapters.split(",") if a.strip())
             self.prompt_kv = PromptKVCache(self.runner, self.pad_id, self.device, settings.prompt_kv_cache_bytes,
                                            pinned)
-        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if causal and settings.prefix_cache_bytes else None
         self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device)
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
@@ -85,6 +89,9 @@ class Engine:
     def warmup(self) -> None:
         """One prefill of a full-width batch and one decode step, so first requests do not pay one-off costs."""
         rows = [PrefillRow(ids=[self.pad_id] * 4) for _ in range(self.settings.max_batch_size)]
+        if not self.runner.generates:
+            self.runner.scores(self.runner.hidden(rows), None)
+            return
         with torch.inference_mode():
             inputs = build_prefill(rows, self.pad_id, self.device)
             hidden, kv = self.runner.prefill(inputs, spare=1)
@@ -134,6 +141,11 @@ class Engine:
         """Validate and queue a generation; the adapter version is pinned now."""
         if not self.ready:
             raise EngineStopped("the engine is not running")
+        if not self.runner.generates:
+            raise NotServed(
+                f"generation: the loaded model {self.model_id} is {FAMILY_NAMES[self.family]} "
+                f"({self.loaded.spec.model_type}), which does not generate text; use /classify"
+            )
         adapter = self._adapter(req.adapter_id)
         if adapter is not None and adapter.task_type == "SEQ_CLS":
             raise InvalidRequest(f"adapter_id: '{adapter.id}' is a SEQ_CLS adapter; use /classify with it")
@@ -164,7 +176,7 @@ class Engine:
             raise EngineStopped("the engine is not running")
         check_classify(req, self.settings)
         adapter = self._adapter(req.adapter_id)
-        labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer)
+        labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer, self._base_labels())
         soft = 0 if adapter is None else adapter.num_virtual_tokens
         inputs = [self._encode(text.rstrip(), True) for text in req.inputs]
         check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
@@ -176,6 +188,14 @@ class Engine:
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+
+    def _base_labels(self) -> tuple[str, ...] | None:
+        """An encoder classifier's own labels (config.id2label), used without an adapter; None for causal LMs,
+        which score labels as continuations."""
+        if self.runner.generates:
+            return None
+        config = self.loaded.model.config
+        return tuple(config.id2label[i] for i in range(config.num_labels))
 
     def _encode(self, prompt: str | list[int], special: bool) -> list[int]:
         if isinstance(prompt, list):
@@ -246,8 +266,11 @@ class Engine:
         """One forward for the running rows' next tokens and the newcomers' prompts, then hand out the tokens."""
         self._drop_cancelled()
         seqs, jobs = self._schedule()
-        for job in jobs:
-            self._classify(job)
+        if jobs and not self.runner.generates:
+            self._classify_together(jobs)
+        else:
+            for job in jobs:
+                self._classify(job)
         now = time.monotonic()
         for s in seqs:
             s.admitted_at = s.admitted_at or now  # a row's first chunk admits it
@@ -354,6 +377,36 @@ class Engine:
         except Exception as exc:  # this job fails alone
             log.exception("classification failed")
             job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _classify_together(self, jobs: list[ClassifyJob]) -> None:
+        """Jobs of any adapters (an encoder classifier's) in one forward; a failure is retried job by job, so
+        only the job that fails fails."""
+        try:
+            self._classify_rows(jobs)
+        except Exception:
+            log.info("classification batch failed; running its jobs one at a time", exc_info=True)
+            for job in jobs:
+                try:
+                    self._classify_rows([job])
+                except Exception as exc:
+                    log.exception("classification failed")
+                    job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _classify_rows(self, jobs: list[ClassifyJob]) -> None:
+        rows, spans = [], []
+        for job in jobs:
+            a = job.adapter
+            job_rows = job.build_rows(None if a is None else a.virtual_tokens, None if a is None else a.prefix)
+            spans.append((len(rows), len(rows) + len(job_rows)))
+            rows += job_rows
+        pooled = torch.cat([self.runner.hidden(chunk) for chunk in prefill_chunks(rows)])
+        results = []
+        for job, (a, b) in zip(jobs, spans):
+            head = None if job.adapter is None else job.adapter.classifier.params
+            results.append(job.predictions(self.runner.scores(pooled[a:b], head)))
+        for job, predictions in zip(jobs, results):
+            job.resolve(predictions)
+            self._count("classified", len(job.inputs))
 
     def _admit(self, group: Prepared, hidden: torch.Tensor, kv) -> RunningBatch | None:
         """A prefilled group: rows whose prompt is done choose their first token and form a batch to merge; rows

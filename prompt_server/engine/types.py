@@ -13,6 +13,10 @@ class InvalidRequest(EngineError):
     """The request breaks a limit or is malformed; the message names the field, the limit and the value."""
 
 
+class NotServed(InvalidRequest):
+    """A well-formed request the loaded model's family cannot serve (generation on an encoder classifier)."""
+
+
 class AdapterNotFound(EngineError):
     def __init__(self, adapter_id: str):
         super().__init__(f"adapter '{adapter_id}' not found")

@@ -22,6 +22,9 @@ from prompt_server.model.batch import KV, PrefillInputs, embed
 class Runner(ABC):
     """What the engine needs from a model: prefill new rows, decode one token for all rows, project to logits."""
 
+    family = "causal"
+    generates = True
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.lm_head = model.get_output_embeddings()
@@ -115,8 +118,12 @@ def _cpu_rows(n: int) -> int:
     return 4 if n <= 4 else -(-n // 8) * 8
 
 
-def make_runner(model: torch.nn.Module, forward_path: str = "lean") -> Runner:
-    """The runner for a forward path chosen by compat.plan ("lean" or "generic")."""
+def make_runner(model: torch.nn.Module, forward_path: str = "lean"):
+    """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers)."""
+    if forward_path == "encoder":
+        from prompt_server.model.encoder import EncoderRunner
+
+        return EncoderRunner(model)
     return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
 
 

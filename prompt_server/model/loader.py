@@ -1,4 +1,4 @@
-"""Load the frozen base model: any local Hugging Face causal-LM directory, or the embedded default."""
+"""Load the frozen base model: a local Hugging Face causal LM or encoder classifier directory, or the embedded default."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from prompt_server.adapters.types import ModelSpec
+from prompt_server.adapters.types import CAUSAL, ENCODER, ModelSpec
 from prompt_server.model.compat import ConfigError, ServingPlan, check_config_file, plan
+from prompt_server.model.encoder import ENCODER_MODEL_TYPES, OTHER_ENCODER_TYPES, head_shapes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def load_model(
     progress: bool = True,
     lean: bool = True,
 ) -> LoadedModel:
-    """Load a local causal LM (None = the embedded default model) frozen, in eval mode, on `device`.
+    """Load a local causal LM or encoder classifier (None = the embedded default model) frozen, in eval mode.
 
     Nothing is served that transformers would compute differently: the config is checked, the forward path
     chosen (`lean=False` forces the generic one) and proven against the model's own forward.
@@ -116,7 +117,7 @@ def load_model(
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from exc
     tokenizer = _load_tokenizer(path)
-    model = _load_weights(path, torch_dtype)
+    model, family = _load_weights(path, torch_dtype)
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
@@ -125,11 +126,16 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ModelLoadError(f"the tokenizer in {path} has neither a pad token nor an eos token")
-    serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
+    if family == ENCODER:
+        serving = _verified_encoder_plan(path, model, tokenizer.pad_token_id)
+        spec = ModelSpec.from_config(model.config, ENCODER, head_shapes(model))
+    else:
+        serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
+        spec = ModelSpec.from_config(model.config)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        spec=ModelSpec.from_config(model.config),
+        spec=spec,
         model_id=path.name,
         path=path,
         device=torch_device,
@@ -163,6 +169,24 @@ def _verified_plan(path: Path, model: Any, pad_id: int, lean: bool) -> ServingPl
     return chosen
 
 
+def _verified_encoder_plan(path: Path, model: Any, pad_id: int) -> ServingPlan:
+    """An encoder classifier's plan: its position limit, its batched forward proven against the model's own."""
+    from prompt_server.model.encoder import EncoderRunner
+    from prompt_server.model.selfcheck import SelfCheckFailed, check_encoder_runner
+
+    config = model.config
+    limit = config.max_position_embeddings
+    embeddings = getattr(model, model.base_model_prefix).embeddings
+    if hasattr(embeddings, "create_position_ids_from_input_ids"):  # RoBERTa counts positions from padding_idx + 1
+        limit -= embeddings.padding_idx + 1
+    vocab = model.get_input_embeddings().weight.shape[0]
+    try:
+        check_encoder_runner(EncoderRunner(model), model, vocab, pad_id, limit)
+    except SelfCheckFailed as exc:
+        raise ModelLoadError(f"{path}: not served: {exc}") from exc
+    return ServingPlan("encoder", "", int(limit))
+
+
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -183,16 +207,39 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def _load_weights(path: Path, dtype: torch.dtype) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _family(path: Path, config: Any) -> str:
+    """Which family serves this model; models that would be read as something they are not are refused."""
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"model_type {model_type!r} in {path / 'config.json'} is an encoder-decoder model, which is not served "
+            f"yet: prompt-server serves decoder-only causal LMs and the encoder-only classifiers "
+            f"{', '.join(ENCODER_MODEL_TYPES)}"
+        )
+    if getattr(config, "is_decoder", False):
+        return CAUSAL  # e.g. BERT built as a decoder (BertLMHeadModel)
+    if model_type in ENCODER_MODEL_TYPES:
+        return ENCODER
+    if model_type in OTHER_ENCODER_TYPES:
+        raise ModelLoadError(
+            f"model_type {model_type!r} in {path / 'config.json'} is an encoder-only model of a family not served "
+            f"yet: the encoder-only classifiers served are {', '.join(ENCODER_MODEL_TYPES)}"
+        )
+    return CAUSAL
+
+
+def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from exc
+    family = _family(path, config)
+    auto = AutoModelForSequenceClassification if family == ENCODER else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        return auto.from_pretrained(path, attn_implementation="sdpa", **kwargs), family
     except ValueError as exc:
         if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
             raise ModelLoadError(_weights_error(path, config, exc)) from exc
@@ -201,7 +248,7 @@ def _load_weights(path: Path, dtype: torch.dtype) -> Any:
     except Exception as exc:
         raise ModelLoadError(_weights_error(path, config, exc)) from exc
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, **kwargs), family
     except Exception as exc:
         raise ModelLoadError(_weights_error(path, config, exc)) from exc
 

@@ -64,3 +64,25 @@ def check_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, m
             f"logit; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
         )
     return diff
+
+
+@torch.inference_mode()
+def check_encoder_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, max_position: int) -> float:
+    """An encoder runner's batched scores for rows of different lengths against the model's own forward on each
+    row alone; raises SelfCheckFailed past tolerance."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    length = max(2, min(PROBE_TOKENS, max_position))
+    ids = probe_ids(vocab_size, length, device)[0].tolist()
+    rows = [PrefillRow(ids=ids), PrefillRow(ids=ids[: length // 2])]
+    got = runner.scores(runner.hidden(rows), None)
+    expected = torch.cat([model(input_ids=torch.tensor([r.ids], device=device)).logits.float() for r in rows])
+    scale = float(expected.abs().max().clamp_min(1.0))
+    diff = float((got - expected).abs().max()) / scale
+    limit = TOLERANCE.get(dtype, 1e-1)
+    if not diff <= limit:
+        raise SelfCheckFailed(
+            f"{type(runner).__name__} differs from the model's own forward by {diff:.2e} (relative to the largest "
+            f"score; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
+        )
+    return diff

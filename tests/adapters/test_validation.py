@@ -154,9 +154,15 @@ def test_config_must_be_an_object(peft_files, llama_spec):
     reject({**peft_files(), CONFIG: b"[1, 2]"}, llama_spec, r"adapter_config.json must hold a JSON object, got list")
 
 
-def test_unsupported_task_type(peft_files, llama_spec):
+def test_a_task_type_of_another_family_is_refused_naming_both(peft_files, llama_spec):
     reject(edit_config(peft_files(), task_type="SEQ_2_SEQ_LM"), llama_spec,
-           r"task_type 'SEQ_2_SEQ_LM' is not supported: expected one of CAUSAL_LM, SEQ_CLS")
+           r"task_type SEQ_2_SEQ_LM cannot be served on llama \(a decoder-only causal LM\): expected CAUSAL_LM or "
+           r"SEQ_CLS")
+
+
+def test_an_unknown_task_type_is_refused(peft_files, llama_spec):
+    reject(edit_config(peft_files(), task_type="TRANSLATE"), llama_spec,
+           r"task_type 'TRANSLATE' is not a PEFT task type: expected one of CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM")
 
 
 def test_encoder_decoder_adapter_rejected(peft_files, llama_spec):

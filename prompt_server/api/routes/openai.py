@@ -233,8 +233,9 @@ def _answer(cid: str, kind: str, created: int, model: str, choice: dict[str, Any
 async def models(service: ServiceDep) -> dict[str, Any]:
     """The base model and every adapter, as OpenAI model objects."""
     base = {"id": service.info.model_id, "object": "model", "created": int(service.started_at),
-            "owned_by": "prompt-server", "root": service.info.model_id, "parent": None}
+            "owned_by": "prompt-server", "root": service.info.model_id, "parent": None,
+            "family": service.info.family, "tasks": list(service.info.tasks)}
     adapters = [{"id": a.id, "object": "model", "created": int(a.created_at), "owned_by": "prompt-server",
                  "root": service.info.model_id, "parent": service.info.model_id, "peft_type": a.peft_type,
-                 "version": a.version} for a in service.registry.list()]
+                 "task_type": a.task_type, "version": a.version} for a in service.registry.list()]
     return {"object": "list", "data": [base, *adapters]}

@@ -1,0 +1,170 @@
+"""Encoder-only classifiers (BERT, RoBERTa): every soft-prompt kind PEFT supports on them, mixed in one forward,
+against PeftModelForSequenceClassification on each input alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prompt_server.adapters.errors import AdapterError
+from prompt_server.adapters.registry import AdapterRegistry
+from prompt_server.config import Settings
+from prompt_server.engine.engine import Engine
+from prompt_server.engine.types import ClassifyRequest, GenerateRequest, InvalidRequest
+from prompt_server.model.batch import PrefillRow
+from prompt_server.model.encoder import EncoderRunner
+from prompt_server.model.loader import ModelLoadError, load_model
+from tests.engine.conftest import put_dir
+from tests.tiny import VARIANTS, make_peft, save_peft, save_tiny_arch, save_tiny_encoder
+
+TEXTS = ["what a lovely day", "this is terrible and slow, I hated it", "ok"]
+FAMILIES = ("bert", "roberta")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def encoder(request, tmp_path_factory):
+    """(model dir, loaded model, registry holding one SEQ_CLS adapter of every kind, their PeftModels)."""
+    model_dir = save_tiny_encoder(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    loaded = load_model(model_dir, device="cpu", dtype="float32", progress=False)
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
+    peft = {}
+    for i, variant in enumerate(VARIANTS):
+        labels = 3 if variant == "p_tuning_lstm" else 2  # a head of its own label count
+        pm = make_peft(model_dir, variant, task_type="SEQ_CLS", num_labels=labels, seed=i, num_virtual_tokens=3 + i)
+        put_dir(registry, variant, save_peft(pm, tmp_path_factory.mktemp(variant)))
+        peft[variant] = pm
+    return model_dir, loaded, registry, peft
+
+
+def peft_probs(pm, tok, text: str) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].softmax(-1)
+
+
+def run(loaded, registry, coro_fn, **settings):
+    engine = Engine(loaded, registry, Settings(**settings))
+    engine.start()
+    try:
+        return asyncio.run(coro_fn(engine))
+    finally:
+        engine.stop()
+
+
+def test_an_encoder_loads_as_a_classifier_and_proves_itself(encoder):
+    _, loaded, _, _ = encoder
+    assert loaded.spec.family == "encoder" and loaded.plan.forward_path == "encoder"
+    assert type(loaded.model).__name__.endswith("ForSequenceClassification")
+    out_layer = "weight" if loaded.spec.model_type == "bert" else "out_proj.weight"
+    assert dict(loaded.spec.head)[out_layer] == (-1, 64)
+
+
+def test_every_kind_mixed_in_one_engine_step_matches_peft_alone(encoder):
+    _, loaded, registry, peft = encoder
+    tok = loaded.tokenizer
+
+    async def go(engine):
+        # all requests are queued before the engine thread takes them: they share one step's forward
+        calls = [engine.classify(ClassifyRequest(inputs=TEXTS, adapter_id=v)) for v in VARIANTS]
+        calls.append(engine.classify(ClassifyRequest(inputs=TEXTS)))  # no adapter: the model's own head
+        return await asyncio.gather(*calls)
+
+    results = run(loaded, registry, go)
+    for variant, preds in zip(VARIANTS, results):
+        pm = peft[variant]
+        for text, pred in zip(TEXTS, preds):
+            expected = peft_probs(pm, tok, text)
+            got = torch.tensor(list(pred.scores.values()))
+            assert torch.allclose(got, expected, atol=1e-4), (variant, text)
+            assert pred.label == f"LABEL_{int(expected.argmax())}"
+    base = results[-1]
+    for text, pred in zip(TEXTS, base):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            expected = loaded.model(input_ids=ids).logits[0].softmax(-1)
+        assert list(pred.scores) == ["negative", "positive"]  # the model's id2label
+        assert torch.allclose(torch.tensor(list(pred.scores.values())), expected, atol=1e-4)
+
+
+def test_rows_of_different_lengths_and_kinds_in_one_forward_equal_each_row_alone(encoder):
+    """The layout itself: prefix, virtual-token and plain rows padded together give each row's own scores."""
+    _, loaded, registry, _ = encoder
+    runner = EncoderRunner(loaded.model)
+    tok = loaded.tokenizer
+    prefix, virtual = registry.get("prefix"), registry.get("prompt_tuning")
+    rows = [PrefillRow(ids=tok(TEXTS[1]).input_ids, prefix=prefix.prefix),
+            PrefillRow(ids=tok(TEXTS[2]).input_ids, virtual=virtual.virtual_tokens),
+            PrefillRow(ids=tok(TEXTS[0]).input_ids)]
+    together = runner.hidden(rows)
+    for i, row in enumerate(rows):
+        alone = runner.hidden([row])
+        torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-5)
+
+
+def test_generation_is_refused_naming_the_family(encoder):
+    _, loaded, registry, _ = encoder
+
+    async def go(engine):
+        with pytest.raises(InvalidRequest, match=r"is an encoder-only classifier \((bert|roberta)\).*use /classify"):
+            engine.submit(GenerateRequest(prompt="hello", max_new_tokens=2))
+        return True
+
+    assert run(loaded, registry, go)
+
+
+def test_a_causal_lm_adapter_is_refused_on_an_encoder_naming_both(encoder, tiny_llama_dir, tmp_path):
+    _, loaded, registry, _ = encoder
+    files_dir = save_peft(make_peft(tiny_llama_dir, "prompt_tuning"), tmp_path / "causal")
+    before = sorted(a.id for a in registry.list())
+    with pytest.raises(AdapterError, match=rf"task_type CAUSAL_LM cannot be served on {loaded.spec.model_type} "
+                                           r"\(an encoder-only classifier\): expected SEQ_CLS"):
+        put_dir(registry, "causal", files_dir)
+    assert sorted(a.id for a in registry.list()) == before
+
+
+def test_a_head_that_is_not_the_models_is_refused_naming_the_parameter(encoder, tmp_path):
+    model_dir, loaded, registry, _ = encoder
+    saved = save_peft(make_peft(model_dir, "prompt_tuning", task_type="SEQ_CLS"), tmp_path / "a")
+    weights = load_file(saved / "adapter_model.safetensors")
+    out = "classifier.weight" if loaded.spec.model_type == "bert" else "classifier.out_proj.weight"
+    narrow = {**weights, f"base_model.{out}": torch.zeros(2, 32)}
+    save_file(narrow, saved / "adapter_model.safetensors")
+    label = out.removeprefix("classifier.").replace(".", " ")
+    with pytest.raises(AdapterError, match=rf"classifier {label} has shape \[2, 32\], expected \[num_labels, 64\]"):
+        put_dir(registry, "narrow", saved)
+    missing = {k: v for k, v in weights.items() if not k.endswith("classifier.bias")
+               and not k.endswith("out_proj.bias")}
+    save_file(missing, saved / "adapter_model.safetensors")
+    name = "bias" if loaded.spec.model_type == "bert" else "out_proj.bias"
+    with pytest.raises(AdapterError, match=rf"classifier parameter\(s\) {name} missing"):
+        put_dir(registry, "missing", saved)
+    assert registry.get("narrow") is None and registry.get("missing") is None
+
+
+def test_an_encoder_decoder_model_is_refused_with_the_reason(tmp_path):
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from tests.tiny import build_tokenizer
+
+    path = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=1000, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        d_kv=16)).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path) is not None
+    with pytest.raises(ModelLoadError, match=r"model_type 't5' .* is an encoder-decoder model, which is not served"):
+        load_model(path, device="cpu", progress=False)
+
+
+def test_an_encoder_family_not_served_is_refused_not_read_as_a_causal_lm(tmp_path):
+    path = save_tiny_arch("llama", tmp_path / "m")  # any weights: the config decides before they are read
+    config = path / "config.json"
+    import json
+
+    data = json.loads(config.read_text())
+    data.update(model_type="xlm-roberta", architectures=["XLMRobertaForMaskedLM"])
+    config.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"'xlm-roberta' .* encoder-only model of a family not served yet"):
+        load_model(path, device="cpu", progress=False)
