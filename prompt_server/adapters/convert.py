@@ -125,6 +125,11 @@ def _classifier(cfg: AdapterConfig, head: dict[str, torch.Tensor], spec: ModelSp
                            f"{', '.join(template)}")
     out = head[out_name]
     num_labels = int(out.shape[0]) if out.dim() == 2 else 0
+    if out.dim() == 2 and not 2 <= num_labels <= MAX_LABELS:
+        raise AdapterError(
+            f"classifier {out_name.replace('.', ' ')} has {num_labels} outputs: /classify needs a head of 2 to "
+            f"{MAX_LABELS} labels (one output is a regression head)"
+        )
     params = {}
     for name, t in head.items():
         dims = template[name]

@@ -51,3 +51,9 @@ def require_admin_key(request: Request, service: ServiceDep) -> None:
         _check(request, [s.admin_key], "admin key")
     elif s.api_key is not None:
         _check(request, [s.api_key], "API key")
+
+
+def require_generation(service: ServiceDep) -> None:
+    """Generation routes on a model that does not generate (an encoder classifier) answer 400 naming its family,
+    before the body is validated."""
+    service.check_generates()

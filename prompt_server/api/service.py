@@ -71,6 +71,10 @@ class Service:
             return "none"
         return adapter_id if self.registry.get(adapter_id) is not None else "unknown"
 
+    def check_generates(self) -> None:
+        """Raise NotServed (400) at once when the model does not generate text, before any other check."""
+        self.engine.check_generates()
+
     def submit(self, req: GenerateRequest) -> Any:
         """Hand a request to the engine; raises the engine's errors at once (bad input, unknown adapter, full queue)."""
         return self.engine.submit(req)

@@ -137,15 +137,19 @@ class Engine:
             self._waiting.append(item)
             self._cond.notify_all()
 
-    def submit(self, req: GenerateRequest) -> RequestHandle:
-        """Validate and queue a generation; the adapter version is pinned now."""
-        if not self.ready:
-            raise EngineStopped("the engine is not running")
+    def check_generates(self) -> None:
+        """Raise NotServed when the loaded model's family does not generate text (an encoder classifier)."""
         if not self.runner.generates:
             raise NotServed(
                 f"generation: the loaded model {self.model_id} is {FAMILY_NAMES[self.family]} "
                 f"({self.loaded.spec.model_type}), which does not generate text; use /classify"
             )
+
+    def submit(self, req: GenerateRequest) -> RequestHandle:
+        """Validate and queue a generation; the adapter version is pinned now."""
+        if not self.ready:
+            raise EngineStopped("the engine is not running")
+        self.check_generates()
         adapter = self._adapter(req.adapter_id)
         if adapter is not None and adapter.task_type == "SEQ_CLS":
             raise InvalidRequest(f"adapter_id: '{adapter.id}' is a SEQ_CLS adapter; use /classify with it")
@@ -176,6 +180,11 @@ class Engine:
             raise EngineStopped("the engine is not running")
         check_classify(req, self.settings)
         adapter = self._adapter(req.adapter_id)
+        if adapter is None and not self.runner.generates and not self.loaded.head_trained:
+            raise InvalidRequest(
+                f"adapter_id: the checkpoint of {self.model_id} has no trained classifier head, so only SEQ_CLS "
+                f"adapters classify with it; pass one"
+            )
         labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer, self._base_labels())
         soft = 0 if adapter is None else adapter.num_virtual_tokens
         inputs = [self._encode(text.rstrip(), True) for text in req.inputs]

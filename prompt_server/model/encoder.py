@@ -25,11 +25,9 @@ from transformers import DynamicCache
 
 from prompt_server.model.batch import PrefillRow
 
-# Encoder-only model types served (loaded with AutoModelForSequenceClassification), and others refused at load
-# rather than read as the causal LM some of them also have a class for.
+# Encoder-only model types served (loaded with AutoModelForSequenceClassification); other encoders (model types
+# with a masked-LM class) are refused at load rather than read as the causal LM some of them also have a class for.
 ENCODER_MODEL_TYPES = ("bert", "roberta")
-OTHER_ENCODER_TYPES = ("xlm-roberta", "camembert", "distilbert", "electra", "deberta", "deberta-v2", "albert", "mpnet",
-                       "ernie", "roberta-prelayernorm", "data2vec-text", "megatron-bert", "modernbert", "xlm")
 
 
 class EncoderRunner:

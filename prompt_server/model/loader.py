@@ -11,7 +11,7 @@ import torch
 
 from prompt_server.adapters.types import CAUSAL, ENCODER, ModelSpec
 from prompt_server.model.compat import ConfigError, ServingPlan, check_config_file, plan
-from prompt_server.model.encoder import ENCODER_MODEL_TYPES, OTHER_ENCODER_TYPES, head_shapes
+from prompt_server.model.encoder import ENCODER_MODEL_TYPES, head_shapes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     plan: ServingPlan  # forward path and position limit, proven by the start-up self-check
+    head_trained: bool = True  # an encoder classifier's checkpoint held its head (else only adapters classify)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -117,7 +118,8 @@ def load_model(
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from exc
     tokenizer = _load_tokenizer(path)
-    model, family = _load_weights(path, torch_dtype)
+    model, family, missing = _load_weights(path, torch_dtype)
+    head_trained = family != ENCODER or not _untrained(path, model, missing)
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
@@ -141,6 +143,7 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         plan=serving,
+        head_trained=head_trained,
     )
 
 
@@ -209,6 +212,8 @@ def transformers_version() -> str:
 
 def _family(path: Path, config: Any) -> str:
     """Which family serves this model; models that would be read as something they are not are refused."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(
@@ -220,7 +225,7 @@ def _family(path: Path, config: Any) -> str:
         return CAUSAL  # e.g. BERT built as a decoder (BertLMHeadModel)
     if model_type in ENCODER_MODEL_TYPES:
         return ENCODER
-    if model_type in OTHER_ENCODER_TYPES:
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # an encoder (some also have a causal-LM class)
         raise ModelLoadError(
             f"model_type {model_type!r} in {path / 'config.json'} is an encoder-only model of a family not served "
             f"yet: the encoder-only classifiers served are {', '.join(ENCODER_MODEL_TYPES)}"
@@ -228,7 +233,22 @@ def _family(path: Path, config: Any) -> str:
     return CAUSAL
 
 
-def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
+def _untrained(path: Path, model: Any, missing: list[str]) -> bool:
+    """An encoder classifier's checkpoint must hold every weight but its head's: a missing pooler or layer would
+    be random, and no adapter trained on the real one could be reproduced. -> whether the head is missing."""
+    head = "classifier." if hasattr(model, "classifier") else "score."
+    other = sorted(k for k in missing if not k.startswith(head))
+    if other:
+        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+        raise ModelLoadError(
+            f"{path}: the checkpoint has no weights for {shown}; they would be served random (a masked-LM "
+            f"checkpoint has no pooler): load the model the adapters were trained on, saved with these weights"
+        )
+    return any(k.startswith(head) for k in missing)
+
+
+def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str, list[str]]:
+    """-> (model, family, the weights the checkpoint lacked, newly initialized)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
@@ -237,9 +257,11 @@ def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
         raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from exc
     family = _family(path, config)
     auto = AutoModelForSequenceClassification if family == ENCODER else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True,
+                              "output_loading_info": True}
     try:
-        return auto.from_pretrained(path, attn_implementation="sdpa", **kwargs), family
+        model, info = auto.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        return model, family, list(info.get("missing_keys", ()))
     except ValueError as exc:
         if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
             raise ModelLoadError(_weights_error(path, config, exc)) from exc
@@ -248,7 +270,8 @@ def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
     except Exception as exc:
         raise ModelLoadError(_weights_error(path, config, exc)) from exc
     try:
-        return auto.from_pretrained(path, **kwargs), family
+        model, info = auto.from_pretrained(path, **kwargs)
+        return model, family, list(info.get("missing_keys", ()))
     except Exception as exc:
         raise ModelLoadError(_weights_error(path, config, exc)) from exc
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -16,6 +18,11 @@ from tests.tiny import make_peft, save_peft, save_tiny_encoder
 @pytest.fixture(scope="module")
 def roberta(tmp_path_factory):
     model_dir = save_tiny_encoder("roberta", tmp_path_factory.mktemp("roberta") / "model")
+    # as real BERT/RoBERTa tokenizers: no chat template
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     settings = Settings(model=str(model_dir), adapters=tmp_path_factory.mktemp("store"))
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client, model_dir
@@ -61,7 +68,8 @@ def test_classify_without_an_adapter_uses_the_models_own_head_and_labels(roberta
 
 @pytest.mark.parametrize("route,body", [
     ("/generate", {"inputs": "hello"}),
-    ("/v1/completions", {"model": "model", "prompt": "hello", "max_tokens": 2}),
+    ("/generate_stream", {"inputs": "hello", "parameters": {"max_new_tokens": 100000}}),
+    ("/v1/completions", {"model": "model", "prompt": "hello", "max_tokens": 100000}),
     ("/v1/chat/completions", {"model": "model", "messages": [{"role": "user", "content": "hi"}]}),
 ])
 def test_generation_routes_answer_400_naming_the_family(roberta, route, body):

@@ -67,7 +67,8 @@ def test_every_kind_mixed_in_one_engine_step_matches_peft_alone(encoder):
     tok = loaded.tokenizer
 
     async def go(engine):
-        # all requests are queued before the engine thread takes them: they share one step's forward
+        # queued together; the engine batches whatever is waiting when it steps (rows of every kind in one forward
+        # are checked directly below, on the runner)
         calls = [engine.classify(ClassifyRequest(inputs=TEXTS, adapter_id=v)) for v in VARIANTS]
         calls.append(engine.classify(ClassifyRequest(inputs=TEXTS)))  # no adapter: the model's own head
         return await asyncio.gather(*calls)
@@ -142,6 +143,59 @@ def test_a_head_that_is_not_the_models_is_refused_naming_the_parameter(encoder, 
     with pytest.raises(AdapterError, match=rf"classifier parameter\(s\) {name} missing"):
         put_dir(registry, "missing", saved)
     assert registry.get("narrow") is None and registry.get("missing") is None
+
+
+def test_a_head_with_fewer_than_two_labels_is_refused(encoder, tmp_path):
+    model_dir, loaded, registry, _ = encoder
+    saved = save_peft(make_peft(model_dir, "prefix", task_type="SEQ_CLS"), tmp_path / "a")
+    weights = load_file(saved / "adapter_model.safetensors")
+    out = "classifier" if loaded.spec.model_type == "bert" else "classifier.out_proj"
+    label = out.removeprefix("classifier").replace(".", " ").strip()
+    for n in (1, 0):
+        one = {**weights, f"base_model.{out}.weight": torch.zeros(n, 64), f"base_model.{out}.bias": torch.zeros(n)}
+        save_file(one, saved / "adapter_model.safetensors")
+        with pytest.raises(AdapterError, match=rf"classifier {label + ' ' if label else ''}weight has {n} outputs: "
+                                               r"/classify needs a head of 2 to"):
+            put_dir(registry, "one", saved)
+    assert registry.get("one") is None
+
+
+def test_a_checkpoint_without_its_pooler_is_refused(tmp_path):
+    """A masked-LM BERT has no pooler: served, it would be random, and no adapter trained on BERT would match."""
+    from transformers import AutoModelForMaskedLM
+
+    path = save_tiny_encoder("bert", tmp_path / "cls")
+    model = AutoModelForMaskedLM.from_pretrained(path)
+    model.save_pretrained(tmp_path / "mlm")
+    for f in path.glob("tokenizer*"):
+        (tmp_path / "mlm" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelLoadError, match=r"the checkpoint has no weights for bert\.pooler\.dense\.bias, "
+                                             r"bert\.pooler\.dense\.weight; they would be served random"):
+        load_model(tmp_path / "mlm", device="cpu", progress=False)
+
+
+def test_a_checkpoint_without_a_head_serves_adapters_only(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    path = save_tiny_encoder("roberta", tmp_path / "cls")
+    AutoModelForMaskedLM.from_pretrained(path).save_pretrained(tmp_path / "mlm")
+    for f in path.glob("tokenizer*"):
+        (tmp_path / "mlm" / f.name).write_bytes(f.read_bytes())
+    loaded = load_model(tmp_path / "mlm", device="cpu", progress=False)
+    assert not loaded.head_trained
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
+    pm = make_peft(tmp_path / "mlm", "prompt_tuning", task_type="SEQ_CLS", seed=3)
+    put_dir(registry, "pt", save_peft(pm, tmp_path / "pt"))
+
+    async def go(engine):
+        with pytest.raises(InvalidRequest, match=r"has no trained classifier head, so only SEQ_CLS adapters"):
+            await engine.classify(ClassifyRequest(inputs=TEXTS))
+        return await engine.classify(ClassifyRequest(inputs=TEXTS, adapter_id="pt"))
+
+    preds = run(loaded, registry, go)
+    for text, pred in zip(TEXTS, preds):
+        expected = peft_probs(pm, loaded.tokenizer, text)
+        assert torch.allclose(torch.tensor(list(pred.scores.values())), expected, atol=1e-4)
 
 
 def test_an_encoder_decoder_model_is_refused_with_the_reason(tmp_path):

@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from prompt_server.api.deps import ServiceDep
+from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.engine_requests import tgi_request
 from prompt_server.api.errors import ApiError, from_exception
 from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
@@ -17,7 +17,7 @@ from prompt_server.api.service import ClientGone, Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.engine.types import GenerationResult, Token, TokenEvent
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_generation)])
 
 _LOWEST = -1e30  # stands in for a generated token's -inf log-probability (clients want a float)
 

@@ -7,12 +7,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 
 from prompt_server import __version__
-from prompt_server.api.deps import ServiceDep
+from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.engine_requests import check_input_chars, check_max_new_tokens, check_stops
 from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, validation_error
 from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -166,7 +166,7 @@ def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: b
     return stream_response(events(), handle.cancel)
 
 
-@router.post("/completions", response_class=Response)
+@router.post("/completions", response_class=Response, dependencies=[Depends(require_generation)])
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI text completion; `model` is an adapter id or the base model id."""
     adapter = _adapter_for(body.model, service, request)
@@ -196,7 +196,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     return _answer(cid, "text_completion", created, model, choice, result)
 
 
-@router.post("/chat/completions", response_class=Response)
+@router.post("/chat/completions", response_class=Response, dependencies=[Depends(require_generation)])
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI chat completion, prompted through the tokenizer's chat template."""
     adapter = _adapter_for(body.model, service, request)
