@@ -23,6 +23,7 @@ class ClassifyJob:
     labels: list[str]
     label_ids: list[list[int]] | None  # verbalizer tokens per label; None when the adapter's head is used
     cancelled: bool = False
+    multi_label: bool = False  # a head's scores are independent (sigmoid), as the model's problem_type says
 
     def build_rows(self, virtual: torch.Tensor | None, prefix: torch.Tensor | None) -> list[PrefillRow]:
         """Rows for every input (and label), each with the adapter's virtual tokens or its keys/values."""
@@ -37,7 +38,7 @@ class ClassifyJob:
 
     def predictions(self, scores: torch.Tensor) -> list[Prediction]:
         """Head scores [inputs, labels] -> one prediction per input."""
-        return [_prediction(self.labels, row.float()) for row in scores]
+        return [_prediction(self.labels, row.float(), self.multi_label) for row in scores]
 
     def score(self, hidden: list[torch.Tensor], logits_fn) -> list[Prediction]:
         """hidden[i]: [S_i, hidden] of row i, right-aligned -> one prediction per input."""
@@ -73,8 +74,10 @@ class ClassifyJob:
         self.loop.call_soon_threadsafe(set_result)
 
 
-def _prediction(labels: list[str], scores: torch.Tensor) -> Prediction:
-    probs = scores.float().softmax(-1).tolist()
+def _prediction(labels: list[str], scores: torch.Tensor, multi_label: bool = False) -> Prediction:
+    """Scores -> probabilities: across the labels (softmax), or each label on its own (sigmoid) for a multi-label
+    head; the label is the most probable."""
+    probs = (scores.float().sigmoid() if multi_label else scores.float().softmax(-1)).tolist()
     best = max(range(len(labels)), key=lambda i: probs[i])
     return Prediction(label=labels[best], score=probs[best], scores=dict(zip(labels, probs)))
 

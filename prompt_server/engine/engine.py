@@ -58,6 +58,8 @@ class Engine:
         self.eos_ids = _eos_ids(loaded)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.family = self.runner.family
+        # heads trained for multi-label classification score each label on its own (transformers' problem_type)
+        self._multi_label = getattr(loaded.model.config, "problem_type", None) == "multi_label_classification"
         self.prompt_kv: PromptKVCache | None = None
         # soft-prompt and prefix caching hold keys/values that only causal attention makes reusable
         causal = self.runner.generates
@@ -190,7 +192,8 @@ class Engine:
         inputs = [self._encode(text.rstrip(), True) for text in req.inputs]
         check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
         loop = asyncio.get_running_loop()
-        job = ClassifyJob(loop, loop.create_future(), inputs, adapter, labels, label_ids)
+        job = ClassifyJob(loop, loop.create_future(), inputs, adapter, labels, label_ids,
+                          multi_label=label_ids is None and self._multi_label)
         self._enqueue(job)
         try:
             return await job.future

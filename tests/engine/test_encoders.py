@@ -198,6 +198,29 @@ def test_a_checkpoint_without_a_head_serves_adapters_only(tmp_path):
         assert torch.allclose(torch.tensor(list(pred.scores.values())), expected, atol=1e-4)
 
 
+def test_a_multi_label_model_scores_each_label_on_its_own(tmp_path):
+    path = save_tiny_encoder("bert", tmp_path / "m", problem_type="multi_label_classification")
+    loaded = load_model(path, device="cpu", progress=False)
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
+    pm = make_peft(path, "p_tuning_mlp", task_type="SEQ_CLS", seed=4)
+    put_dir(registry, "tags", save_peft(pm, tmp_path / "a"))
+
+    async def go(engine):
+        return await asyncio.gather(engine.classify(ClassifyRequest(inputs=TEXTS, adapter_id="tags")),
+                                    engine.classify(ClassifyRequest(inputs=TEXTS)))
+
+    with_adapter, base = run(loaded, registry, go)
+    tok = loaded.tokenizer
+    for text, pred, own in zip(TEXTS, with_adapter, base):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            expected = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].sigmoid()
+            expected_own = loaded.model(input_ids=ids).logits[0].sigmoid()
+        assert torch.allclose(torch.tensor(list(pred.scores.values())), expected, atol=1e-4)
+        assert torch.allclose(torch.tensor(list(own.scores.values())), expected_own, atol=1e-4)
+        assert pred.label == f"LABEL_{int(expected.argmax())}"
+
+
 def test_an_encoder_decoder_model_is_refused_with_the_reason(tmp_path):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
