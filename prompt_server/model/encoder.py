@@ -41,15 +41,10 @@ class EncoderRunner:
         self.backbone = getattr(model, model.base_model_prefix)
         self.embeddings = self.backbone.embeddings
         self.word_embeddings = self.backbone.get_input_embeddings()
-        self.head_name = "classifier" if hasattr(model, "classifier") else "score"
-        self.head = getattr(model, self.head_name)
+        self.head = classifier_head(model)
         # BertForSequenceClassification pools ([CLS] through a dense + tanh), RoBERTa's head reads column 0 itself;
         # PEFT's prefix path makes the same choice (the pooled output when the backbone returns one).
         self.pooler = getattr(self.backbone, "pooler", None)
-
-    def head_params(self) -> dict[str, torch.Tensor]:
-        """The model's own head weights, as an adapter's head would be given."""
-        return dict(self.head.named_parameters())
 
     def _positions(self, row: PrefillRow) -> torch.Tensor:
         """Row's positions [embed_len], by the model's own rules for a batch of one."""
@@ -110,9 +105,14 @@ class EncoderRunner:
         return functional_call(self.head, params, (pooled,)).float()
 
 
+def classifier_head(model: Any) -> torch.nn.Module:
+    """The *ForSequenceClassification model's head module (PEFT's modules_to_save names: classifier or score)."""
+    return model.classifier if hasattr(model, "classifier") else model.score
+
+
 def head_shapes(model: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The model's head parameters with the label count as -1: what an adapter's head must hold."""
-    head = model.classifier if hasattr(model, "classifier") else model.score
+    head = classifier_head(model)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     out_layer = linears[-1]
     out = []

@@ -223,6 +223,7 @@ class LlamaRunner(Runner):
         pad = self.pad_rows(start) - start
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            pad_out = x.new_zeros(pad, self.n_heads * self.head_dim)  # the pad rows' attention output, every layer
         lin = self.linear
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -230,7 +231,7 @@ class LlamaRunner(Runner):
             q, k, v = lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)  # [N, H*d], [N, kv*d] x2
             outs = [p.attend(i, q[a:b], k[a:b], v[a:b]) for p, (a, b) in zip(parts, bounds)]  # each [t, H*d]
             if pad:
-                outs.append(q.new_zeros(pad, q.shape[1]))
+                outs.append(pad_out)
             x = x + lin(attn.o_proj, torch.cat(outs) if len(outs) > 1 else outs[0])
             h = layer.post_attention_layernorm(x)
             x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))

@@ -11,7 +11,7 @@ import torch
 
 from prompt_server.adapters.types import CAUSAL, ENCODER, ModelSpec
 from prompt_server.model.compat import ConfigError, ServingPlan, check_config_file, plan
-from prompt_server.model.encoder import ENCODER_MODEL_TYPES, head_shapes
+from prompt_server.model.encoder import ENCODER_MODEL_TYPES, classifier_head, head_shapes
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def _family(path: Path, config: Any) -> str:
 def _untrained(path: Path, model: Any, missing: list[str]) -> bool:
     """An encoder classifier's checkpoint must hold every weight but its head's: a missing pooler or layer would
     be random, and no adapter trained on the real one could be reproduced. -> whether the head is missing."""
-    head = "classifier." if hasattr(model, "classifier") else "score."
+    module = classifier_head(model)
+    head = next(name for name, child in model.named_children() if child is module) + "."
     other = sorted(k for k in missing if not k.startswith(head))
     if other:
         shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
