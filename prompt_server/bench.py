@@ -39,6 +39,26 @@ TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bicycles", "tea", "c
           "clocks"]
 
 
+# --model random-t5-small: an encoder-decoder model of t5-small's shape (d_model 512, 6 + 6 layers, 8 heads,
+# d_ff 2048) with random weights and the default model's tokenizer (49152 tokens), made on the spot.
+RANDOM_T5 = "random-t5-small"
+
+
+def random_t5_small(root: Path) -> Path:
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from prompt_server.model.default import ensure_default_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model(None, progress=False))
+    config = T5Config(vocab_size=len(tok), d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                      num_heads=8, decoder_start_token_id=tok.pad_token_id or 0, pad_token_id=tok.pad_token_id or 0,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).eval().save_pretrained(root / RANDOM_T5)
+    tok.save_pretrained(root / RANDOM_T5)
+    return root / RANDOM_T5
+
+
 def make_prompts(n: int) -> list[str]:
     """Prompts of varied length, as a real mix of requests would be."""
     out = []
@@ -49,10 +69,10 @@ def make_prompts(n: int) -> list[str]:
     return out
 
 
-def peft_config(variant: str, n_virtual: int):
+def peft_config(variant: str, n_virtual: int, task_type: str = "CAUSAL_LM"):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": n_virtual}
+    common = {"task_type": task_type, "num_virtual_tokens": n_virtual}
     if variant == "prompt_tuning":
         return PromptTuningConfig(**common)
     if variant.startswith("p_tuning"):
@@ -68,7 +88,8 @@ def write_adapters(model, root: Path, n: int, n_virtual: int, prefix: str = "") 
     made = []
     for i in range(n):
         variant = VARIANTS[i % len(VARIANTS)]
-        pm = get_peft_model(model, peft_config(variant, n_virtual))
+        task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+        pm = get_peft_model(model, peft_config(variant, n_virtual, task))
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for name, p in pm.prompt_encoder["default"].named_parameters():
@@ -104,7 +125,8 @@ def run_peft_sequential(model, tok, adapters, prompts, root, new_tokens) -> floa
 
 
 def run_hf_batched(model, tok, prompts, new_tokens) -> float:
-    tok.padding_side = "left"
+    # a decoder-only model continues the prompt, so it is padded on the left; an encoder reads it right-padded
+    tok.padding_side = "right" if model.config.is_encoder_decoder else "left"
     enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     start = time.perf_counter()
     model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -143,7 +165,8 @@ def _floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prompt-server bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded default model); "
+                        f"{RANDOM_T5}: a random encoder-decoder model of t5-small's shape")
     parser.add_argument("--requests", type=int, default=32, help="requests in flight")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--virtual-tokens", type=_ints, default=None,
@@ -203,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model_dir = random_t5_small(Path(tempfile.mkdtemp())) if args.model == RANDOM_T5 else args.model
+    loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     prompts = make_prompts(args.requests)
     rates: dict[str, list[float]] = {m: [] for m in args.modes}

@@ -12,7 +12,7 @@ import torch
 from prompt_server.adapters.encoders import collapse, encoder_weights, is_raw_checkpoint
 from prompt_server.adapters.errors import AdapterError
 from prompt_server.adapters.peft_format import AdapterConfig, parse_config, parse_weights, split_files
-from prompt_server.adapters.types import FAMILY_NAMES, FAMILY_TASKS, ClassifierHead, ModelSpec, SoftPrompt
+from prompt_server.adapters.types import FAMILY_NAMES, FAMILY_TASKS, SEQ2SEQ, ClassifierHead, ModelSpec, SoftPrompt
 
 # PEFT saves a SEQ_CLS head from modules_to_save as e.g. "base_model.score.weight" (RoBERTa's two-layer head:
 # "base_model.classifier.dense.weight", "...classifier.out_proj.weight"); a raw state dict names the trained copy
@@ -75,11 +75,39 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: st
         raise AdapterError(f"{name} has shape {list(t.shape)}, expected {list(expected)} ({what})")
 
 
+def _check_submodules(cfg: AdapterConfig, spec: ModelSpec) -> None:
+    """PEFT's num_transformer_submodules: 1 on decoder-only and encoder-only models; on encoder-decoder models 1 or
+    2 for prompt tuning and P-tuning (only the first num_virtual_tokens rows are ever used, by the encoder), and 2
+    for prefix tuning (with 1, PEFT's own generate fails)."""
+    n = cfg.num_transformer_submodules
+    if spec.family != SEQ2SEQ:
+        if n != 1:
+            raise AdapterError(f"num_transformer_submodules {n} is not supported: expected 1 on {spec.model_type} "
+                               f"(2 means an encoder-decoder adapter)")
+        return
+    if cfg.peft_type == "PREFIX_TUNING":
+        if n != 2:
+            raise AdapterError(
+                f"num_transformer_submodules {n} is not supported for PREFIX_TUNING on {spec.model_type}: expected 2 "
+                f"(with 1, PEFT's PeftModelForSeq2SeqLM.generate fails: its one cache would serve both the decoder's "
+                f"self-attention and its cross-attention)")
+        if spec.decoder_layers > spec.num_layers:
+            raise AdapterError(
+                f"PREFIX_TUNING on {spec.model_type} with {spec.decoder_layers} decoder layers and {spec.num_layers} "
+                f"encoder layers is not supported: PEFT makes num_layers prefix layers (the encoder's count), and "
+                f"its generate fails when the decoder has more")
+    elif n not in (1, 2):
+        raise AdapterError(f"num_transformer_submodules {n} is not supported: expected 1 or 2 on {spec.model_type}")
+
+
 def _virtual_tokens(cfg: AdapterConfig, emb: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     if cfg.token_dim != spec.hidden_size:
         raise AdapterError(f"token_dim {cfg.token_dim} does not match the base model's hidden size {spec.hidden_size}")
-    _check_shape("prompt_embeddings", emb, (cfg.num_virtual_tokens, spec.hidden_size), "num_virtual_tokens, hidden size")
-    return emb  # [V, hidden]
+    rows = cfg.num_virtual_tokens * cfg.num_transformer_submodules
+    what = "num_virtual_tokens" + (" * num_transformer_submodules" if cfg.num_transformer_submodules > 1 else "")
+    _check_shape("prompt_embeddings", emb, (rows, spec.hidden_size), f"{what}, hidden size")
+    # An encoder-decoder model's table has a second block PEFT never reads: its encoder input is the first V rows.
+    return emb[: cfg.num_virtual_tokens]  # [V, hidden]
 
 
 def _prefix(cfg: AdapterConfig, emb: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -170,15 +198,16 @@ def build_soft_prompt(
     cfg = parse_config(config_bytes)
     allowed = FAMILY_TASKS[spec.family]
     if cfg.task_type not in allowed:
+        why = ""
+        if spec.family == SEQ2SEQ and cfg.task_type == "SEQ_CLS":
+            why = (" (PEFT's SEQ_CLS soft prompts fail on encoder-decoder classifiers: their forward takes neither "
+                   "inputs_embeds nor past_key_values the way PEFT passes them; classify with verbalizer labels "
+                   "and a SEQ_2_SEQ_LM adapter instead)")
         raise AdapterError(
             f"task_type {cfg.task_type} cannot be served on {spec.model_type} ({FAMILY_NAMES[spec.family]}): "
-            f"expected {' or '.join(allowed)}"
+            f"expected {' or '.join(allowed)}{why}"
         )
-    if cfg.num_transformer_submodules != 1:
-        raise AdapterError(
-            f"num_transformer_submodules {cfg.num_transformer_submodules} is not supported: expected 1 on "
-            f"{spec.model_type} (2 means an encoder-decoder adapter)"
-        )
+    _check_submodules(cfg, spec)
     if cfg.num_virtual_tokens > max_virtual_tokens:
         raise AdapterError(
             f"num_virtual_tokens {cfg.num_virtual_tokens} is more than the limit max_virtual_tokens {max_virtual_tokens}"

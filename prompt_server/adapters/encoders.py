@@ -101,11 +101,13 @@ def collapse(cfg: AdapterConfig, weights: dict[str, torch.Tensor]) -> torch.Tens
     if "embedding.weight" not in weights:
         raise AdapterError("encoder key embedding.weight is missing")
     embedding = weights["embedding.weight"].float()  # [V, in]
-    if embedding.dim() != 2 or embedding.shape[0] != cfg.num_virtual_tokens or embedding.shape[1] == 0:
-        raise AdapterError(
-            f"encoder embedding.weight has shape {list(embedding.shape)}, expected "
-            f"[num_virtual_tokens={cfg.num_virtual_tokens}, ...]"
-        )
+    # prompt tuning and P-tuning tables hold num_virtual_tokens rows per transformer submodule; a prefix's one set
+    rows = cfg.num_virtual_tokens * (1 if cfg.peft_type == "PREFIX_TUNING" else cfg.num_transformer_submodules)
+    if embedding.dim() != 2 or embedding.shape[0] != rows or embedding.shape[1] == 0:
+        what = f"num_virtual_tokens={cfg.num_virtual_tokens}"
+        if rows != cfg.num_virtual_tokens:
+            what += f" * num_transformer_submodules={cfg.num_transformer_submodules}"
+        raise AdapterError(f"encoder embedding.weight has shape {list(embedding.shape)}, expected [{what}, ...]")
     try:
         if cfg.peft_type == "PROMPT_TUNING":
             return embedding

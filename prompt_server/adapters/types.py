@@ -15,9 +15,11 @@ SOFT_PROMPT_TYPES = (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)
 
 CAUSAL = "causal"  # decoder-only LMs: generation, and classification by verbalizers or a SEQ_CLS head
 ENCODER = "encoder"  # encoder-only classifiers (BERT, RoBERTa): classification only
+SEQ2SEQ = "seq2seq"  # encoder-decoder LMs (T5, BART): generation, and classification by verbalizers
 # The PEFT task types each model family serves.
-FAMILY_TASKS = {CAUSAL: ("CAUSAL_LM", "SEQ_CLS"), ENCODER: ("SEQ_CLS",)}
-FAMILY_NAMES = {CAUSAL: "a decoder-only causal LM", ENCODER: "an encoder-only classifier"}
+FAMILY_TASKS = {CAUSAL: ("CAUSAL_LM", "SEQ_CLS"), ENCODER: ("SEQ_CLS",), SEQ2SEQ: ("SEQ_2_SEQ_LM",)}
+FAMILY_NAMES = {CAUSAL: "a decoder-only causal LM", ENCODER: "an encoder-only classifier",
+                SEQ2SEQ: "an encoder-decoder LM"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,14 @@ class ModelSpec:
     # The model's own classifier head (encoders): (parameter name, shape) with the label count as -1. None: a
     # causal LM, whose SEQ_CLS head is one linear layer on the last token, [num_labels, hidden] (+ bias).
     head: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    # Encoder-decoder models: the decoder's layer count (num_layers counts the encoder's, as PEFT does); else 0.
+    decoder_layers: int = 0
 
     @classmethod
     def from_config(cls, config: Any, family: str = CAUSAL, head=None) -> ModelSpec:
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # T5's head size is its own setting (d_kv), not hidden_size / heads
+        head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
         return cls(
             model_type=config.model_type,
             hidden_size=config.hidden_size,
@@ -50,6 +55,8 @@ class ModelSpec:
             vocab_size=config.vocab_size,
             family=family,
             head=head,
+            decoder_layers=(getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+                            or config.num_hidden_layers) if family == SEQ2SEQ else 0,
         )
 
     @property
@@ -80,7 +87,7 @@ class SoftPrompt:
     id: str
     version: int
     peft_type: str  # PROMPT_TUNING | P_TUNING | PREFIX_TUNING
-    task_type: str  # CAUSAL_LM | SEQ_CLS
+    task_type: str  # CAUSAL_LM | SEQ_CLS | SEQ_2_SEQ_LM
     num_virtual_tokens: int
     sha256: str  # of the stored weights file
     size_bytes: int  # of the stored files together

@@ -26,11 +26,11 @@ class ModelInfo:
     architecture: str  # the config's architectures[0], e.g. LlamaForCausalLM
     model_type: str
     transformers_version: str
-    forward_path: str  # lean | generic
+    forward_path: str  # lean | generic | encoder | seq2seq
     forward_path_reason: str  # why generic; empty for lean
     max_position: int  # positions a sequence may use
     serving_notes: tuple[str, ...] = ()  # limits taken to stay exact
-    family: str = "causal"  # causal | encoder
+    family: str = "causal"  # causal | encoder | seq2seq
     tasks: tuple[str, ...] = ("CAUSAL_LM", "SEQ_CLS")  # the PEFT task types its adapters may have
 
 

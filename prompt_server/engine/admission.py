@@ -34,11 +34,12 @@ class Layout:
     """Soft prompts, cached heads and chunks in front of each row's tokens."""
 
     def __init__(self, prompt_kv: PromptKVCache | None, prefix_cache: PrefixCache | None, pad_id: int,
-                 device: torch.device):
+                 device: torch.device, build=build_prefill):
         self.prompt_kv = prompt_kv
         self.prefix_cache = prefix_cache
         self.pad_id = pad_id
         self.device = device
+        self.build = build  # the runner's layout of newcomer rows (model/batch.py's, or an encoder-decoder's)
 
     def soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """(virtual tokens, prefix keys/values) per row; virtual tokens become their cached keys/values when the
@@ -78,7 +79,7 @@ class Layout:
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
             rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix))
             starts.append(start)
-        return Prepared(seqs, rows, starts, build_prefill(rows, self.pad_id, self.device), spare_for(seqs))
+        return Prepared(seqs, rows, starts, self.build(rows, self.pad_id, self.device), spare_for(seqs))
 
     def keep_partial(self, group: Prepared, i: int, kv) -> torch.Tensor:
         """Row i's keys/values so far, for its next chunk: the prefix region's last columns (soft prompt, head,

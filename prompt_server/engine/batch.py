@@ -103,6 +103,8 @@ class RunningBatch:
         src = new.slots
         for dst_t, src_t in zip(self.kv.keys + self.kv.values, new.kv.keys + new.kv.values):
             dst_t[slots, :, col - w : col] = src_t[src, :, new.start : new.kv.width]
+        if self.kv.cross is not None:
+            self.kv.cross.write(slots, new.kv.cross, src)
         self.mask[slots] = False
         self.mask[slots, col - w : col] = new.mask[src, new.start : new.kv.width]
         self.positions[slots] = new.positions[src]
@@ -132,7 +134,8 @@ class RunningBatch:
             out[:n, :, new_cols] = t[src, :, old_cols]
             return out
 
-        self.kv = KV([moved(k) for k in self.kv.keys], [moved(v) for v in self.kv.values], width)
+        cross = None if self.kv.cross is None else self.kv.cross.moved(src, n_slots)
+        self.kv = KV([moved(k) for k in self.kv.keys], [moved(v) for v in self.kv.values], width, cross)
         mask = self.mask.new_zeros(n_slots, width)
         mask[:n, new_cols] = self.mask[src, old_cols]
         self.mask = mask

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from prompt_server.adapters.types import FAMILY_NAMES, SoftPrompt
+from prompt_server.adapters.types import FAMILY_NAMES, SEQ2SEQ, SoftPrompt
 from prompt_server.engine.admission import Layout, Prepared
 from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks
 from prompt_server.engine.classify import ClassifyJob, plan_labels
@@ -31,8 +31,15 @@ from prompt_server.engine.types import (
     QueueFull,
     Token,
 )
-from prompt_server.engine.validation import check_classify, check_classify_lengths, check_generate
+from prompt_server.engine.validation import (
+    check_classify,
+    check_classify_lengths,
+    check_generate,
+    check_seq2seq_classify,
+    check_seq2seq_lengths,
+)
 from prompt_server.model.batch import PrefillRow, build_prefill
+from prompt_server.model.compat import UNBOUNDED_POSITIONS
 from prompt_server.model.forward import DecodeInputs, make_runner
 from prompt_server.model.sampling import RowSampler, choose, token_logprobs
 
@@ -62,13 +69,19 @@ class Engine:
         self._multi_label = getattr(loaded.model.config, "problem_type", None) == "multi_label_classification"
         self.prompt_kv: PromptKVCache | None = None
         # soft-prompt and prefix caching hold keys/values that only causal attention makes reusable
-        causal = self.runner.generates
+        causal = self.runner.caches_prompts
         if causal and settings.prompt_kv_cache_bytes > 0:
             pinned = frozenset(a.strip() for a in settings.pinned_adapters.split(",") if a.strip())
             self.prompt_kv = PromptKVCache(self.runner, self.pad_id, self.device, settings.prompt_kv_cache_bytes,
                                            pinned)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if causal and settings.prefix_cache_bytes else None
-        self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device)
+        build = self.runner.build_prefill if self.runner.generates else build_prefill  # classifiers never prefill
+        self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device, build)
+        # encoder-decoder models: the prompt goes to the encoder whole, and the model's generation config may force
+        # the first and the last generated token (BART's forced_eos_token_id), as transformers' generate does
+        self.seq2seq = self.family == SEQ2SEQ
+        self.forced_bos = self.runner.forced_bos if self.seq2seq else None
+        self.forced_eos = self.runner.forced_eos if self.seq2seq else None
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
@@ -95,7 +108,7 @@ class Engine:
             self.runner.scores(self.runner.hidden(rows), None)
             return
         with torch.inference_mode():
-            inputs = build_prefill(rows, self.pad_id, self.device)
+            inputs = self.runner.build_prefill(rows, self.pad_id, self.device)
             hidden, kv = self.runner.prefill(inputs, spare=1)
             self.runner.logits(hidden[:, -1])
             mask = torch.cat([inputs.mask, inputs.mask.new_ones(len(rows), 1)], dim=1)
@@ -157,7 +170,15 @@ class Engine:
             raise InvalidRequest(f"adapter_id: '{adapter.id}' is a SEQ_CLS adapter; use /classify with it")
         ids = self._encode(req.prompt, req.add_special_tokens)
         soft = 0 if adapter is None else adapter.num_virtual_tokens
-        check_generate(req, len(ids), soft, self.settings, self.max_position)
+        if self.seq2seq:
+            if req.prefill_logprobs:
+                raise InvalidRequest(
+                    f"decoder_input_details: {self.model_id} is an encoder-decoder model; its prompt goes to the "
+                    f"encoder, which gives no token logprobs"
+                )
+            check_seq2seq_lengths(req, len(ids), adapter, self.max_position, self.runner.encoder_context)
+        check_generate(req, len(ids), 0 if self.seq2seq else soft, self.settings,
+                       self.max_position if not self.seq2seq else UNBOUNDED_POSITIONS)
         handle = RequestHandle(asyncio.get_running_loop(), len(ids), self._wake)
         seq = Sequence(
             handle=handle,
@@ -171,6 +192,8 @@ class Engine:
             max_position=self.max_position,
             inline_virtual=self.prompt_kv is None,
             deadline=time.monotonic() + self.settings.request_timeout,
+            chunked=not self.seq2seq,
+            context=[self.runner.decoder_start] if self.seq2seq else None,
         )
         self._enqueue(seq)
         self._count("requests", 1)
@@ -190,7 +213,11 @@ class Engine:
         labels, label_ids = plan_labels(adapter, req.labels, self.tokenizer, self._base_labels())
         soft = 0 if adapter is None else adapter.num_virtual_tokens
         inputs = [self._encode(text.rstrip(), True) for text in req.inputs]
-        check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
+        if self.seq2seq:  # labels are scored by the decoder, inputs read by the encoder
+            check_seq2seq_classify(inputs, label_ids, adapter, self.settings, self.max_position,
+                                   self.runner.encoder_context)
+        else:
+            check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
         loop = asyncio.get_running_loop()
         job = ClassifyJob(loop, loop.create_future(), inputs, adapter, labels, label_ids,
                           multi_label=label_ids is None and self._multi_label)
@@ -378,6 +405,9 @@ class Engine:
         return plan.prefill, plan.classify
 
     def _classify(self, job: ClassifyJob) -> None:
+        if self.seq2seq:
+            self._classify_seq2seq(job)
+            return
         try:
             rows = job.build_rows(*self.layout.soft([job.adapter])[0])
             hidden = []
@@ -385,6 +415,21 @@ class Engine:
                 h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
                 hidden.extend(h.unbind(0))  # rows keep their own right-aligned [S, hidden]
             job.resolve(job.score(hidden, self.runner.logits))
+            self._count("classified", len(job.inputs))
+        except Exception as exc:  # this job fails alone
+            log.exception("classification failed")
+            job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _classify_seq2seq(self, job: ClassifyJob) -> None:
+        """Verbalizer labels scored by an encoder-decoder model: each input through the encoder once, each label
+        through the decoder after the start token."""
+        try:
+            a = job.adapter
+            rows = [PrefillRow(ids=ids, virtual=None if a is None else a.virtual_tokens,
+                               prefix=None if a is None else a.prefix) for ids in job.inputs]
+            scores = torch.cat([self.runner.label_scores(chunk, job.label_ids, self.pad_id, self.device)
+                                for chunk in prefill_chunks(rows)])
+            job.resolve(job.predictions(scores))
             self._count("classified", len(job.inputs))
         except Exception as exc:  # this job fails alone
             log.exception("classification failed")
@@ -477,9 +522,11 @@ class Engine:
             for r in rows
         ]
         ids = choose(logits, samplers, history)
+        positions = batch.positions[batch.slots].tolist()
+        if self.forced_bos is not None or self.forced_eos is not None:
+            ids = self._forced(rows, ids, positions)
         logprobs = token_logprobs(logits, ids).tolist()
         id_list = ids.tolist()
-        positions = batch.positions[batch.slots].tolist()
         now = time.monotonic()
         keep = []
         finished = 0
@@ -497,6 +544,17 @@ class Engine:
         self._count("finished", finished)
         batch.next_ids[batch.slots] = ids
         return batch.filter(keep)
+
+    def _forced(self, rows: list[Sequence], ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """The generation config's forced tokens, as transformers' ForcedBOS/ForcedEOS logits processors do: the
+        first generated token is forced_bos_token_id, the last one the row may generate forced_eos_token_id."""
+        forced = ids.tolist()
+        for i, r in enumerate(rows):
+            if self.forced_bos is not None and not r.generated:
+                forced[i] = self.forced_bos
+            elif self.forced_eos is not None and (r.remaining <= 1 or positions[i] + 1 >= self.max_position):
+                forced[i] = self.forced_eos
+        return torch.tensor(forced, dtype=ids.dtype, device=ids.device)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()

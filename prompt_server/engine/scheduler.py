@@ -2,8 +2,8 @@
 
 A step runs at most `max_step_tokens` tokens: one for each running row, the rest for prompts, rows mid-prefill
 first, then waiting requests in arrival order. A prompt longer than what is left is prefilled in chunks over
-several steps (a request asking for every prompt token's logprob, or whose virtual tokens run inline, is prefilled
-whole). A waiting request is admitted only while the batch-size and memory limits hold, memory being what the
+several steps (a request asking for every prompt token's logprob, whose virtual tokens run inline, or whose
+prompt an encoder reads, is prefilled whole). A waiting request is admitted only while the batch-size and memory limits hold, memory being what the
 right-aligned cache holds at its widest: rows x (widest row + most new tokens still to come).
 """
 
@@ -63,7 +63,8 @@ class Scheduler:
             fits = size + 1 <= self.settings.max_batch_size and (
                 size == 0 or (size + 1) * (new_width + new_ahead) <= self.settings.max_batch_tokens
             )
-            whole = item.request.prefill_logprobs or (item.adapter is not None and item.inline_virtual)
+            whole = (item.request.prefill_logprobs or not item.chunked
+                     or (item.adapter is not None and item.inline_virtual))
             need = item.embed_len if whole else min(item.embed_len, MIN_CHUNK)
             if not fits or (plan.prefill and need > budget):
                 break

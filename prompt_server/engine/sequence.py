@@ -104,6 +104,8 @@ class Sequence:
     special_ids: frozenset[int]
     max_position: int  # positions the model can take; generation stops before it
     inline_virtual: bool = False  # virtual tokens run with the prompt (no cached keys/values for them)
+    chunked: bool = True  # the prompt may be prefilled in chunks (an encoder-decoder model's encoder reads it whole)
+    context: list[int] | None = None  # what generated tokens follow, if not the prompt (the decoder start token)
     chunk: int = 0  # prompt tokens the current step prefills (chosen by the scheduler)
     prefilled: int = 0  # prompt tokens already prefilled in earlier chunks
     partial: torch.Tensor | None = None  # their keys/values, soft prompt first: [L, 2, kv_heads, columns, head_dim]
@@ -144,7 +146,8 @@ class Sequence:
         return self.request.max_new_tokens - len(self.generated)
 
     def history(self) -> list[int]:
-        return self.prompt_ids + self.generated
+        """The tokens a repetition penalty looks at: those before the generated ones, and these."""
+        return (self.prompt_ids if self.context is None else self.context) + self.generated
 
     def append(self, token_id: int, logprob: float, tokenizer, position: int, now: float) -> TokenEvent:
         """Record one generated token, decide whether the row is finished, and tell the caller."""

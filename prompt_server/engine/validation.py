@@ -5,6 +5,41 @@ from __future__ import annotations
 from prompt_server.engine.types import ClassifyRequest, GenerateRequest, InvalidRequest
 
 
+def check_seq2seq_lengths(req: GenerateRequest, prompt_tokens: int, adapter, max_position: int,
+                          encoder_context: int | None) -> None:
+    """An encoder-decoder model reads the prompt (after any virtual tokens) in its encoder and generates in its
+    decoder (after any prefix): each has its own position limit."""
+    virtual = 0 if adapter is None or adapter.is_prefix else adapter.num_virtual_tokens
+    prefix = 0 if adapter is None or not adapter.is_prefix else adapter.num_virtual_tokens
+    if encoder_context is not None and virtual + prompt_tokens > encoder_context:
+        raise InvalidRequest(
+            f"inputs: {virtual} virtual + {prompt_tokens} prompt tokens exceed the encoder's context of "
+            f"{encoder_context}"
+        )
+    if prefix + req.max_new_tokens > max_position:
+        raise InvalidRequest(
+            f"max_new_tokens: {prefix} prefix + {req.max_new_tokens} new tokens exceed the decoder's context of "
+            f"{max_position}"
+        )
+
+
+def check_seq2seq_classify(inputs: list[list[int]], label_ids: list[list[int]] | None, adapter, settings,
+                           max_position: int, encoder_context: int | None) -> None:
+    """Each input must fit the input limit and the encoder's context; the longest label the decoder's."""
+    virtual = 0 if adapter is None or adapter.is_prefix else adapter.num_virtual_tokens
+    prefix = 0 if adapter is None or not adapter.is_prefix else adapter.num_virtual_tokens
+    for i, ids in enumerate(inputs):
+        if len(ids) > settings.max_input_tokens:
+            raise InvalidRequest(f"inputs[{i}]: {len(ids)} tokens exceed max_input_tokens {settings.max_input_tokens}")
+        if encoder_context is not None and virtual + len(ids) > encoder_context:
+            raise InvalidRequest(f"inputs[{i}]: {virtual} virtual + {len(ids)} tokens exceed the encoder's context "
+                                 f"of {encoder_context}")
+    longest = max((len(x) for x in label_ids), default=0) if label_ids else 0
+    if prefix + longest + 1 > max_position:
+        raise InvalidRequest(f"labels: {prefix} prefix + {longest + 1} decoder tokens exceed the decoder's context "
+                             f"of {max_position}")
+
+
 def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, settings, max_position: int) -> None:
     s = req.sampling
     if not 1 <= req.max_new_tokens <= settings.max_new_tokens:

@@ -107,10 +107,12 @@ class KV:
     slot.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int,
+                 cross: CrossKV | None = None):
         self.keys = keys
         self.values = values
         self.width = width
+        self.cross = cross  # encoder-decoder models: the rows' cross-attention keys/values, slot for slot
 
     @property
     def batch_size(self) -> int:
@@ -127,6 +129,49 @@ class KV:
             return
         self.keys = [_resized(k, self.width, need) for k in self.keys]
         self.values = [_resized(v, self.width, need) for v in self.values]
+
+
+class CrossKV:
+    """An encoder-decoder batch's cross-attention keys/values: per decoder layer [B, heads, E, head_dim], with
+    `mask` [B, E] True on each row's encoder columns (left-aligned). Computed once per row, when its encoder runs;
+    rows keep the slots they have in the self-attention cache."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor):
+        self.keys = keys
+        self.values = values
+        self.mask = mask
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def moved(self, src: torch.Tensor, n_slots: int) -> CrossKV:
+        """The rows of slots `src` into slots 0..len(src)-1 of a new cross cache of `n_slots` slots."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(n_slots, *t.shape[1:])
+            out[: len(src)] = t[src]
+            return out
+
+        return CrossKV([move(k) for k in self.keys], [move(v) for v in self.values], move(self.mask))
+
+    def write(self, slots: torch.Tensor, other: CrossKV, src: torch.Tensor) -> None:
+        """Rows `src` of `other` into `slots`; the columns grow (one copy of this cache) when `other` is wider."""
+        if other.width > self.width:
+            def widen(t: torch.Tensor) -> torch.Tensor:
+                out = t.new_zeros(t.shape[0], t.shape[1], other.width, t.shape[3])
+                out[:, :, : t.shape[2]] = t
+                return out
+
+            self.keys = [widen(k) for k in self.keys]
+            self.values = [widen(v) for v in self.values]
+            mask = self.mask.new_zeros(self.mask.shape[0], other.width)
+            mask[:, : self.mask.shape[1]] = self.mask
+            self.mask = mask
+        w = other.width
+        for dst, part in zip(self.keys + self.values, other.keys + other.values):
+            dst[slots, :, :w] = part[src]
+        self.mask[slots] = False
+        self.mask[slots, :w] = other.mask[src]
 
 
 def _copy_into(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -32,11 +32,15 @@ class ConfigError(ValueError):
     """The directory would be read differently from what its writer meant; the message names field and remedy."""
 
 
+# The position limit of a model whose positions are relative (T5): only memory and the settings bound a sequence.
+UNBOUNDED_POSITIONS = 1 << 30
+
+
 @dataclass(frozen=True)
 class ServingPlan:
     """How a loaded model is served: which forward, how many positions, and why."""
 
-    forward_path: str  # "lean" | "generic"
+    forward_path: str  # "lean" | "generic" (causal LMs), "encoder", "seq2seq"
     reason: str  # why the generic path, or "" for lean
     max_position: int  # positions a sequence may use (prompt + soft prompt + generated)
     notes: tuple[str, ...] = ()  # limits imposed to stay exact, logged at start-up and shown in /info

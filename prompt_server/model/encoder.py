@@ -35,6 +35,7 @@ class EncoderRunner:
 
     family = "encoder"
     generates = False
+    caches_prompts = False
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from prompt_server.model.batch import KV, PrefillInputs, embed
+from prompt_server.model.batch import KV, PrefillInputs, PrefillRow, build_prefill, embed
 
 
 class Runner(ABC):
@@ -24,6 +24,9 @@ class Runner(ABC):
 
     family = "causal"
     generates = True
+    # A soft prompt's or a prompt head's keys/values are the same for every row that starts with it (causal
+    # attention), so they can be cached (engine/prompt_kv.py, engine/prefix_cache.py).
+    caches_prompts = True
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -50,6 +53,10 @@ class Runner(ABC):
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
+
+    def build_prefill(self, rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
+        """Newcomer rows laid out for prefill()."""
+        return build_prefill(rows, pad_id, device)
 
     @abstractmethod
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
@@ -119,11 +126,16 @@ def _cpu_rows(n: int) -> int:
 
 
 def make_runner(model: torch.nn.Module, forward_path: str = "lean"):
-    """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers)."""
+    """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers),
+    "seq2seq" (encoder-decoder LMs)."""
     if forward_path == "encoder":
         from prompt_server.model.encoder import EncoderRunner
 
         return EncoderRunner(model)
+    if forward_path == "seq2seq":
+        from prompt_server.model.seq2seq import make_seq2seq_runner
+
+        return make_seq2seq_runner(model)
     return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
 
 

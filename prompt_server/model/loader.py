@@ -1,4 +1,5 @@
-"""Load the frozen base model: a local Hugging Face causal LM or encoder classifier directory, or the embedded default."""
+"""Load the frozen base model: a local Hugging Face causal LM, encoder-decoder LM or encoder classifier directory, or
+the embedded default."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 
 import torch
 
-from prompt_server.adapters.types import CAUSAL, ENCODER, ModelSpec
-from prompt_server.model.compat import ConfigError, ServingPlan, check_config_file, plan
+from prompt_server.adapters.types import CAUSAL, ENCODER, SEQ2SEQ, ModelSpec
+from prompt_server.model.compat import UNBOUNDED_POSITIONS, ConfigError, ServingPlan, check_config_file, plan
 from prompt_server.model.encoder import ENCODER_MODEL_TYPES, classifier_head, head_shapes
+from prompt_server.model.seq2seq import SEQ2SEQ_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,9 @@ def load_model(
     if family == ENCODER:
         serving = _verified_encoder_plan(path, model, tokenizer.pad_token_id)
         spec = ModelSpec.from_config(model.config, ENCODER, head_shapes(model))
+    elif family == SEQ2SEQ:
+        serving = _verified_seq2seq_plan(path, model, tokenizer.pad_token_id)
+        spec = ModelSpec.from_config(model.config, SEQ2SEQ)
     else:
         serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
         spec = ModelSpec.from_config(model.config)
@@ -190,6 +195,23 @@ def _verified_encoder_plan(path: Path, model: Any, pad_id: int) -> ServingPlan:
     return ServingPlan("encoder", "", int(limit))
 
 
+def _verified_seq2seq_plan(path: Path, model: Any, pad_id: int) -> ServingPlan:
+    """An encoder-decoder model's plan: its decoder's position limit (none for T5's relative positions), its
+    batched encoder and decoder steps proven against the model's own forward."""
+    from prompt_server.model.selfcheck import SelfCheckFailed, check_seq2seq_runner
+    from prompt_server.model.seq2seq import make_seq2seq_runner
+
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or UNBOUNDED_POSITIONS)
+    if model.config.model_type != "bart":
+        limit = UNBOUNDED_POSITIONS  # T5's positions are relative: no table to run out of
+    vocab = model.get_input_embeddings().weight.shape[0]
+    try:
+        check_seq2seq_runner(make_seq2seq_runner(model), model, vocab, pad_id)
+    except (SelfCheckFailed, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not served: {exc}") from exc
+    return ServingPlan("seq2seq", "", limit)
+
+
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -216,10 +238,11 @@ def _family(path: Path, config: Any) -> str:
 
     model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
+        if model_type in SEQ2SEQ_MODEL_TYPES:
+            return SEQ2SEQ
         raise ModelLoadError(
-            f"model_type {model_type!r} in {path / 'config.json'} is an encoder-decoder model, which is not served "
-            f"yet: prompt-server serves decoder-only causal LMs and the encoder-only classifiers "
-            f"{', '.join(ENCODER_MODEL_TYPES)}"
+            f"model_type {model_type!r} in {path / 'config.json'} is an encoder-decoder model of a family not served "
+            f"yet: the encoder-decoder models served are {', '.join(SEQ2SEQ_MODEL_TYPES)}"
         )
     if getattr(config, "is_decoder", False):
         return CAUSAL  # e.g. BERT built as a decoder (BertLMHeadModel)
@@ -250,14 +273,14 @@ def _untrained(path: Path, model: Any, missing: list[str]) -> bool:
 
 def _load_weights(path: Path, dtype: torch.dtype) -> tuple[Any, str, list[str]]:
     """-> (model, family, the weights the checkpoint lacked, newly initialized)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from exc
     family = _family(path, config)
-    auto = AutoModelForSequenceClassification if family == ENCODER else AutoModelForCausalLM
+    auto = {ENCODER: AutoModelForSequenceClassification, SEQ2SEQ: AutoModelForSeq2SeqLM}.get(family, AutoModelForCausalLM)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True,
                               "output_loading_info": True}
     try:

@@ -19,6 +19,17 @@ class SelfCheckFailed(RuntimeError):
     """A forward path disagrees with the model's own forward."""
 
 
+def _within_tolerance(runner, diff: float, dtype: torch.dtype, what: str) -> float:
+    """`diff` (relative to the largest reference value) -> itself, or SelfCheckFailed past the dtype's tolerance."""
+    limit = TOLERANCE.get(dtype, 1e-1)
+    if not diff <= limit:  # also catches NaN
+        raise SelfCheckFailed(
+            f"{type(runner).__name__} differs from the model's own forward by {diff:.2e} (relative to the largest "
+            f"{what}; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
+        )
+    return diff
+
+
 def probe_ids(vocab_size: int, length: int, device: torch.device) -> torch.Tensor:
     """A fixed pseudo-random token sequence [1, length]."""
     gen = torch.Generator().manual_seed(1234)
@@ -56,14 +67,7 @@ def check_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, m
     expected = reference_logits(model, ids)
     got = runner_logits(runner, ids, pad_id)
     scale = float(expected.abs().max().clamp_min(1.0))
-    diff = float((got - expected).abs().max()) / scale
-    limit = TOLERANCE.get(dtype, 1e-1)
-    if not diff <= limit:  # also catches NaN
-        raise SelfCheckFailed(
-            f"{type(runner).__name__} differs from the model's own forward by {diff:.2e} (relative to the largest "
-            f"logit; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
-        )
-    return diff
+    return _within_tolerance(runner, float((got - expected).abs().max()) / scale, dtype, "logit")
 
 
 @torch.inference_mode()
@@ -78,11 +82,43 @@ def check_encoder_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id
     got = runner.scores(runner.hidden(rows), None)
     expected = torch.cat([model(input_ids=torch.tensor([r.ids], device=device)).logits.float() for r in rows])
     scale = float(expected.abs().max().clamp_min(1.0))
-    diff = float((got - expected).abs().max()) / scale
-    limit = TOLERANCE.get(dtype, 1e-1)
-    if not diff <= limit:
-        raise SelfCheckFailed(
-            f"{type(runner).__name__} differs from the model's own forward by {diff:.2e} (relative to the largest "
-            f"score; at most {limit:.0e} allowed in {str(dtype).removeprefix('torch.')})"
-        )
-    return diff
+    return _within_tolerance(runner, float((got - expected).abs().max()) / scale, dtype, "score")
+
+
+@torch.inference_mode()
+def check_seq2seq_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int) -> float:
+    """An encoder-decoder runner against the model's own forward: two rows of different encoder lengths prefilled
+    together, then decoder steps, one of them with a third row joining; raises SelfCheckFailed past tolerance."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    ids = probe_ids(vocab_size, 16, device)[0].tolist()
+    rows = [PrefillRow(ids=ids), PrefillRow(ids=ids[:7]), PrefillRow(ids=ids[5:14])]
+    follow = ids[3:3 + DECODE_STEPS]  # decoder tokens fed after the start token
+
+    def alone(row: PrefillRow, n: int) -> torch.Tensor:
+        dec = torch.tensor([[runner.decoder_start] + follow[:n]], device=device)
+        enc = torch.tensor([row.ids], device=device)
+        return model(input_ids=enc, decoder_input_ids=dec, use_cache=False).logits[0].float()
+
+    inputs = runner.build_prefill(rows[:2], pad_id, device)
+    hidden, kv = runner.prefill(inputs, spare=DECODE_STEPS + 1)
+    got = {0: [runner.logits(hidden[0, -1])], 1: [runner.logits(hidden[1, -1])]}
+    mask, positions = inputs.mask, inputs.positions[:, -1] + 1
+    for step, t in enumerate(follow):
+        mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+        decode = DecodeInputs(torch.tensor([t, t], device=device), kv, mask, positions)
+        newcomers = [(runner.build_prefill(rows[2:], pad_id, device), 1)] if step == 0 else []
+        out, joined = runner.step(decode, newcomers)
+        logits = runner.logits(out)
+        got[0].append(logits[0])
+        got[1].append(logits[1])
+        if joined:
+            got[2] = [runner.logits(joined[0][0][0, -1])]
+        positions = positions + 1
+    expected = {i: alone(rows[i], len(got[i]) - 1) for i in got}
+    diff, scale = 0.0, 1.0
+    for i, rows_logits in got.items():
+        g, e = torch.stack(rows_logits), expected[i]
+        scale = max(scale, float(e.abs().max()))
+        diff = max(diff, float((g - e).abs().max()))
+    return _within_tolerance(runner, diff / scale, dtype, "logit")

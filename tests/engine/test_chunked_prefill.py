@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from prompt_server.engine import admission
 from prompt_server.engine.types import GenerateRequest
+from prompt_server.model import forward
 from prompt_server.model.batch import build_prefill
 from tests.engine.conftest import run_engine
 from tests.tiny import VARIANTS
@@ -33,7 +33,7 @@ def widths(monkeypatch) -> list[int]:
         seen.append(inputs.ids.shape[1])
         return inputs
 
-    monkeypatch.setattr(admission, "build_prefill", spy)
+    monkeypatch.setattr(forward, "build_prefill", spy)  # a runner's layout of newcomers
     return seen
 
 

@@ -4,6 +4,7 @@ against PeftModelForSequenceClassification on each input alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -221,7 +222,7 @@ def test_a_multi_label_model_scores_each_label_on_its_own(tmp_path):
         assert pred.label == f"LABEL_{int(expected.argmax())}"
 
 
-def test_an_encoder_decoder_model_is_refused_with_the_reason(tmp_path):
+def test_an_encoder_decoder_model_without_a_decoder_start_or_of_a_family_not_served_is_refused(tmp_path):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from tests.tiny import build_tokenizer
@@ -231,7 +232,13 @@ def test_an_encoder_decoder_model_is_refused_with_the_reason(tmp_path):
                                         d_kv=16)).save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     assert AutoTokenizer.from_pretrained(path) is not None
-    with pytest.raises(ModelLoadError, match=r"model_type 't5' .* is an encoder-decoder model, which is not served"):
+    # T5Config() sets no decoder_start_token_id; transformers' generate fails on it too
+    with pytest.raises(ModelLoadError, match=r"not served: the model has no decoder_start_token_id"):
+        load_model(path, device="cpu", progress=False)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "pegasus"}))
+    with pytest.raises(ModelLoadError, match=r"model_type 'pegasus' .* encoder-decoder model of a family not served "
+                                             r"yet: the encoder-decoder models served are t5, mt5, bart"):
         load_model(path, device="cpu", progress=False)
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prompt_server.engine import admission, prompt_kv
+from prompt_server.engine import prompt_kv
 from prompt_server.engine.prompt_kv import key_of
 from prompt_server.engine.types import GenerateRequest
+from prompt_server.model import forward
 from prompt_server.model.batch import build_prefill
 from tests.engine.conftest import build_world, put_dir, run_engine
 from tests.tiny import make_peft, save_peft, save_tiny_arch
@@ -185,7 +186,7 @@ def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prom
         return inputs
 
     monkeypatch.setattr(prompt_kv, "build_prefill", spy)
-    monkeypatch.setattr(admission, "build_prefill", spy)
+    monkeypatch.setattr(forward, "build_prefill", spy)  # a runner's layout of newcomers
 
     async def go(engine):
         widths.clear()  # the engine's warm-up
