@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -147,6 +148,54 @@ def save_tiny_encoder(model_type: str, path: str | Path, **overrides) -> Path:
     return path
 
 
+# Tiny encoder-decoder ("seq2seq") models: d_model 64, 2 encoder and 2 decoder layers, 4 heads, ffn 128. Under the
+# default init (T5 initializer_factor 1.0, BART init_std 0.02) every greedy token is the same one (T5: pad, BART: eos
+# at once). T5's layers get initializer_factor 2.0 and its (tied) token embeddings std 0.5, redrawn: with the
+# factor's std 2.0 the residual stream is mostly the input token's embedding, which the tied head echoes back, and a
+# factor large enough to break the echo (5) drives logits to ~100, where transformers' own incremental and full
+# forwards differ by 2e-3 in logprob. As set, greedy outputs differ between prompts and logits stay below ~10.
+SEQ2SEQ_ARCHITECTURES = ("t5", "bart")
+T5_INIT_FACTOR = 2.0
+T5_EMBEDDING_STD = 0.5
+BART_INIT_STD = 0.2
+
+
+def save_tiny_seq2seq(model_type: str, path: str | Path, **overrides) -> Path:
+    """A tiny random encoder-decoder LM ("t5" or "bart") plus tokenizer, saved by transformers 5; fixed seed.
+
+    T5 starts decoding at pad, as T5 does; BART at eos, with eos forced at the last allowed step
+    (forced_eos_token_id) and its embeddings scaled by sqrt(d_model) (scale_embedding).
+    """
+    from transformers import BartConfig, T5Config
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if model_type == "t5":
+        fields = {"vocab_size": len(tokenizer), "d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128,
+                  "num_layers": 2, "num_decoder_layers": 2, "relative_attention_num_buckets": 8,
+                  "initializer_factor": T5_INIT_FACTOR, "decoder_start_token_id": tokenizer.pad_token_id, **ids}
+        config = T5Config(**{**fields, **overrides})
+    elif model_type == "bart":
+        fields = {"vocab_size": len(tokenizer), "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+                  "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+                  "decoder_ffn_dim": 128, "max_position_embeddings": 128, "init_std": BART_INIT_STD,
+                  "scale_embedding": True, "bos_token_id": tokenizer.bos_token_id,
+                  "decoder_start_token_id": tokenizer.eos_token_id, "forced_eos_token_id": tokenizer.eos_token_id,
+                  **ids}
+        config = BartConfig(**{**fields, **overrides})
+    else:
+        raise ValueError(f"model_type must be one of {SEQ2SEQ_ARCHITECTURES}, got {model_type!r}")
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    if model_type == "t5" and "initializer_factor" not in overrides:  # an explicit factor keeps T5's own init
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, T5_EMBEDDING_STD)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_tiny_model(kind: str, path: str | Path) -> Path:
     """Write a tiny random model ("llama" with GQA, or "gpt2") plus tokenizer to `path`; fixed seed."""
     path = Path(path)
@@ -175,10 +224,12 @@ def save_tiny_model(kind: str, path: str | Path) -> Path:
     return path
 
 
-def _peft_config(variant: str, task_type: str, num_virtual_tokens: int):
+def _peft_config(variant: str, task_type: str, num_virtual_tokens: int, num_transformer_submodules: int | None = None):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
+    if num_transformer_submodules is not None:  # else PEFT's default: 2 for SEQ_2_SEQ_LM, 1 otherwise
+        common["num_transformer_submodules"] = num_transformer_submodules
     if variant == "prompt_tuning":
         return PromptTuningConfig(**common)
     if variant in ("p_tuning_mlp", "p_tuning_lstm"):
@@ -202,14 +253,20 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, embedding_std: flo
 
 
 def make_peft(base_model, variant: str, *, task_type: str = "CAUSAL_LM", num_virtual_tokens: int = 4,
-              seed: int = 0, num_labels: int = 2):
-    """A PeftModel of `variant` over `base_model` (a model or a directory), encoder weights randomized, eval mode."""
+              seed: int = 0, num_labels: int = 2, num_transformer_submodules: int | None = None):
+    """A PeftModel of `variant` over `base_model` (a model or a directory), encoder weights randomized, eval mode.
+
+    task_type "SEQ_2_SEQ_LM" loads a directory with AutoModelForSeq2SeqLM; `num_transformer_submodules`, when
+    given, goes into the PEFT config (PEFT's default is 2 for SEQ_2_SEQ_LM, 1 for the other task types).
+    """
     from peft import get_peft_model
 
     if isinstance(base_model, (str, Path)):
         if task_type == "SEQ_CLS":  # a head of another label count than the saved one is trained from scratch
             base_model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels,
                                                                             ignore_mismatched_sizes=True)
+        elif task_type == "SEQ_2_SEQ_LM":
+            base_model = AutoModelForSeq2SeqLM.from_pretrained(base_model)
         else:
             base_model = AutoModelForCausalLM.from_pretrained(base_model)
     elif task_type == "SEQ_CLS":
@@ -217,7 +274,8 @@ def make_peft(base_model, variant: str, *, task_type: str = "CAUSAL_LM", num_vir
             base_model.name_or_path, num_labels=num_labels, dtype=base_model.dtype)
     if task_type == "SEQ_CLS" and base_model.config.pad_token_id is None:
         base_model.config.pad_token_id = base_model.config.eos_token_id
-    peft_model = get_peft_model(base_model, _peft_config(variant, task_type, num_virtual_tokens))
+    config = _peft_config(variant, task_type, num_virtual_tokens, num_transformer_submodules)
+    peft_model = get_peft_model(base_model, config)
     gen = torch.Generator().manual_seed(seed)
     _randomize(peft_model.prompt_encoder["default"], gen)
     if task_type == "SEQ_CLS":

@@ -89,8 +89,9 @@ def _check_submodules(cfg: AdapterConfig, spec: ModelSpec) -> None:
         if n != 2:
             raise AdapterError(
                 f"num_transformer_submodules {n} is not supported for PREFIX_TUNING on {spec.model_type}: expected 2 "
-                f"(with 1, PEFT's PeftModelForSeq2SeqLM.generate fails: its one cache would serve both the decoder's "
-                f"self-attention and its cross-attention)")
+                f"(with 1, PEFT's PeftModelForSeq2SeqLM.generate puts the decoder's self-attention and its "
+                f"cross-attention keys in one cache: it fails for a batch and attends to the wrong keys for one "
+                f"prompt)")
         if spec.decoder_layers > spec.num_layers:
             raise AdapterError(
                 f"PREFIX_TUNING on {spec.model_type} with {spec.decoder_layers} decoder layers and {spec.num_layers} "
