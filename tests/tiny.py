@@ -154,28 +154,30 @@ def save_tiny_encoder(model_type: str, path: str | Path, **overrides) -> Path:
 # factor's std 2.0 the residual stream is mostly the input token's embedding, which the tied head echoes back, and a
 # factor large enough to break the echo (5) drives logits to ~100, where transformers' own incremental and full
 # forwards differ by 2e-3 in logprob. As set, greedy outputs differ between prompts and logits stay below ~10.
-SEQ2SEQ_ARCHITECTURES = ("t5", "bart")
+SEQ2SEQ_ARCHITECTURES = ("t5", "mt5", "bart")
 T5_INIT_FACTOR = 2.0
 T5_EMBEDDING_STD = 0.5
 BART_INIT_STD = 0.2
 
 
 def save_tiny_seq2seq(model_type: str, path: str | Path, **overrides) -> Path:
-    """A tiny random encoder-decoder LM ("t5" or "bart") plus tokenizer, saved by transformers 5; fixed seed.
+    """A tiny random encoder-decoder LM ("t5", "mt5" or "bart") plus tokenizer, saved by transformers 5; fixed seed.
 
-    T5 starts decoding at pad, as T5 does; BART at eos, with eos forced at the last allowed step
+    T5 starts decoding at pad, as T5 does; mT5 is T5 with a gated-GELU feed-forward and an untied output head; BART at eos, with eos forced at the last allowed step
     (forced_eos_token_id) and its embeddings scaled by sqrt(d_model) (scale_embedding).
     """
-    from transformers import BartConfig, T5Config
+    from transformers import BartConfig, MT5Config, T5Config
 
     path = Path(path)
     tokenizer = build_tokenizer()
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if model_type == "t5":
+    if model_type in ("t5", "mt5"):
         fields = {"vocab_size": len(tokenizer), "d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128,
                   "num_layers": 2, "num_decoder_layers": 2, "relative_attention_num_buckets": 8,
                   "initializer_factor": T5_INIT_FACTOR, "decoder_start_token_id": tokenizer.pad_token_id, **ids}
-        config = T5Config(**{**fields, **overrides})
+        if model_type == "mt5":
+            fields.update(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        config = (T5Config if model_type == "t5" else MT5Config)(**{**fields, **overrides})
     elif model_type == "bart":
         fields = {"vocab_size": len(tokenizer), "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
                   "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
@@ -188,7 +190,7 @@ def save_tiny_seq2seq(model_type: str, path: str | Path, **overrides) -> Path:
         raise ValueError(f"model_type must be one of {SEQ2SEQ_ARCHITECTURES}, got {model_type!r}")
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
-    if model_type == "t5" and "initializer_factor" not in overrides:  # an explicit factor keeps T5's own init
+    if model_type in ("t5", "mt5") and "initializer_factor" not in overrides:  # an explicit factor keeps T5's own init
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, T5_EMBEDDING_STD)
     model.save_pretrained(path, safe_serialization=True)

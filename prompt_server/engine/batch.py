@@ -29,7 +29,9 @@ class RunningBatch:
     lowest slots, so attention runs over used slots only; the number of slots stays).
 
     Per slot: `rows` (None when free), `mask` [S, W] (True where the row has a real column; all False when free),
-    `positions` [S] and `next_ids` [S]. Columns before `start` are used by no row: attention skips them.
+    `positions` [S] and `next_ids` [S]. Columns before `start` are used by no row: attention skips them. An
+    encoder-decoder batch also holds its rows' cross-attention keys/values (`kv.cross`), slot for slot; they move
+    with the rows and are written once, when a row joins.
     """
 
     def __init__(self, rows: list[Sequence | None], kv: KV, mask: torch.Tensor, positions: torch.Tensor,

@@ -77,11 +77,8 @@ class Engine:
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if causal and settings.prefix_cache_bytes else None
         build = self.runner.build_prefill if self.runner.generates else build_prefill  # classifiers never prefill
         self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device, build)
-        # encoder-decoder models: the prompt goes to the encoder whole, and the model's generation config may force
-        # the first and the last generated token (BART's forced_eos_token_id), as transformers' generate does
+        # encoder-decoder models: the prompt goes to the encoder whole, labels are scored by the decoder
         self.seq2seq = self.family == SEQ2SEQ
-        self.forced_bos = self.runner.forced_bos if self.seq2seq else None
-        self.forced_eos = self.runner.forced_eos if self.seq2seq else None
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
@@ -523,7 +520,7 @@ class Engine:
         ]
         ids = choose(logits, samplers, history)
         positions = batch.positions[batch.slots].tolist()
-        if self.forced_bos is not None or self.forced_eos is not None:
+        if self.runner.forced_bos is not None or self.runner.forced_eos is not None:
             ids = self._forced(rows, ids, positions)
         logprobs = token_logprobs(logits, ids).tolist()
         id_list = ids.tolist()
@@ -548,12 +545,13 @@ class Engine:
     def _forced(self, rows: list[Sequence], ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """The generation config's forced tokens, as transformers' ForcedBOS/ForcedEOS logits processors do: the
         first generated token is forced_bos_token_id, the last one the row may generate forced_eos_token_id."""
+        bos, eos = self.runner.forced_bos, self.runner.forced_eos
         forced = ids.tolist()
         for i, r in enumerate(rows):
-            if self.forced_bos is not None and not r.generated:
-                forced[i] = self.forced_bos
-            elif self.forced_eos is not None and (r.remaining <= 1 or positions[i] + 1 >= self.max_position):
-                forced[i] = self.forced_eos
+            if bos is not None and not r.generated:
+                forced[i] = bos
+            elif eos is not None and (r.remaining <= 1 or positions[i] + 1 >= self.max_position):
+                forced[i] = eos
         return torch.tensor(forced, dtype=ids.dtype, device=ids.device)
 
     def _drop_cancelled(self) -> None:

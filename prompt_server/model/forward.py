@@ -27,6 +27,10 @@ class Runner(ABC):
     # A soft prompt's or a prompt head's keys/values are the same for every row that starts with it (causal
     # attention), so they can be cached (engine/prompt_kv.py, engine/prefix_cache.py).
     caches_prompts = True
+    # Tokens the model's generation config forces (transformers' ForcedBOS/ForcedEOS logits processors): the first
+    # generated token, and the last one a row may generate. Encoder-decoder models such as BART set them.
+    forced_bos: int | None = None
+    forced_eos: int | None = None
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

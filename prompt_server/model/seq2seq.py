@@ -344,7 +344,8 @@ class _Newcomers:
 
 class T5Runner(Seq2SeqRunner):
     """T5 and mT5: pre-norm blocks (RMS norms), unscaled attention, a relative position bias on the decoder's
-    self-attention (layer 0's table, shared by all layers), the output scaled by d_model^-0.5 when the head is tied."""
+    self-attention (layer 0's table, shared by all layers), T5's output scaled by d_model^-0.5 where its config
+    says so."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -352,8 +353,11 @@ class T5Runner(Seq2SeqRunner):
         self.n_heads, self.head_dim = attn.n_heads, attn.key_value_proj_dim
         self.attn_scale = attn.scaling  # 1.0: T5 folds the scale into its weights
         self.rel = attn
+        # T5ForConditionalGeneration scales the decoder's output by d_model^-0.5 when the config says so
+        # (scale_decoder_outputs: original T5, not v1.1); MT5ForConditionalGeneration never does
         cfg = model.config
-        self.out_scale = cfg.d_model ** -0.5 if cfg.tie_word_embeddings else 1.0
+        scaled = cfg.model_type == "t5" and getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings)
+        self.out_scale = cfg.d_model ** -0.5 if scaled else 1.0
 
     def decoder_layers(self):
         return self.decoder.block

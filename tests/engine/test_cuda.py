@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -60,3 +62,33 @@ def test_bfloat16_on_cuda_chooses_what_peft_would(model_type, tmp_path):
         gap = logp.max(-1).values - logp.gather(-1, torch.tensor(chosen, device="cuda")[:, None]).squeeze(-1)
         assert float(gap.max()) < 0.1, (adapter_id, gap.tolist())
         assert all(torch.isfinite(torch.tensor([t.logprob for t in result.tokens]))), adapter_id
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_an_encoder_decoder_model_in_float32_on_cuda_matches_peft(model_type, tmp_path):
+    """Every soft-prompt kind on T5 and BART, mixed in one batch on the GPU, as PeftModelForSeq2SeqLM generates
+    for each request alone."""
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.model.loader import load_model
+    from tests.engine.conftest import put_dir
+    from tests.tiny import make_peft, save_peft, save_tiny_seq2seq
+
+    model_dir = save_tiny_seq2seq(model_type, tmp_path / "m")
+    loaded = load_model(model_dir, device="cuda", dtype="float32", progress=False)
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
+    peft = {}
+    for i, variant in enumerate(VARIANTS):
+        pm = make_peft(model_dir, variant, task_type="SEQ_2_SEQ_LM", seed=i, num_virtual_tokens=3 + i)
+        put_dir(registry, variant, save_peft(pm, tmp_path / variant))
+        peft[variant] = pm.to("cuda")
+    world = SimpleNamespace(loaded=loaded, registry=registry)
+    tok = loaded.tokenizer
+    for (adapter_id, prompt), result in zip(CASES, _serve(world)):
+        ids = tok(prompt, return_tensors="pt").input_ids.to("cuda")
+        model = peft[adapter_id] if adapter_id else loaded.model
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False)
+        expected = out[0, 1:].tolist()
+        got = [t.id for t in result.tokens]
+        assert got[: len(expected)] == expected, (adapter_id, prompt)
