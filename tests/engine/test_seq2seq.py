@@ -248,3 +248,19 @@ def test_prefill_logprobs_are_refused_on_a_seq2seq_model(s2s):
 
     result = run_engine(s2s, go)
     assert_matches(s2s, result, s2s.oracle("prompt_tuning", PROMPTS[0], 4), 4, "after refusal")
+
+
+def test_rows_leaving_and_joining_through_free_slots_and_relayouts_keep_their_cross_attention(s2s):
+    """A small batch with rows of different lengths: finished rows free their slots, newcomers (with encoder
+    inputs wider than the batch's cross cache) are written into them, and the cache is laid out again; every row
+    still generates what it would alone."""
+    cases = [(a, PROMPTS[(i + 3) % len(PROMPTS)], 2 + (5 * i) % 11) for i, a in enumerate((None, *ADAPTERS) * 2)]
+
+    async def go(engine):
+        handles = [engine.submit(greedy(p, a, n)) for a, p, n in cases]
+        return await asyncio.gather(*(h.result() for h in handles)), engine.stats()
+
+    results, stats = run_engine(s2s, go, max_batch_size=4)
+    assert stats["cache_relayouts"] > 0
+    for case, result in zip(cases, results):
+        assert_matches(s2s, result, s2s.oracle(*case), case[2], case)
