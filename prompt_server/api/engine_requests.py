@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from prompt_server.api.errors import validation_error
 from prompt_server.api.schemas.tgi import Parameters
@@ -40,7 +40,7 @@ def check_input_chars(length: int, settings: Settings, field: str) -> None:
         )
 
 
-def tgi_request(inputs: str, p: Parameters, settings: Settings, tokenizer: Any) -> GenerateRequest:
+def tgi_request(inputs: str, p: Parameters, settings: Settings, tokenize: Callable[[str], list[int]]) -> GenerateRequest:
     """A TGI/LoRAX body as an engine request; temperature, top_k or top_p turn sampling on, as in TGI."""
     check_input_chars(len(inputs), settings, "inputs")
     max_new = check_max_new_tokens(p.max_new_tokens or settings.default_max_new_tokens, settings,
@@ -59,7 +59,7 @@ def tgi_request(inputs: str, p: Parameters, settings: Settings, tokenizer: Any) 
     prompt: str | list[int] = inputs
     add_special = True
     if p.truncate is not None:
-        ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
+        ids = tokenize(inputs)
         prompt, add_special = ids[-p.truncate :], False
     return GenerateRequest(
         prompt=prompt,

@@ -1,4 +1,8 @@
-"""The one object routes reach the engine and the registry through (app.state.service). No torch here."""
+"""The one object routes reach the engine and the registry through (app.state.service). No torch here.
+
+Everything that may block (tokenizing, applying a chat template, reading or scanning the adapter store, which can
+wait for another replica's write to settle) runs in a worker thread: the event loop only awaits.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from prompt_server import __version__
@@ -58,26 +63,79 @@ class Service:
         self.started_at = time.time()
 
     @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
     def ready(self) -> bool:
         return bool(self.engine.ready)
 
-    def adapter_label(self, adapter_id: str | None) -> str:
-        """The metrics label for a request's adapter: its id only if the registry has it, so labels stay bounded."""
+    async def label(self, request: Request, adapter_id: str | None) -> None:
+        """Set the request's metrics label for its adapter (the middleware reads it): its id only if the registry
+        has it, so labels stay bounded; "unknown" otherwise, "none" without one."""
         if not adapter_id:
-            return "none"
-        return adapter_id if self.registry.get(adapter_id) is not None else "unknown"
+            request.state.adapter = "none"
+            return
+        found = await self.adapter(adapter_id) is not None
+        request.state.adapter = adapter_id if found else "unknown"
+
+    # ---- the registry --------------------------------------------------------------------------------------
+    async def adapter(self, adapter_id: str) -> Any:
+        """The adapter's current version, or None (may read the store: another replica may have written it)."""
+        return await run_in_threadpool(self.registry.get, adapter_id)
+
+    async def adapters(self) -> list[Any]:
+        """Every adapter, sorted by id (scans the store)."""
+        return await run_in_threadpool(self.registry.list)
+
+    async def adapter_count(self) -> int:
+        return await run_in_threadpool(len, self.registry)
+
+    async def put_adapter(self, adapter_id: str, files: dict[str, bytes], labels: Any) -> tuple[Any, bool]:
+        """Validate and publish an upload -> (record, created)."""
+        return await run_in_threadpool(self.registry.put, adapter_id, files, labels)
+
+    async def delete_adapter(self, adapter_id: str) -> bool:
+        return await run_in_threadpool(self.registry.delete, adapter_id)
+
+    # ---- the tokenizer -------------------------------------------------------------------------------------
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` in a worker thread: request conversions that tokenize (a TGI `truncate`)."""
+        return await run_in_threadpool(fn, *args)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.engine.tokenizer, "chat_template", None))
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The messages through the tokenizer's chat template, ready for the assistant's turn."""
+        return await run_in_threadpool(
+            lambda: self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+
+    async def decode(self, ids: list[int]) -> str:
+        return await run_in_threadpool(self.engine.tokenizer.decode, ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with the model's special tokens; call it from a worker thread (see `call`)."""
+        return self.engine.encode(text, True)
 
     def check_generates(self) -> None:
         """Raise NotServed (400) at once when the model does not generate text, before any other check."""
         self.engine.check_generates()
 
-    def submit(self, req: GenerateRequest) -> Any:
-        """Hand a request to the engine; raises the engine's errors at once (bad input, unknown adapter, full queue)."""
-        return self.engine.submit(req)
+    async def submit(self, req: GenerateRequest) -> Any:
+        """Hand a request to the engine (tokenized in a worker thread); raises the engine's errors at once (bad
+        input, unknown adapter, full queue)."""
+        loop = asyncio.get_running_loop()
+        return await run_in_threadpool(self.engine.submit, req, loop)
+
+    async def run(self, req: GenerateRequest, request: Request) -> GenerationResult:
+        """A whole generation, not streamed: submitted, awaited (cancelled when the client leaves) and observed."""
+        started = time.monotonic()
+        handle = await self.submit(req)
+        try:
+            result = await self.result(handle, request)
+        except ClientGone:
+            raise ApiError(499, "client closed the request", "cancelled") from None
+        self.observe(result, started)
+        return result
 
     async def classify(self, req: ClassifyRequest) -> list[Prediction]:
         """Score labels for every input; cancelled after request_timeout."""
@@ -143,8 +201,9 @@ class Service:
             generated=len(result.tokens),
         )
 
-    def info_dict(self) -> dict[str, Any]:
+    async def info_dict(self) -> dict[str, Any]:
         s = self.settings
+        loaded = await self.adapter_count()
         return {
             "model_id": self.info.model_id,
             "model_path": self.info.path,
@@ -160,7 +219,7 @@ class Service:
             "max_position": self.info.max_position,
             "serving_notes": list(self.info.serving_notes),
             "version": __version__,
-            "adapters_loaded": len(self.registry),
+            "adapters_loaded": loaded,
             "adapters_skipped": [{"id": i, "error": e} for i, e in self.skipped],
             "limits": {
                 "max_input_tokens": s.max_input_tokens,

@@ -80,6 +80,8 @@ class Engine:
         # encoder-decoder models: the prompt goes to the encoder whole, labels are scored by the decoder
         self.seq2seq = self.family == SEQ2SEQ
         self._cond = threading.Condition()
+        # a fast tokenizer may refuse a call while another thread's call holds it ("Already borrowed")
+        self._tokenizer_lock = threading.Lock()
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
         self._prefilling: list[Sequence] = []  # admitted rows whose prompt is prefilled in chunks, not yet decoding
@@ -157,8 +159,9 @@ class Engine:
                 f"({self.loaded.spec.model_type}), which does not generate text; use /classify"
             )
 
-    def submit(self, req: GenerateRequest) -> RequestHandle:
-        """Validate and queue a generation; the adapter version is pinned now."""
+    def submit(self, req: GenerateRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Validate and queue a generation; the adapter version is pinned now. It tokenizes and may read the
+        adapter store: call it from a worker thread with the caller's event loop, which receives the events."""
         if not self.ready:
             raise EngineStopped("the engine is not running")
         self.check_generates()
@@ -176,7 +179,7 @@ class Engine:
             check_seq2seq_lengths(req, len(ids), adapter, self.max_position, self.runner.encoder_context)
         check_generate(req, len(ids), 0 if self.seq2seq else soft, self.settings,
                        self.max_position if not self.seq2seq else UNBOUNDED_POSITIONS)
-        handle = RequestHandle(asyncio.get_running_loop(), len(ids), self._wake)
+        handle = RequestHandle(loop or asyncio.get_running_loop(), self._wake)
         seq = Sequence(
             handle=handle,
             request=req,
@@ -197,9 +200,21 @@ class Engine:
         return handle
 
     async def classify(self, req: ClassifyRequest) -> list[Prediction]:
-        """Score every input; batched with whatever else is running."""
+        """Score every input; batched with whatever else is running. Tokenizing and the adapter lookup run in a
+        worker thread."""
         if not self.ready:
             raise EngineStopped("the engine is not running")
+        loop = asyncio.get_running_loop()
+        job = await asyncio.to_thread(self._classify_job, req, loop, loop.create_future())
+        self._enqueue(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    def _classify_job(self, req: ClassifyRequest, loop: asyncio.AbstractEventLoop,
+                      future: asyncio.Future) -> ClassifyJob:
         check_classify(req, self.settings)
         adapter = self._adapter(req.adapter_id)
         if adapter is None and not self.runner.generates and not self.loaded.head_trained:
@@ -215,15 +230,8 @@ class Engine:
                                    self.runner.encoder_context)
         else:
             check_classify_lengths(inputs, label_ids, soft, self.settings, self.max_position)
-        loop = asyncio.get_running_loop()
-        job = ClassifyJob(loop, loop.create_future(), inputs, adapter, labels, label_ids,
-                          multi_label=label_ids is None and self._multi_label)
-        self._enqueue(job)
-        try:
-            return await job.future
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+        return ClassifyJob(loop, future, inputs, adapter, labels, label_ids,
+                           multi_label=label_ids is None and self._multi_label)
 
     def _base_labels(self) -> tuple[str, ...] | None:
         """An encoder classifier's own labels (config.id2label), used without an adapter; None for causal LMs,
@@ -233,6 +241,11 @@ class Engine:
         config = self.loaded.model.config
         return tuple(config.id2label[i] for i in range(config.num_labels))
 
+    def encode(self, text: str, special: bool) -> list[int]:
+        """Token ids of `text`; safe from any thread (one tokenizer call at a time)."""
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special).input_ids
+
     def _encode(self, prompt: str | list[int], special: bool) -> list[int]:
         if isinstance(prompt, list):
             ids = list(prompt)
@@ -240,7 +253,7 @@ class Engine:
             if bad:
                 raise InvalidRequest(f"inputs: token id {bad[0]} is outside the vocabulary (0..{self.loaded.spec.vocab_size - 1})")
         else:
-            ids = self.tokenizer(prompt, add_special_tokens=special).input_ids
+            ids = self.encode(prompt, special)
         if not ids:
             raise InvalidRequest("inputs: must not be empty")
         return ids

@@ -50,12 +50,11 @@ class Detokenizer:
 class RequestHandle:
     """The caller's side of a request: an async stream of TokenEvents closed by one GenerationResult."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int, wake):
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake):
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._wake = wake
         self._result: GenerationResult | None = None
-        self.prompt_tokens = prompt_tokens
         self.cancelled = False
 
     def push(self, event) -> None:

@@ -45,7 +45,7 @@ def test_bin_upload_and_openai_model_name(client, tiny_llama_dir, tmp_path):
     expected = peft_greedy(peft, tiny_llama_dir, PROMPT, N)
     r = client.post("/v1/completions", json={"model": "as-bin", "prompt": PROMPT, "max_tokens": N, "temperature": 0})
     assert r.status_code == 200, r.text
-    tokenizer = client.app.state.service.tokenizer
+    tokenizer = client.app.state.service.engine.tokenizer
     assert r.json()["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert "as-bin" in [m["id"] for m in client.get("/v1/models").json()["data"]]
 

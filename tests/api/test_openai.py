@@ -59,7 +59,7 @@ def test_completion_echo_and_logprobs(client):
 
 
 def test_completion_accepts_token_ids(client):
-    ids = client.app.state.service.tokenizer(PROMPT)["input_ids"]
+    ids = client.app.state.service.engine.tokenizer(PROMPT)["input_ids"]
     by_ids = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 0}).json()
     by_text = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0}).json()
     assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
@@ -79,7 +79,7 @@ def test_chat_uses_the_chat_template(client):
     r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0})
     assert r.status_code == 200, r.text
     chat = ChatCompletion(**r.json())
-    tokenizer = client.app.state.service.tokenizer
+    tokenizer = client.app.state.service.engine.tokenizer
     templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(templated, add_special_tokens=False)["input_ids"]
     plain = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 5, "temperature": 0}).json()

@@ -32,7 +32,7 @@ def test_the_last_event_carries_a_character_cut_short_so_deltas_add_up():
     cut = ids[:-1]  # the emoji's last byte never comes
     loop = asyncio.new_event_loop()
     seq = Sequence(
-        handle=RequestHandle(loop, 1, lambda: None),
+        handle=RequestHandle(loop, lambda: None),
         request=GenerateRequest(prompt="x", max_new_tokens=len(cut)),
         prompt_ids=[1],
         adapter=None,

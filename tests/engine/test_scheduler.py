@@ -23,7 +23,7 @@ def loop():
 
 def seq(loop, prompt_len: int, new: int = 8, *, logprobs: bool = False, deadline: float = 1e18) -> Sequence:
     req = GenerateRequest(prompt="x", max_new_tokens=new, prefill_logprobs=logprobs)
-    return Sequence(handle=RequestHandle(loop, prompt_len, lambda: None), request=req,
+    return Sequence(handle=RequestHandle(loop, lambda: None), request=req,
                     prompt_ids=list(range(1, prompt_len + 1)), adapter=None,
                     sampler=RowSampler.create(req.sampling, "cpu"), eos_ids=frozenset(), detok=Detokenizer(None),
                     special_ids=frozenset(), max_position=1 << 20, deadline=deadline)

@@ -6,7 +6,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from prompt_server.api.deps import ServiceDep, require_admin_key
 from prompt_server.api.errors import NOT_FOUND, ApiError
@@ -39,14 +38,14 @@ def _not_found(adapter_id: str) -> ApiError:
 @router.get("", response_model=AdaptersPublic)
 async def list_adapters(service: ServiceDep) -> AdaptersPublic:
     """Every adapter in the registry."""
-    return AdaptersPublic(adapters=[public(r) for r in sorted(service.registry.list(), key=lambda r: r.id)])
+    return AdaptersPublic(adapters=[public(r) for r in sorted(await service.adapters(), key=lambda r: r.id)])
 
 
 @router.get("/{adapter_id}", response_model=AdapterPublic)
 async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) -> AdapterPublic:
     """One adapter's record."""
-    request.state.adapter = service.adapter_label(adapter_id)
-    record = service.registry.get(adapter_id)
+    await service.label(request, adapter_id)
+    record = await service.adapter(adapter_id)
     if record is None:
         raise _not_found(adapter_id)
     return public(record)
@@ -57,10 +56,10 @@ async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) ->
             responses={200: {"description": "replaced"}, 201: {"description": "created"}})
 async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) -> JSONResponse:
     """Upload a PEFT adapter (multipart files or one archive part); 201 when created, 200 when replaced."""
-    request.state.adapter = service.adapter_label(adapter_id)
+    await service.label(request, adapter_id)
     upload = await read_upload(request, service.settings.max_upload_bytes)
     # AdapterError answers 400 and AdapterTooLarge 413 through the error handlers
-    record, created = await run_in_threadpool(service.registry.put, adapter_id, upload.files, upload.labels)
+    record, created = await service.put_adapter(adapter_id, upload.files, upload.labels)
     request.state.adapter = record.id
     return JSONResponse(public(record).model_dump(), status_code=201 if created else 200)
 
@@ -68,8 +67,8 @@ async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) ->
 @router.delete("/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)])
 async def delete_adapter(adapter_id: str, request: Request, service: ServiceDep) -> Response:
     """Remove an adapter; requests already running with it finish with the version they started with."""
-    request.state.adapter = service.adapter_label(adapter_id)
-    deleted = await run_in_threadpool(service.registry.delete, adapter_id)
+    await service.label(request, adapter_id)
+    deleted = await service.delete_adapter(adapter_id)
     if not deleted:
         raise _not_found(adapter_id)
     return Response(status_code=204)

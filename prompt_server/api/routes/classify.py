@@ -18,7 +18,7 @@ router = APIRouter(tags=["classify"])
 @router.post("/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request, service: ServiceDep) -> ClassifyResponse:
     """Classify one text or a list of texts."""
-    request.state.adapter = service.adapter_label(body.adapter_id)
+    await service.label(request, body.adapter_id)
     inputs = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     if not inputs:
         raise validation_error("inputs: must hold at least one text, given an empty list")

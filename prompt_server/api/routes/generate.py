@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 
 from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.engine_requests import tgi_request
-from prompt_server.api.errors import ApiError, from_exception
+from prompt_server.api.errors import from_exception
 from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
-from prompt_server.api.service import ClientGone, Service
+from prompt_server.api.service import Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.engine.types import GenerationResult, Token, TokenEvent
 
@@ -46,21 +46,15 @@ def _response(body: GenerateRequest, result: GenerationResult) -> dict[str, Any]
     return {"generated_text": text, "details": details_dict(result) if p.details else None}
 
 
-def _submit(service: Service, request: Request, body: GenerateRequest) -> Any:
-    request.state.adapter = service.adapter_label(body.parameters.adapter_id)
-    req = tgi_request(body.inputs, body.parameters, service.settings, service.tokenizer)
-    return service.submit(req)
+async def _request(service: Service, request: Request, body: GenerateRequest):
+    await service.label(request, body.parameters.adapter_id)
+    if body.parameters.truncate is None:
+        return tgi_request(body.inputs, body.parameters, service.settings, service.tokenize)
+    return await service.call(tgi_request, body.inputs, body.parameters, service.settings, service.tokenize)
 
 
 async def _generate(service: Service, request: Request, body: GenerateRequest) -> dict[str, Any]:
-    started = time.monotonic()
-    handle = _submit(service, request, body)
-    try:
-        result = await service.result(handle, request)
-    except ClientGone:
-        raise ApiError(499, "client closed the request", "cancelled") from None
-    service.observe(result, started)
-    return _response(body, result)
+    return _response(body, await service.run(await _request(service, request, body), request))
 
 
 async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -> AsyncIterator[str]:
@@ -101,8 +95,8 @@ def _final_event(body: GenerateRequest, result: GenerationResult, held: TokenEve
     return {"index": index, "token": token, "generated_text": generated, "details": details}
 
 
-def _stream(service: Service, request: Request, body: GenerateRequest) -> Response:
-    handle = _submit(service, request, body)
+async def _stream(service: Service, request: Request, body: GenerateRequest) -> Response:
+    handle = await service.submit(await _request(service, request, body))
     return stream_response(_stream_events(service, handle, body), handle.cancel)
 
 
@@ -115,12 +109,12 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
 @router.post("/generate_stream", response_class=Response)
 async def generate_stream(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
     """Generate text as server-sent events, one per token (TGI / LoRAX shape)."""
-    return _stream(service, request, body)
+    return await _stream(service, request, body)
 
 
 @router.post("/", response_class=Response)
 async def compat(body: CompatRequest, request: Request, service: ServiceDep) -> Response:
     """The route the text-generation and lorax-client packages post to: a JSON list, or the stream."""
     if body.stream:
-        return _stream(service, request, body)
+        return await _stream(service, request, body)
     return JSONResponse([await _generate(service, request, body)])

@@ -26,7 +26,7 @@ async def health(service: ServiceDep) -> JSONResponse:
 @router.get("/info")
 async def info(service: ServiceDep) -> dict[str, Any]:
     """Model, dtype, device, limits and version."""
-    return service.info_dict()
+    return await service.info_dict()
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

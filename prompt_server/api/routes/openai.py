@@ -16,7 +16,7 @@ from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.engine_requests import check_input_chars, check_max_new_tokens, check_stops
 from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, validation_error
 from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
-from prompt_server.api.service import ClientGone, Service
+from prompt_server.api.service import Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.api.stops import StopTrimmer, trim_at_stop
 from prompt_server.engine.types import GenerateRequest, GenerationResult, SamplingParams, Token, TokenEvent
@@ -27,17 +27,14 @@ FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 FINGERPRINT = f"prompt-server-{__version__}"
 
 
-def _adapter_for(model: str | None, service: Service, request: Request) -> str | None:
+async def _adapter_for(model: str | None, service: Service, request: Request) -> str | None:
     """`model` names an adapter, or the base model (or nothing) for no adapter; also sets the metrics label."""
-    if model is None or model == "" or model == service.info.model_id:
-        request.state.adapter = "none"
-        return None
-    if service.registry.get(model) is None:
-        request.state.adapter = "unknown"
+    adapter = None if model is None or model == "" or model == service.info.model_id else model
+    await service.label(request, adapter)
+    if adapter is not None and request.state.adapter == "unknown":
         raise ApiError(404, f"model '{model}' not found: use the base model id '{service.info.model_id}' "
                        "or the id of a loaded adapter (see GET /v1/models)", NOT_FOUND)
-    request.state.adapter = model
-    return model
+    return adapter
 
 
 def _engine_request(body: SamplingFields, prompt: str | list[int], max_tokens: int | None, service: Service,
@@ -77,9 +74,8 @@ def _completion_prompt(body: CompletionRequest, service: Service) -> str | list[
     return prompt
 
 
-def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
-    tokenizer = service.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+async def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
+    if not service.has_chat_template:
         raise validation_error("messages: the base model's tokenizer has no chat template; use /v1/completions")
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -87,7 +83,7 @@ def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
         raise validation_error(f"messages: {exc}") from None
     check_input_chars(sum(len(m["content"]) for m in messages), service.settings, "messages")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return await service.chat_prompt(messages)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template's own checks, e.g. role order
         raise validation_error(f"messages: the chat template rejected them: {exc}") from None
 
@@ -126,20 +122,9 @@ def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
                          "top_logprobs": []} for t in tokens]}
 
 
-async def _run(service: Service, request: Request, req: GenerateRequest) -> GenerationResult:
-    started = time.monotonic()
-    handle = service.submit(req)
-    try:
-        result = await service.result(handle, request)
-    except ClientGone:
-        raise ApiError(499, "client closed the request", "cancelled") from None
-    service.observe(result, started)
-    return result
-
-
-def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: bool) -> Response:
+async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: bool) -> Response:
     """OpenAI streaming: `chunk(delta_text, finish_reason, first)` builds each chunk; then usage, then [DONE]."""
-    handle = service.submit(req)
+    handle = await service.submit(req)
     trimmer = StopTrimmer(req.stop)
 
     async def events() -> AsyncIterator[str]:
@@ -169,13 +154,13 @@ def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: b
 @router.post("/completions", response_class=Response, dependencies=[Depends(require_generation)])
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI text completion; `model` is an adapter id or the base model id."""
-    adapter = _adapter_for(body.model, service, request)
+    adapter = await _adapter_for(body.model, service, request)
     prompt = _completion_prompt(body, service)
     req = _engine_request(body, prompt, body.max_tokens, service, True, adapter)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
     echo = ""
     if body.echo:
-        echo = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt)
+        echo = prompt if isinstance(prompt, str) else await service.decode(prompt)
 
     def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
         choice = {"index": 0, "text": (echo if first else "") + (text or ""), "logprobs": None,
@@ -185,8 +170,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(service, req, chunk, include_usage)
-    result = await _run(service, request, req)
+        return await _stream(service, req, chunk, include_usage)
+    result = await service.run(req, request)
     text = trim_at_stop(result.text, req.stop)
     logprobs = None
     if body.logprobs is not None:
@@ -199,8 +184,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/chat/completions", response_class=Response, dependencies=[Depends(require_generation)])
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI chat completion, prompted through the tokenizer's chat template."""
-    adapter = _adapter_for(body.model, service, request)
-    prompt = _chat_prompt(body, service)
+    adapter = await _adapter_for(body.model, service, request)
+    prompt = await _chat_prompt(body, service)
     req = _engine_request(body, prompt, body.max_completion_tokens or body.max_tokens, service, False, adapter)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
 
@@ -214,8 +199,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(service, req, chunk, include_usage)
-    result = await _run(service, request, req)
+        return await _stream(service, req, chunk, include_usage)
+    result = await service.run(req, request)
     text = trim_at_stop(result.text, req.stop)
     logprobs = _chat_logprobs(_kept_tokens(result.tokens, len(text))) if body.logprobs else None
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -237,5 +222,5 @@ async def models(service: ServiceDep) -> dict[str, Any]:
             "family": service.info.family, "tasks": list(service.info.tasks)}
     adapters = [{"id": a.id, "object": "model", "created": int(a.created_at), "owned_by": "prompt-server",
                  "root": service.info.model_id, "parent": service.info.model_id, "peft_type": a.peft_type,
-                 "task_type": a.task_type, "version": a.version} for a in service.registry.list()]
+                 "task_type": a.task_type, "version": a.version} for a in await service.adapters()]
     return {"object": "list", "data": [base, *adapters]}
