@@ -1,4 +1,7 @@
-"""One settings object. Every limit lives here, with a default and a PROMPT_SERVER_* env var."""
+"""One settings object: every limit an operator may set lives here, with a default and a PROMPT_SERVER_* env var.
+
+The few fixed constants of the implementation (chunk sizes, probe lengths, wait times) are module constants beside
+the code they shape; README.md "Internal constants" lists each one with its reason."""
 
 from __future__ import annotations
 

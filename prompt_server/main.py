@@ -18,16 +18,14 @@ log = logging.getLogger("prompt_server")
 
 def build_service(settings: Settings) -> Service:
     """Load the model and the adapter store, start the engine; what the lifespan holds while serving."""
-    import torch
     import transformers
 
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.adapters.types import FAMILY_TASKS
     from prompt_server.engine.engine import Engine
-    from prompt_server.model.loader import load_model
+    from prompt_server.model.loader import load_model, set_threads
 
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
+    set_threads(settings.threads)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     registry = AdapterRegistry(
         loaded.spec,

@@ -131,11 +131,6 @@ class Sequence:
         return len(self.prompt_ids) + (self.adapter.num_virtual_tokens if virtual else 0)
 
     @property
-    def budget(self) -> int:
-        """Tokens this row may hold at its longest."""
-        return self.soft_len + len(self.prompt_ids) + self.request.max_new_tokens
-
-    @property
     def to_prefill(self) -> int:
         """Prompt tokens not prefilled yet."""
         return len(self.prompt_ids) - self.prefilled
