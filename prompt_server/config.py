@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROMPT_SERVER_", extra="ignore")
 
     # model
-    model: str | None = Field(None, description="Local Hugging Face causal-LM directory; none means the embedded default")
+    model: str | None = Field(None, description="Local Hugging Face model directory (a causal LM, an encoder-decoder LM or an "
+                              "encoder classifier); none means the embedded default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the default model is cached")
