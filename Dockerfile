@@ -17,6 +17,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0
 
 WORKDIR /app
+# The runtime alone: no extras, and not the benchmarks (prompt_server_bench, with their peft and matplotlib).
 COPY pyproject.toml README.md ./
 COPY prompt_server ./prompt_server
 RUN pip install .

@@ -1,6 +1,8 @@
-# make serve   set up .venv if needed and serve the default model with the sample adapters
-# make test    set up .venv if needed, fetch the default model, run the whole test suite (slow tests too)
-# make bench   in-process throughput benchmark: PEFT, HF generate and this engine side by side
+# make serve   set up .venv if needed (the runtime alone) and serve the default model with the sample adapters
+# make test    set up .venv if needed with the test extras, fetch the default model, run the whole test suite (slow
+#              tests too)
+# make bench   in-process throughput benchmark (package prompt_server_bench, bench extras): PEFT, HF generate and
+#              this engine side by side
 # make bench-http  HTTP benchmark sweep against `transformers serve --continuous-batching` (own venv: .venv-bench);
 #                  table, numbers and plot in docs/bench/
 
@@ -16,26 +18,44 @@ PORT ?= 8000
 ADAPTERS ?= .cache/adapter-store
 PYTEST_ARGS ?=
 
-# Reinstall only when pyproject.toml or the torch pin changes (sha256sum on Linux, shasum on macOS).
+# Reinstall only when pyproject.toml or the torch pin changes (sha256sum on Linux, shasum on macOS). One stamp per
+# set of extras, all in the same venv: serving installs the runtime alone, the tests and the benchmarks add theirs.
 SHA256 := $(shell command -v sha256sum >/dev/null 2>&1 && echo sha256sum || echo "shasum -a 256")
 INSTALL_KEY := $(shell (cat pyproject.toml; echo torch==$(TORCH_VERSION)) | $(SHA256) | cut -c1-16)
-STAMP := $(VENV)/.installed-$(INSTALL_KEY)
+STAMP := $(VENV)/.installed-runtime-$(INSTALL_KEY)
+TEST_STAMP := $(VENV)/.installed-test-$(INSTALL_KEY)
+BENCH_STAMP := $(VENV)/.installed-bench-$(INSTALL_KEY)
 
 # The text-generation and lorax-client packages pin huggingface-hub < 1, which transformers 5 cannot use: the tests
 # run them from a venv of their own, as their users do.
 CLIENTS_VENV ?= .venv-clients
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-1
 
-.PHONY: install clients serve test model deps-system lint clean bench bench-http
+.PHONY: install install-test install-bench clients serve test model deps-system lint clean bench bench-http
+
+# $(call venv-install,TARGET,NAME): torch from the pin, then this package in editable mode as TARGET (".",
+# ".[test]", ".[bench]"); the stamp NAME replaces its older ones.
+define venv-install
+@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+$(PY) -m pip install -e "$(1)"
+@rm -f $(VENV)/.installed-$(2)-*
+@touch $@
+endef
 
 install: $(STAMP)
+install-test: $(TEST_STAMP)
+install-bench: $(BENCH_STAMP)
 
 $(STAMP):
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[test]"
-	@rm -f $(VENV)/.installed-*
-	@touch $@
+	$(call venv-install,.,runtime)
+
+# The extras after the runtime, never beside it: one pip at a time in the venv, also under make -j.
+$(TEST_STAMP): $(STAMP)
+	$(call venv-install,.[test],test)
+
+$(BENCH_STAMP): $(STAMP)
+	$(call venv-install,.[bench],bench)
 
 $(CLIENTS_STAMP):
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
@@ -57,7 +77,7 @@ serve: install
 	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
 # pytest's exit code passes through: failures (1) and "no tests ran" (5) both fail the target.
-test: install clients deps-system model
+test: install-test clients deps-system model
 	PROMPT_SERVER_TEST_CLIENTS_PYTHON="$(abspath $(CLIENTS_VENV))/bin/python" $(PY) -m pytest $(PYTEST_ARGS)
 
 # System packages the tests use: nginx, for the load-balanced replica test. Best effort: when nginx cannot be
@@ -78,8 +98,8 @@ deps-system:
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
 
-bench: install model
-	$(PY) -m prompt_server.bench $(BENCH_ARGS)
+bench: install-bench model
+	$(PY) -m prompt_server_bench $(BENCH_ARGS)
 
 # The competitor runs the newest transformers with its serving extras (fastapi, uvicorn, ...) in a venv of its own,
 # so that the server's pinned dependencies stay as they are.
@@ -88,13 +108,13 @@ $(BENCH_VENV)/bin/transformers:
 	$(BENCH_VENV)/bin/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
 	$(BENCH_VENV)/bin/pip install "transformers[serving]>=5"
 
-bench-http: install model $(BENCH_VENV)/bin/transformers
-	$(PY) -m prompt_server.bench --http --out docs/bench \
+bench-http: install-bench model $(BENCH_VENV)/bin/transformers
+	$(PY) -m prompt_server_bench --http --out docs/bench \
 		--transformers-cmd $(BENCH_VENV)/bin/transformers $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check prompt_server tests
+	$(VENV)/bin/ruff check prompt_server prompt_server_bench tests
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(CLIENTS_VENV) .pytest_cache .ruff_cache

@@ -10,32 +10,36 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic_settings import BaseSettings
+
 from prompt_server.config import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
-    """argparse type and choices for a Settings annotation (Optional[...] unwrapped, Literal as choices)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is Literal:
-        return str, [str(a) for a in typing.get_args(annotation)]
-    if args and typing.get_origin(annotation) is not Literal:
-        return _flag_type(args[0])
-    if annotation in (int, float):
-        return annotation, None
-    return str, None
+def add_settings_flags(parser: argparse.ArgumentParser, settings: type[BaseSettings] = Settings) -> None:
+    """One flag per field of `settings`, derived from the field alone, so a new setting gets its flag for free.
 
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (--max-new-tokens ...); unset flags fall back to PROMPT_SERVER_* and defaults."""
-    for name, field in Settings.model_fields.items():
-        kind, choices = _flag_type(field.annotation)
-        env = f"PROMPT_SERVER_{name.upper()}"
-        default = field.default if field.default_factory is None else "computed"
-        help_text = f"{field.description or name.replace('_', ' ')} (env {env}; default {default})"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
-                            default=argparse.SUPPRESS, help=help_text)
+    max_new_tokens -> --max-new-tokens (dest max_new_tokens); Optional[X] is X; a Literal is its choices; int and float
+    convert, bool is --x/--no-x, anything else (str, Path) stays text for the model to validate; help is the field's
+    description plus its env var and default. An unset flag adds nothing, so PROMPT_SERVER_* and the defaults apply.
+    """
+    prefix = settings.model_config.get("env_prefix", "")
+    for name, field in settings.model_fields.items():
+        annotation, choices = field.annotation, None
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) is not Literal and len(members) == 1:  # X | None
+            annotation = members[0]
+        if typing.get_origin(annotation) is Literal:
+            kind, choices = str, [str(a) for a in typing.get_args(annotation)]
+        else:
+            kind = annotation if annotation in (int, float) else str
+        default = field.get_default(call_default_factory=True)
+        extra: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if annotation is bool else {
+            "type": kind, "choices": choices}
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                            help=f"{field.description or name.replace('_', ' ')} "
+                                 f"(env {prefix}{name.upper()}; default {default})".replace("%", "%%"), **extra)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -90,6 +94,19 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """The benchmarks are tooling, not runtime: a package of their own, loaded only here, only when asked for."""
+    try:
+        from prompt_server_bench.bench import main as bench_main
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("prompt_server_bench"):
+            raise
+        print("error: the benchmarks (package prompt_server_bench) are not installed here; from a checkout of the "
+              "repository: pip install -e \".[bench]\" (or run `make bench`)", file=sys.stderr)
+        return 1
+    return int(bench_main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompt-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,16 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
             "PROMPT_SERVER_API_KEY"), help="bearer key (env PROMPT_SERVER_ADMIN_KEY or PROMPT_SERVER_API_KEY)")
         sub.set_defaults(run=_adapters)
 
-    commands.add_parser("bench", help="benchmark the engine (arguments go to prompt_server.bench)", add_help=False)
+    commands.add_parser("bench", help="benchmark the engine (arguments go to the prompt_server_bench package, "
+                        "installed with the bench extra)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from prompt_server.bench import main as bench_main
-
-        return int(bench_main(argv[1:]) or 0)
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.run(args))
 

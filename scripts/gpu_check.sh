@@ -33,7 +33,7 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" --ignore=test
 echo "== CUDA tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed"
 echo "== bench, cuda bfloat16, 32 requests x 32 tokens, 8 and 100 virtual tokens"
-timeout 200 python3 -m prompt_server.bench --model "$model" --device cuda --dtype bfloat16 --modes bcdef --rounds 2 \
+timeout 200 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes bcdef --rounds 2 \
     2>&1 | grep -v "Loading\|Writing\|warn" | tail -14
-timeout 150 python3 -m prompt_server.bench --model "$model" --device cuda --dtype bfloat16 --modes cdef --rounds 2 \
+timeout 150 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef --rounds 2 \
     --virtual-tokens 100 2>&1 | grep -v "Loading\|Writing\|warn" | tail -12

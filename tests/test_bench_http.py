@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from prompt_server.bench import write_adapters
-from prompt_server.bench_http import OURS_BASE, TRANSFORMERS, Point, closed_loop, ours_adapters, pct, report, run_http
 from prompt_server.model.loader import load_model
+from prompt_server_bench.bench import write_adapters
+from prompt_server_bench.bench_http import (
+    OURS_BASE,
+    TRANSFORMERS,
+    Point,
+    closed_loop,
+    ours_adapters,
+    pct,
+    report,
+    run_http,
+)
 
 TRANSFORMERS_CMD = Path(sys.executable).with_name("transformers")
 

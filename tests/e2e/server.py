@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prompt_server.procs import free_port, stop, wait_healthy
+from prompt_server_bench.procs import free_port, stop, wait_healthy
 
 __all__ = ["free_port", "run_server", "stop", "wait_healthy"]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prompt_server.bench_soak import run_soak
 from prompt_server.config import Settings
 from prompt_server.engine.engine import Engine
+from prompt_server_bench.bench_soak import run_soak
 from tests.engine.conftest import build_world
 
 

@@ -1,7 +1,9 @@
 """Side-by-side throughput benchmark: PEFT, plain HF generate and this engine, on one model and one prompt set.
 
     prompt-server bench [--model DIR] [--requests 32] [--new-tokens 32] [--virtual-tokens 8] [--rounds 2]
-    prompt-server bench --http [--concurrency 1,8,32,64] [--rates 1,2,4] ...   (see prompt_server/bench_http.py)
+    prompt-server bench --http [--concurrency 1,8,32,64] [--rates 1,2,4] ...   (see prompt_server_bench/bench_http.py)
+
+(`python -m prompt_server_bench ...` is the same command.)
 
 Modes (all greedy, exactly --new-tokens tokens per request):
   a  PEFT, mixed adapters, one request at a time (what PEFT users do today)
@@ -10,13 +12,15 @@ Modes (all greedy, exactly --new-tokens tokens per request):
   d  this engine, every request on a different adapter, all five kinds mixed
   e  this engine, no adapter
   f  as d, with the soft-prompt cache off (prompt_kv_cache_bytes=0): virtual tokens prefilled with every request
-peft is needed for a, b and for writing the benchmark's adapters (it is a test dependency).
+peft writes the benchmark's adapters and runs a and b; --http also plots with matplotlib: both come with the
+`bench` extra (pip install -e ".[bench]").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import statistics
 import sys
@@ -162,8 +166,12 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prompt-server bench", description=__doc__,
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the embedded default model); "
                         f"{RANDOM_T5}: a random encoder-decoder model of t5-small's shape")
@@ -202,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                            "on this device)")
     http.add_argument("--skip-transformers", action="store_true", help="only measure prompt-server")
     args = parser.parse_args(argv)
+    # --ttft writes no adapters; everything else does (peft), and --http plots (matplotlib)
+    missing = [] if args.ttft else _missing("peft", *(["matplotlib"] if args.http else []))
+    if missing:
+        parser.exit(2, f"{prog}: needs {' and '.join(missing)}, which the benchmarks' extra installs: "
+                       "pip install -e \".[bench]\" (or `make bench`)\n")
     if args.http:
         bad = sorted(set(args.endpoints) - {"completions", "chat"})
         if bad:
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ttft:
         return _main_ttft(args)
     if args.soak:
-        from prompt_server.bench_soak import main_soak
+        from prompt_server_bench.bench_soak import main_soak
 
         return main_soak(args)
 
@@ -353,8 +366,8 @@ def _main_ttft(args) -> int:
 def _main_http(args) -> int:
     import platform
 
-    from prompt_server.bench_http import report, run_http
     from prompt_server.model.loader import load_model
+    from prompt_server_bench.bench_http import report, run_http
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     count = max(max(args.concurrency, default=1), 5)  # every request in flight on a different adapter

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import httpx
 
-from prompt_server.procs import free_port, stop, wait_healthy
+from prompt_server_bench.procs import free_port, stop, wait_healthy
 
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 TRANSFORMERS = "transformers serve (no adapter)"

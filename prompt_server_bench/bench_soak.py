@@ -102,10 +102,10 @@ def run_soak(engine, registry, adapter_dirs: dict[str, Path], seconds: float, cl
 def main_soak(args) -> int:
     """`prompt-server bench --soak SECONDS`: the soak on the default model (or --model), and its report."""
     from prompt_server.adapters.registry import AdapterRegistry
-    from prompt_server.bench import write_adapters
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
+    from prompt_server_bench.bench import write_adapters
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
