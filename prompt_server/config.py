@@ -22,19 +22,20 @@ class Settings(BaseSettings):
     # model
     model: str | None = Field(None, description="Local Hugging Face model directory (a causal LM, an encoder-decoder LM or an "
                               "encoder classifier); none means the embedded default")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto is cuda when a GPU is visible")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto is float32 on the CPU, bfloat16 on a GPU that supports it, else float16")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the default model is cached")
     threads: int = Field(0, ge=0, description="torch intra-op threads on the CPU; 0 leaves torch's default")
 
     # adapters
     adapters: Path | None = Field(None, description="Adapter store directory: loaded at start, uploads persist here")
-    max_virtual_tokens: int = Field(128, ge=1)
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_virtual_tokens: int = Field(128, ge=1, description="Largest num_virtual_tokens an adapter may have")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest adapter upload")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, description="Port to listen on")
     api_key: str | None = Field(None, description="Bearer key for every route but /health; none means open")
     admin_key: str | None = Field(None, description="Bearer key for adapter writes; none means api_key rules")
 
@@ -48,12 +49,12 @@ class Settings(BaseSettings):
         description="Tokens one forward step may run: the running rows' next tokens, then newcomers' prompts; a "
                     "longer prompt is prefilled in chunks over several steps, so running rows wait one chunk at most",
     )
-    max_input_tokens: int = Field(2048, ge=1)
+    max_input_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens")
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for")
-    default_max_new_tokens: int = Field(64, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1, description="New tokens when a request does not say")
     max_queue: int = Field(256, ge=1, description="Waiting requests; beyond it requests get 429")
     request_timeout: float = Field(300.0, gt=0, description="Seconds before a request is cancelled")
-    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_sequences: int = Field(8, ge=0, description="Most stop sequences one request may give")
     max_labels: int = Field(32, ge=2, description="Labels one /classify request may score")
     prompt_kv_cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0,
