@@ -8,7 +8,6 @@ and the new one in; a crash between the two renames leaves `.old-<id>` as the on
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from prompt_server.adapters.loader import META_FILE
 from prompt_server.adapters.peft_format import CONFIG_FILE, ID_PATTERN
@@ -38,13 +39,11 @@ class AdapterStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the store's inter-process write lock."""
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """Hold the store's inter-process write lock (an exclusive flock on <store>/.lock; not reentrant)."""
+        # A new FileLock per call, as a new open file was before: a FileLock instance is reentrant, so a shared one
+        # would let a nested holder (or, with thread_local=False, another thread) in instead of excluding it.
+        with FileLock(self.root / ".lock"):
+            yield
 
     def path(self, adapter_id: str) -> Path:
         return self.root / adapter_id

@@ -1,70 +1,114 @@
-"""Prometheus text exposition, written by hand: request counters and latency histograms."""
+"""Prometheus metrics with prometheus_client: request counters and latency histograms in a per-app registry.
+
+What the API layer measures itself lives in prometheus_client metric objects; the engine's counters and gauges and
+the number of adapters are read at scrape time by a custom collector, never copied into metric objects.
+"""
 
 from __future__ import annotations
 
 import re
 import threading
-from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# The server has never exported `<name>_created` series; this switch is process-wide in prometheus_client.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
+_HISTOGRAMS = {
+    "queue_seconds": LATENCY_BUCKETS,
+    "time_to_first_token_seconds": LATENCY_BUCKETS,
+    "time_per_output_token_seconds": PER_TOKEN_BUCKETS,
+    "request_duration_seconds": LATENCY_BUCKETS,
+    "prompt_tokens": TOKEN_BUCKETS,
+    "generated_tokens": TOKEN_BUCKETS,
+}
+_REQUEST_LABELS = ("route", "adapter", "status")
+_ENGINE_GAUGES = {"queue_depth", "running", "prompt_kv_bytes", "prefix_cache_bytes"}
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+EngineStats = Mapping[str, float]
+# Values a caller of Metrics.render() hands in for one scrape, in place of the collector's sources.
+_scrape_values: ContextVar[tuple[EngineStats | None, int | None] | None] = ContextVar("_scrape_values", default=None)
 
 
-def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+class EngineCollector(Collector):
+    """The engine's stats() and the adapter count, read when the registry is collected.
 
+    The engine's queue_depth, running and cache sizes are gauges, every other stat a counter named
+    `prompt_server_engine_<stat>_total`; `prompt_server_batch_size_mean` is derived from its steps and batch_size_sum.
+    """
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    def __init__(self, engine_stats: Callable[[], EngineStats], adapters_loaded: Callable[[], int]):
+        self.engine_stats = engine_stats
+        self.adapters_loaded = adapters_loaded
 
+    def describe(self) -> list[Metric]:
+        return []  # the engine's stats are only known at scrape time; nothing for the registry to check up front
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, upper in enumerate(self.buckets):
-            if value <= upper:
-                self.counts[i] += 1
-        self.total += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{_number(b)}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.total}')
-        out.append(f"{name}_sum {_number(self.sum)}")
-        out.append(f"{name}_count {self.total}")
-        return out
+    def collect(self) -> Iterator[Metric]:
+        given_stats, given_adapters = _scrape_values.get() or (None, None)
+        stats = {k: float(v) for k, v in (self.engine_stats() if given_stats is None else given_stats).items()}
+        adapters = self.adapters_loaded() if given_adapters is None else given_adapters
+        yield GaugeMetricFamily("prompt_server_adapters_loaded", "Adapters in the registry.", value=adapters)
+        steps = stats.get("steps", 0.0)
+        if steps:
+            yield GaugeMetricFamily("prompt_server_batch_size_mean", "Mean rows per forward pass since start.",
+                                    value=stats.get("batch_size_sum", 0.0) / steps)
+        for key, value in sorted(stats.items()):
+            name = "prompt_server_engine_" + re.sub(r"[^A-Za-z0-9_]", "_", key)
+            if key in _ENGINE_GAUGES:
+                yield GaugeMetricFamily(name, "", value=value)
+            else:
+                # CounterMetricFamily drops one trailing `_total` and the exposition appends it again: with ours
+                # appended first, a stat whose name ends in `_total` keeps it (`<stat>_total_total`, as before)
+                yield CounterMetricFamily(name + "_total", "", value=value)
 
 
 class Metrics:
-    """What the API layer measures itself; the engine's own counters are added at render time."""
+    """What the API layer measures itself plus the engine's own counters, in one per-app registry.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
-        self.hist = {
-            "queue_seconds": Histogram(LATENCY_BUCKETS),
-            "time_to_first_token_seconds": Histogram(LATENCY_BUCKETS),
-            "time_per_output_token_seconds": Histogram(PER_TOKEN_BUCKETS),
-            "request_duration_seconds": Histogram(LATENCY_BUCKETS),
-            "prompt_tokens": Histogram(TOKEN_BUCKETS),
-            "generated_tokens": Histogram(TOKEN_BUCKETS),
+    engine_stats and adapters_loaded are the sources the registry reads at scrape time; render() may also be handed
+    the values for one scrape.
+    """
+
+    # The text format 0.0.4 every Prometheus reads (prometheus_client's CONTENT_TYPE_LATEST announces 1.0.0, which
+    # Prometheus 2.x does not know); the body is the same for these metric names.
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats] | None = None,
+        adapters_loaded: Callable[[], int] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "prompt_server_requests", "HTTP requests by route, adapter and status code.", _REQUEST_LABELS,
+            registry=self.registry,
+        )
+        self.hist: dict[str, Histogram] = {
+            name: Histogram(f"prompt_server_{name}", f"{name.replace('_', ' ')} per generation request.",
+                            buckets=buckets, registry=self.registry)
+            for name, buckets in _HISTOGRAMS.items()
         }
+        self.engine = EngineCollector(engine_stats or dict, adapters_loaded or (lambda: 0))
+        self.registry.register(self.engine)
+        self._lock = threading.Lock()  # one generation's histograms are updated together
 
     def count_request(self, route: str, adapter: str, status: int) -> None:
-        with self._lock:
-            self.requests[(("route", route), ("adapter", adapter), ("status", str(status)))] += 1
+        self.requests.labels(route=route, adapter=adapter, status=str(status)).inc()
 
     def observe_generation(
         self, *, queue: float, first_token: float, total: float, prompt_tokens: int, generated: int
@@ -79,38 +123,29 @@ class Metrics:
             if generated > 1:
                 self.hist["time_per_output_token_seconds"].observe(max(0.0, total - first_token) / (generated - 1))
 
-    def render(self, engine_stats: dict[str, float], adapters_loaded: int) -> str:
-        """The exposition text; the engine's queue_depth and running are gauges, its other stats counters."""
-        lines = [
-            "# HELP prompt_server_requests_total HTTP requests by route, adapter and status code.",
-            "# TYPE prompt_server_requests_total counter",
-        ]
-        with self._lock:
-            for labels, value in sorted(self.requests.items()):
-                lines.append(f"prompt_server_requests_total{_labels(labels)} {value}")
-            for name, hist in self.hist.items():
-                metric = f"prompt_server_{name}"
-                lines.append(f"# HELP {metric} {name.replace('_', ' ')} per generation request.")
-                lines.append(f"# TYPE {metric} histogram")
-                lines.extend(hist.lines(metric))
-        lines += [
-            "# HELP prompt_server_adapters_loaded Adapters in the registry.",
-            "# TYPE prompt_server_adapters_loaded gauge",
-            f"prompt_server_adapters_loaded {adapters_loaded}",
-        ]
-        steps = engine_stats.get("steps", 0.0)
-        if steps:
-            lines += [
-                "# HELP prompt_server_batch_size_mean Mean rows per forward pass since start.",
-                "# TYPE prompt_server_batch_size_mean gauge",
-                f"prompt_server_batch_size_mean {_number(engine_stats.get('batch_size_sum', 0.0) / steps)}",
-            ]
-        for key, value in sorted(engine_stats.items()):
-            kind = "gauge" if key in _ENGINE_GAUGES else "counter"
-            metric = "prompt_server_engine_" + re.sub(r"[^A-Za-z0-9_]", "_", key) + ("_total" if kind == "counter" else "")
-            lines.append(f"# TYPE {metric} {kind}")
-            lines.append(f"{metric} {_number(value)}")
-        return "\n".join(lines) + "\n"
+    def render(self, engine_stats: EngineStats | None = None, adapters_loaded: int | None = None) -> str:
+        """The exposition text (`generate_latest` of the registry); engine_stats and adapters_loaded, when given,
+        stand in for the collector's sources during this scrape."""
+        token = _scrape_values.set((engine_stats, adapters_loaded))
+        try:
+            with self._lock:
+                text = generate_latest(self.registry).decode("utf-8")
+        finally:
+            _scrape_values.reset(token)
+        return _as_before(text)
 
 
-_ENGINE_GAUGES = {"queue_depth", "running", "prompt_kv_bytes", "prefix_cache_bytes"}
+# prometheus_client writes label names sorted and a `# HELP` line for every family, even one without help text.
+# GET /metrics has always written prompt_server_requests_total's labels as route, adapter, status (clients and the
+# tests match that text) and no HELP line for the engine's stats: keep both.
+_REQUEST_SAMPLE = re.compile(
+    r'^(prompt_server_requests_total)\{adapter="((?:[^"\\]|\\.)*)",route="((?:[^"\\]|\\.)*)",'
+    r'status="((?:[^"\\]|\\.)*)"\}',
+    re.MULTILINE,
+)
+_EMPTY_HELP = re.compile(r"^# HELP \S+ \n", re.MULTILINE)
+
+
+def _as_before(text: str) -> str:
+    text = _EMPTY_HELP.sub("", text)
+    return _REQUEST_SAMPLE.sub(r'\1{route="\3",adapter="\2",status="\4"}', text)

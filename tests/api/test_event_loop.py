@@ -66,6 +66,7 @@ ROUTES = {
     "GET /adapters": (lambda c: c.get("/adapters"), "ids"),
     "GET /v1/models": (lambda c: c.get("/v1/models"), "ids"),
     "GET /info": (lambda c: c.get("/info"), "ids"),
+    "GET /metrics": (lambda c: c.get("/metrics"), "ids"),
     "POST /generate with an adapter": (lambda c: c.post(
         "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 2, "adapter_id": "slow"}}), "signature"),
 }

@@ -32,8 +32,7 @@ async def info(service: ServiceDep) -> dict[str, Any]:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep) -> PlainTextResponse:
     """Prometheus text exposition."""
-    text = service.metrics.render(service.stats(), len(service.registry))
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(await service.metrics_text(), media_type=service.metrics.content_type)
 
 
 @schema_router.get("/openapi.json", include_in_schema=False)
