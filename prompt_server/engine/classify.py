@@ -84,7 +84,8 @@ def _prediction(labels: list[str], scores: torch.Tensor, multi_label: bool = Fal
 
 def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer,
                 base_labels: tuple[str, ...] | None = None) -> tuple[list[str], list | None]:
-    """Decide head or verbalizers; -> (label names, verbalizer token ids or None for the head).
+    """Decide head or verbalizers; -> (label names, verbalizer token ids or None for the head). The request's
+    labels were checked already (engine/validation.py check_classify).
 
     base_labels: the model's own head's labels when it has one (encoder classifiers), used without an adapter.
     """
@@ -96,18 +97,14 @@ def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer,
         names = list(labels) if labels else list(default)
         if len(names) != n:
             raise InvalidRequest(f"labels: {whose} classifier head has {n} outputs, got {len(names)} labels")
-        if len(set(names)) != len(names):
-            raise InvalidRequest("labels: labels must be distinct")
         return names, None
     names = list(labels) if labels else list(adapter.labels or []) if adapter is not None else []
     if len(names) < 2:
         raise InvalidRequest("labels: at least 2 labels are needed to score as continuations, got " + str(len(names)))
-    if len(set(names)) != len(names):
-        raise InvalidRequest("labels: labels must be distinct")
     ids = []
     for name in names:
         if not name.strip():
-            raise InvalidRequest("labels: a label must not be empty")
+            raise InvalidRequest("labels: a label must not be blank")
         tok = tokenizer(" " + name.strip(), add_special_tokens=False).input_ids
         ids.append(tok)
     return names, ids

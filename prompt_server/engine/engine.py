@@ -35,6 +35,7 @@ from prompt_server.engine.validation import (
     check_classify,
     check_classify_lengths,
     check_generate,
+    check_request,
     check_seq2seq_classify,
     check_seq2seq_lengths,
 )
@@ -165,17 +166,21 @@ class Engine:
         if not self.ready:
             raise EngineStopped("the engine is not running")
         self.check_generates()
+        check_request(req, self.settings)  # before tokenizing
+        f = req.fields
+        if self.seq2seq and req.prefill_logprobs:
+            raise InvalidRequest(
+                f"{f.prefill_logprobs}: {self.model_id} is an encoder-decoder model; its prompt goes to the "
+                f"encoder, which gives no token logprobs"
+            )
         adapter = self._adapter(req.adapter_id)
         if adapter is not None and adapter.task_type == "SEQ_CLS":
-            raise InvalidRequest(f"adapter_id: '{adapter.id}' is a SEQ_CLS adapter; use /classify with it")
-        ids = self._encode(req.prompt, req.add_special_tokens)
+            raise InvalidRequest(f"{f.adapter_id}: '{adapter.id}' is a SEQ_CLS adapter; use /classify with it")
+        ids = self._encode(req.prompt, req.add_special_tokens, f.prompt)
+        if req.truncate is not None:
+            ids = ids[-req.truncate :]
         soft = 0 if adapter is None else adapter.num_virtual_tokens
         if self.seq2seq:
-            if req.prefill_logprobs:
-                raise InvalidRequest(
-                    f"decoder_input_details: {self.model_id} is an encoder-decoder model; its prompt goes to the "
-                    f"encoder, which gives no token logprobs"
-                )
             check_seq2seq_lengths(req, len(ids), adapter, self.max_position, self.runner.encoder_context)
         check_generate(req, len(ids), 0 if self.seq2seq else soft, self.settings,
                        self.max_position if not self.seq2seq else UNBOUNDED_POSITIONS)
@@ -246,16 +251,17 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=special).input_ids
 
-    def _encode(self, prompt: str | list[int], special: bool) -> list[int]:
+    def _encode(self, prompt: str | list[int], special: bool, field: str = "inputs") -> list[int]:
         if isinstance(prompt, list):
             ids = list(prompt)
-            bad = [t for t in ids if not (0 <= t < self.loaded.spec.vocab_size)]
+            vocab = self.loaded.spec.vocab_size
+            bad = [t for t in ids if not (0 <= t < vocab)]
             if bad:
-                raise InvalidRequest(f"inputs: token id {bad[0]} is outside the vocabulary (0..{self.loaded.spec.vocab_size - 1})")
+                raise InvalidRequest(f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         else:
             ids = self.encode(prompt, special)
         if not ids:
-            raise InvalidRequest("inputs: must not be empty")
+            raise InvalidRequest(f"{field}: must not be empty")
         return ids
 
     def stats(self) -> dict[str, float]:

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Why a generation ended: the limit, an eos token, a stop sequence; or it was ended for the caller.
+FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "timeout"]
+LENGTH: FinishReason = "length"
+EOS_TOKEN: FinishReason = "eos_token"
+STOP_SEQUENCE: FinishReason = "stop_sequence"
+CANCELLED: FinishReason = "cancelled"
+TIMEOUT: FinishReason = "timeout"
+ENDED_FOR_CALLER: tuple[FinishReason, ...] = (CANCELLED, TIMEOUT)  # no answer of the model's own
 
 
 class EngineError(Exception):
@@ -47,6 +57,27 @@ class SamplingParams:
     seed: int | None = None  # None with do_sample: a random seed, reported back
 
 
+@dataclass(frozen=True)
+class Fields:
+    """What the protocol the client spoke calls each request field: error messages name the client's own field."""
+
+    prompt: str = "inputs"
+    max_new_tokens: str = "parameters.max_new_tokens"
+    stop: str = "parameters.stop"
+    temperature: str = "parameters.temperature"
+    top_k: str = "parameters.top_k"
+    top_p: str = "parameters.top_p"
+    repetition_penalty: str = "parameters.repetition_penalty"
+    prefill_logprobs: str = "parameters.decoder_input_details"
+    adapter_id: str = "parameters.adapter_id"
+
+
+TGI_FIELDS = Fields()
+OPENAI_FIELDS = Fields(prompt="prompt", max_new_tokens="max_tokens", stop="stop", temperature="temperature",
+                       top_k="top_k", top_p="top_p", repetition_penalty="repetition_penalty",
+                       prefill_logprobs="echo", adapter_id="model")
+
+
 @dataclass
 class GenerateRequest:
     prompt: str | list[int]  # text, or token ids already
@@ -57,6 +88,9 @@ class GenerateRequest:
     ignore_eos: bool = False
     prefill_logprobs: bool = False  # also return the prompt tokens with their logprobs
     add_special_tokens: bool = True
+    truncate: int | None = None  # keep the last `truncate` prompt tokens (special tokens included)
+    prompt_chars: int | None = None  # characters the client sent, when the prompt text is built from them (chat)
+    fields: Fields = TGI_FIELDS
 
 
 @dataclass
@@ -83,7 +117,7 @@ class GenerationResult:
 
     text: str  # the whole generated text (stop sequence included, as TGI does)
     tokens: list[Token]
-    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled" | "timeout"
+    finish_reason: FinishReason
     prompt_tokens: int
     seed: int | None
     prefill: list[Token] = field(default_factory=list)  # filled when prefill_logprobs

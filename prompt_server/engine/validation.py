@@ -1,4 +1,6 @@
-"""Request checks the engine makes before queueing; messages name the field, the limit and the value given."""
+"""Every check of a request against the settings, in one place: the engine makes them before it queues a request
+(the HTTP edge only checks types and ranges a protocol fixes). Messages name the field as the client's protocol
+calls it (GenerateRequest.fields), the limit and the value given."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ def check_seq2seq_lengths(req: GenerateRequest, prompt_tokens: int, adapter, max
     prefix = 0 if adapter is None or not adapter.is_prefix else adapter.num_virtual_tokens
     if encoder_context is not None and virtual + prompt_tokens > encoder_context:
         raise InvalidRequest(
-            f"inputs: {virtual} virtual + {prompt_tokens} prompt tokens exceed the encoder's context of "
+            f"{req.fields.prompt}: {virtual} virtual + {prompt_tokens} prompt tokens exceed the encoder's context of "
             f"{encoder_context}"
         )
     if prefix + req.max_new_tokens > max_position:
         raise InvalidRequest(
-            f"max_new_tokens: {prefix} prefix + {req.max_new_tokens} new tokens exceed the decoder's context of "
-            f"{max_position}"
+            f"{req.fields.max_new_tokens}: {prefix} prefix + {req.max_new_tokens} new tokens exceed the decoder's "
+            f"context of {max_position}"
         )
 
 
@@ -40,47 +42,79 @@ def check_seq2seq_classify(inputs: list[list[int]], label_ids: list[list[int]] |
                              f"of {max_position}")
 
 
-def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, settings, max_position: int) -> None:
-    s = req.sampling
+# Text longer than max_input_tokens x CHARS_PER_TOKEN characters is refused before it is tokenized: no token spans
+# more characters in practice, and tokenizing megabytes only to refuse them would cost the server.
+CHARS_PER_TOKEN = 32
+
+
+def check_chars(length: int, settings, field: str) -> None:
+    """Refuse text too long to be worth tokenizing."""
+    limit = settings.max_input_tokens * CHARS_PER_TOKEN
+    if length > limit:
+        raise InvalidRequest(
+            f"{field} must be at most {limit} characters (max_input_tokens x {CHARS_PER_TOKEN}), given {length}"
+        )
+
+
+def check_request(req: GenerateRequest, settings) -> None:
+    """What can be checked before tokenizing: the limits on new tokens and stops, sampling, the prompt's size."""
+    f, s = req.fields, req.sampling
     if not 1 <= req.max_new_tokens <= settings.max_new_tokens:
         raise InvalidRequest(
-            f"max_new_tokens must be between 1 and {settings.max_new_tokens}, got {req.max_new_tokens}"
+            f"{f.max_new_tokens} must be between 1 and {settings.max_new_tokens}, got {req.max_new_tokens}"
         )
+    if len(req.stop) > settings.max_stop_sequences:
+        raise InvalidRequest(f"{f.stop}: at most {settings.max_stop_sequences} stop sequences (max_stop_sequences), "
+                             f"given {len(req.stop)}")
+    if any(not stop for stop in req.stop):
+        raise InvalidRequest(f"{f.stop}: stop sequences must not be empty")
+    if s.do_sample and not s.temperature > 0:
+        raise InvalidRequest(f"{f.temperature} must be > 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise InvalidRequest(f"{f.top_p} must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidRequest(f"{f.top_k} must be >= 0, got {s.top_k}")
+    if not s.repetition_penalty > 0:
+        raise InvalidRequest(f"{f.repetition_penalty} must be > 0, got {s.repetition_penalty}")
+    if isinstance(req.prompt, str):
+        check_chars(len(req.prompt) if req.prompt_chars is None else req.prompt_chars, settings, f.prompt)
+
+
+def check_generate(req: GenerateRequest, prompt_tokens: int, soft_tokens: int, settings, max_position: int) -> None:
+    """The limits that need the prompt's token count."""
+    f = req.fields
     if prompt_tokens > settings.max_input_tokens:
         raise InvalidRequest(
-            f"inputs: {prompt_tokens} tokens exceed max_input_tokens {settings.max_input_tokens}"
+            f"{f.prompt}: {prompt_tokens} tokens exceed max_input_tokens {settings.max_input_tokens}"
         )
     total = soft_tokens + prompt_tokens + req.max_new_tokens
     if total > max_position:
         raise InvalidRequest(
-            f"inputs + max_new_tokens: {soft_tokens} virtual + {prompt_tokens} prompt + {req.max_new_tokens} new "
-            f"tokens = {total} exceed the model's context of {max_position}"
+            f"{f.prompt} + {f.max_new_tokens}: {soft_tokens} virtual + {prompt_tokens} prompt + {req.max_new_tokens} "
+            f"new tokens = {total} exceed the model's context of {max_position}"
         )
     if total > settings.max_batch_tokens:
         raise InvalidRequest(
-            f"inputs + max_new_tokens: {total} tokens exceed max_batch_tokens {settings.max_batch_tokens}"
+            f"{f.prompt} + {f.max_new_tokens}: {total} tokens exceed max_batch_tokens {settings.max_batch_tokens}"
         )
-    if s.do_sample and not s.temperature > 0:
-        raise InvalidRequest(f"temperature must be > 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {s.top_p}")
-    if s.top_k < 0:
-        raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
-    if not s.repetition_penalty > 0:
-        raise InvalidRequest(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
-    if len(req.stop) > settings.max_stop_sequences:
-        raise InvalidRequest(f"stop: at most {settings.max_stop_sequences} stop sequences, got {len(req.stop)}")
-    if any(not stop for stop in req.stop):
-        raise InvalidRequest("stop: stop sequences must not be empty")
 
 
 def check_classify(req: ClassifyRequest, settings) -> None:
     if not req.inputs:
         raise InvalidRequest("inputs: at least one input is needed")
     if len(req.inputs) > settings.max_batch_size:
-        raise InvalidRequest(f"inputs: {len(req.inputs)} inputs exceed max_batch_size {settings.max_batch_size}")
-    if req.labels is not None and len(req.labels) > settings.max_labels:
-        raise InvalidRequest(f"labels: at most {settings.max_labels} labels, got {len(req.labels)}")
+        raise InvalidRequest(f"inputs: at most {settings.max_batch_size} texts (max_batch_size), given {len(req.inputs)}")
+    for i, text in enumerate(req.inputs):
+        if not text:
+            raise InvalidRequest(f"inputs[{i}]: must not be empty")
+        check_chars(len(text), settings, f"inputs[{i}]")
+    if req.labels is not None:
+        if len(req.labels) > settings.max_labels:
+            raise InvalidRequest(f"labels: at most {settings.max_labels} labels, got {len(req.labels)}")
+        if len(set(req.labels)) != len(req.labels):
+            raise InvalidRequest("labels: labels must be distinct")
+        if "" in req.labels:
+            raise InvalidRequest("labels: a label must not be empty")
 
 
 def check_classify_lengths(

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from prompt_server.api.deps import ServiceDep, require_generation
-from prompt_server.api.engine_requests import tgi_request
 from prompt_server.api.errors import from_exception
 from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
 from prompt_server.api.service import Service
@@ -48,9 +47,7 @@ def _response(body: GenerateRequest, result: GenerationResult) -> dict[str, Any]
 
 async def _request(service: Service, request: Request, body: GenerateRequest):
     await service.label(request, body.parameters.adapter_id)
-    if body.parameters.truncate is None:
-        return tgi_request(body.inputs, body.parameters, service.settings, service.tokenize)
-    return await service.call(tgi_request, body.inputs, body.parameters, service.settings, service.tokenize)
+    return body.to_engine_request(service.settings.default_max_new_tokens)
 
 
 async def _generate(service: Service, request: Request, body: GenerateRequest) -> dict[str, Any]:

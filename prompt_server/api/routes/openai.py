@@ -13,13 +13,13 @@ from jinja2 import TemplateError
 
 from prompt_server import __version__
 from prompt_server.api.deps import ServiceDep, require_generation
-from prompt_server.api.engine_requests import check_input_chars, check_max_new_tokens, check_stops
 from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, validation_error
-from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from prompt_server.api.service import Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.api.stops import StopTrimmer, trim_at_stop
-from prompt_server.engine.types import GenerateRequest, GenerationResult, SamplingParams, Token, TokenEvent
+from prompt_server.engine.types import GenerateRequest, GenerationResult, Token, TokenEvent
+from prompt_server.engine.validation import check_chars
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -37,53 +37,18 @@ async def _adapter_for(model: str | None, service: Service, request: Request) ->
     return adapter
 
 
-def _engine_request(body: SamplingFields, prompt: str | list[int], max_tokens: int | None, service: Service,
-                    add_special_tokens: bool, adapter_id: str | None) -> GenerateRequest:
-    s = service.settings
-    temperature = 1.0 if body.temperature is None else body.temperature
-    max_new = check_max_new_tokens(max_tokens or s.default_max_new_tokens, s, "max_tokens")
-    sampling = SamplingParams(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_k=max(body.top_k or 0, 0),
-        top_p=1.0 if body.top_p is None else body.top_p,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        seed=body.seed,
-    )
-    return GenerateRequest(
-        prompt=prompt,
-        adapter_id=adapter_id,
-        max_new_tokens=max_new,
-        sampling=sampling,
-        stop=check_stops(body.stop_list(), s, "stop"),
-        ignore_eos=body.ignore_eos,
-        add_special_tokens=add_special_tokens,
-    )
-
-
-def _completion_prompt(body: CompletionRequest, service: Service) -> str | list[int]:
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise validation_error(f"prompt: one prompt per request is supported, given a batch of {len(prompt)}")
-        prompt = prompt[0]
-    if not prompt:
-        raise validation_error("prompt: must not be empty")
-    if isinstance(prompt, str):
-        check_input_chars(len(prompt), service.settings, "prompt")
-    return prompt
-
-
-async def _chat_prompt(body: ChatCompletionRequest, service: Service) -> str:
+async def _chat_prompt(body: ChatCompletionRequest, service: Service) -> tuple[str, int]:
+    """The messages through the chat template -> (prompt text, the messages' own characters)."""
     if not service.has_chat_template:
         raise validation_error("messages: the base model's tokenizer has no chat template; use /v1/completions")
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = body.texts()
     except ValueError as exc:
         raise validation_error(f"messages: {exc}") from None
-    check_input_chars(sum(len(m["content"]) for m in messages), service.settings, "messages")
+    chars = sum(len(m["content"]) for m in messages)
+    check_chars(chars, service.settings, "messages")  # before the template runs over them
     try:
-        return await service.chat_prompt(messages)
+        return await service.chat_prompt(messages), chars
     except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template's own checks, e.g. role order
         raise validation_error(f"messages: the chat template rejected them: {exc}") from None
 
@@ -155,8 +120,11 @@ async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_us
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI text completion; `model` is an adapter id or the base model id."""
     adapter = await _adapter_for(body.model, service, request)
-    prompt = _completion_prompt(body, service)
-    req = _engine_request(body, prompt, body.max_tokens, service, True, adapter)
+    try:
+        prompt = body.single_prompt()
+    except ValueError as exc:
+        raise validation_error(str(exc)) from None
+    req = body.to_engine_request(prompt, service.settings.default_max_new_tokens, adapter)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
     echo = ""
     if body.echo:
@@ -185,8 +153,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI chat completion, prompted through the tokenizer's chat template."""
     adapter = await _adapter_for(body.model, service, request)
-    prompt = await _chat_prompt(body, service)
-    req = _engine_request(body, prompt, body.max_completion_tokens or body.max_tokens, service, False, adapter)
+    prompt, chars = await _chat_prompt(body, service)
+    req = body.to_engine_request(prompt, chars, service.settings.default_max_new_tokens, adapter)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
 
     def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:

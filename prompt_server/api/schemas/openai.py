@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prompt_server.engine.types import OPENAI_FIELDS, SamplingParams
+from prompt_server.engine.types import GenerateRequest as EngineRequest
 
 
 class StreamOptions(BaseModel):
@@ -55,18 +59,34 @@ class SamplingFields(BaseModel):
             raise ValueError("not supported, only empty or unset")
         return v
 
-    @model_validator(mode="after")
-    def _stops(self) -> SamplingFields:
-        if isinstance(self.stop, list) and "" in self.stop:
-            raise ValueError("`stop` sequences must not be empty strings")
-        if self.stop == "":
-            raise ValueError("`stop` must not be an empty string")
-        return self
-
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """temperature 0 (or unset and greedy) is greedy; anything above samples."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams(
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=max(self.top_k or 0, 0),
+            top_p=1.0 if self.top_p is None else self.top_p,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+        )
+
+    def _engine_request(self, prompt: str | list[int], max_tokens: int | None, default_max_new_tokens: int,
+                        adapter_id: str | None, **extra: Any) -> EngineRequest:
+        return EngineRequest(
+            prompt=prompt,
+            adapter_id=adapter_id,
+            max_new_tokens=max_tokens or default_max_new_tokens,
+            sampling=self.to_sampling_params(),
+            stop=self.stop_list(),
+            ignore_eos=self.ignore_eos,
+            **extra,
+        )
 
 
 class CompletionRequest(SamplingFields):
@@ -89,6 +109,23 @@ class CompletionRequest(SamplingFields):
         if v:
             raise ValueError("not supported (no infilling), only empty or unset")
         return v
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of the request (a batch of one is unwrapped); ValueError names what is wrong."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError(f"prompt: one prompt per request is supported, given a batch of {len(prompt)}")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        return prompt  # type: ignore[return-value]
+
+    def to_engine_request(self, prompt: str | list[int], default_max_new_tokens: int,
+                          adapter_id: str | None) -> EngineRequest:
+        """The engine's request for `prompt` (single_prompt()); the engine checks it against the settings."""
+        return self._engine_request(prompt, self.max_tokens, default_max_new_tokens, adapter_id,
+                                    add_special_tokens=True, fields=OPENAI_FIELDS)
 
 
 class ChatMessage(BaseModel):
@@ -132,6 +169,19 @@ class ChatCompletionRequest(SamplingFields):
         if v:
             raise ValueError("tool calling is not supported")
         return v
+
+    def texts(self) -> list[dict[str, str]]:
+        """The messages as role/content pairs for a chat template; ValueError names a part it cannot take."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def to_engine_request(self, prompt: str, prompt_chars: int, default_max_new_tokens: int,
+                          adapter_id: str | None) -> EngineRequest:
+        """The engine's request for the templated `prompt`; `prompt_chars` counts the messages' own characters,
+        which the input limit applies to."""
+        given = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        fields = replace(OPENAI_FIELDS, prompt="messages", max_new_tokens=given, prefill_logprobs="logprobs")
+        return self._engine_request(prompt, self.max_completion_tokens or self.max_tokens, default_max_new_tokens,
+                                    adapter_id, add_special_tokens=False, prompt_chars=prompt_chars, fields=fields)
 
     @model_validator(mode="after")
     def _format(self) -> ChatCompletionRequest:

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prompt_server.engine.types import TGI_FIELDS, FinishReason, SamplingParams
+from prompt_server.engine.types import GenerateRequest as EngineRequest
+
 # Fields the clients send (usually as null or their default) that this server does not implement.
 _UNSUPPORTED_UNLESS_DEFAULT: dict[str, Any] = {
     "merged_adapters": None,
@@ -54,9 +57,21 @@ class Parameters(BaseModel):
             value = getattr(self, name)
             if value is not None and value != default:
                 raise ValueError(f"`{name}` is not supported by this server (given {value!r}; leave it unset)")
-        if "" in self.stop:
-            raise ValueError("`stop` sequences must not be empty strings")
         return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Temperature, top_k or top_p turn sampling on, as in TGI."""
+        return SamplingParams(
+            do_sample=self.do_sample
+            or (self.temperature is not None and self.temperature != 1.0)
+            or self.top_k is not None
+            or (self.top_p is not None and self.top_p < 1.0),
+            temperature=self.temperature if self.temperature is not None else 1.0,
+            top_k=self.top_k or 0,
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+            seed=self.seed,
+        )
 
 
 class GenerateRequest(BaseModel):
@@ -64,6 +79,21 @@ class GenerateRequest(BaseModel):
 
     inputs: str = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
+
+    def to_engine_request(self, default_max_new_tokens: int) -> EngineRequest:
+        """The engine's request; the engine checks it against the settings (engine/validation.py)."""
+        p = self.parameters
+        return EngineRequest(
+            prompt=self.inputs,
+            adapter_id=p.adapter_id or None,
+            max_new_tokens=p.max_new_tokens or default_max_new_tokens,
+            sampling=p.to_sampling_params(),
+            stop=list(p.stop),
+            ignore_eos=p.ignore_eos_token,
+            prefill_logprobs=p.decoder_input_details,
+            truncate=p.truncate,
+            fields=TGI_FIELDS,
+        )
 
 
 class CompatRequest(GenerateRequest):
@@ -84,7 +114,7 @@ class InputToken(BaseModel):
 
 
 class Details(BaseModel):
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
     seed: int | None
@@ -99,7 +129,7 @@ class GenerateResponse(BaseModel):
 
 
 class StreamDetails(BaseModel):
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
     seed: int | None
