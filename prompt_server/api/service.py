@@ -18,6 +18,7 @@ from starlette.requests import Request
 from prompt_server import __version__
 from prompt_server.api.errors import TIMEOUT, ApiError
 from prompt_server.api.metrics import Metrics
+from prompt_server.api.schemas.service import Auth, Info, Limits, SkippedAdapter
 from prompt_server.config import Settings
 from prompt_server.engine.types import ClassifyRequest, GenerateRequest, GenerationResult, Prediction, TokenEvent
 
@@ -198,38 +199,17 @@ class Service:
             generated=len(result.tokens),
         )
 
-    async def info_dict(self) -> dict[str, Any]:
-        s = self.settings
-        loaded = await self.adapter_count()
-        return {
-            "model_id": self.info.model_id,
-            "model_path": self.info.path,
-            "model_dtype": self.info.dtype,
-            "model_device": self.info.device,
-            "architecture": self.info.architecture,
-            "model_type": self.info.model_type,
-            "transformers_version": self.info.transformers_version,
-            "family": self.info.family,
-            "tasks": list(self.info.tasks),
-            "forward_path": self.info.forward_path,
-            "forward_path_reason": self.info.forward_path_reason,
-            "max_position": self.info.max_position,
-            "serving_notes": list(self.info.serving_notes),
-            "version": __version__,
-            "adapters_loaded": loaded,
-            "adapters_skipped": [{"id": i, "error": e} for i, e in self.skipped],
-            "limits": {
-                "max_input_tokens": s.max_input_tokens,
-                "max_new_tokens": s.max_new_tokens,
-                "default_max_new_tokens": s.default_max_new_tokens,
-                "max_batch_size": s.max_batch_size,
-                "max_batch_tokens": s.max_batch_tokens,
-                "max_queue": s.max_queue,
-                "max_stop_sequences": s.max_stop_sequences,
-                "max_labels": s.max_labels,
-                "max_virtual_tokens": s.max_virtual_tokens,
-                "max_upload_bytes": s.max_upload_bytes,
-                "request_timeout": s.request_timeout,
-            },
-            "auth": {"api_key": s.api_key is not None, "admin_key": s.admin_key is not None},
-        }
+    async def info_body(self) -> Info:
+        """GET /info: the model, how it is served, the limits and the adapters."""
+        s, i = self.settings, self.info
+        limits = {name: getattr(s, name) for name in Limits.model_fields}
+        return Info(
+            model_id=i.model_id, model_path=i.path, model_dtype=i.dtype, model_device=i.device,
+            architecture=i.architecture, model_type=i.model_type, transformers_version=i.transformers_version,
+            family=i.family, tasks=list(i.tasks), forward_path=i.forward_path, forward_path_reason=i.forward_path_reason,
+            max_position=i.max_position, serving_notes=list(i.serving_notes), version=__version__,
+            adapters_loaded=await self.adapter_count(),
+            adapters_skipped=[SkippedAdapter(id=a, error=e) for a, e in self.skipped],
+            limits=Limits(**limits),
+            auth=Auth(api_key=s.api_key is not None, admin_key=s.admin_key is not None),
+        )

@@ -291,3 +291,19 @@ def test_a_failed_engine_step_is_a_500_with_its_reason_and_the_server_goes_on(se
     payloads, events = _stream_tail(out["openai"], "internal")
     assert payloads[-1] == "[DONE]"
     assert "generation failed: injected fault" in _err(out["plain"], 500, "internal")
+
+
+def test_limits_name_the_field_of_the_protocol_the_client_spoke(client):
+    """One check per limit (engine/validation.py); the message uses the client's own field names."""
+    long = "hello " * 300  # over max_input_tokens 256 in tokens, not in characters
+    msg = _err(client.post("/v1/completions", json={"prompt": long, "max_tokens": 2}), 422, "validation")
+    assert msg.startswith("prompt: ") and "max_input_tokens 256" in msg
+    msg = _err(client.post("/generate", json={"inputs": long}), 422, "validation")
+    assert msg.startswith("inputs: ") and "max_input_tokens 256" in msg
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000}
+    msg = _err(client.post("/v1/chat/completions", json=chat), 422, "validation")
+    assert msg.startswith("max_completion_tokens must be between 1 and 512")
+    msg = _err(client.post("/v1/completions", json={"prompt": "hi", "stop": [""]}), 422, "validation")
+    assert msg == "stop: stop sequences must not be empty"
+    msg = _err(client.post("/generate", json={"inputs": "hi", "parameters": {"stop": [""]}}), 422, "validation")
+    assert msg == "parameters.stop: stop sequences must not be empty"

@@ -11,7 +11,16 @@ from fastapi.responses import JSONResponse
 
 from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.errors import from_exception
-from prompt_server.api.schemas.tgi import CompatRequest, GenerateRequest, GenerateResponse, StreamResponse
+from prompt_server.api.schemas.tgi import (
+    CompatRequest,
+    Details,
+    GenerateRequest,
+    GenerateResponse,
+    InputToken,
+    StreamDetails,
+    StreamResponse,
+)
+from prompt_server.api.schemas.tgi import Token as TokenOut
 from prompt_server.api.service import Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.engine.types import GenerationResult, Token, TokenEvent
@@ -21,28 +30,28 @@ router = APIRouter(tags=["generate"], dependencies=[Depends(require_generation)]
 _LOWEST = -1e30  # stands in for a generated token's -inf log-probability (clients want a float)
 
 
-def token_dict(token: Token) -> dict[str, Any]:
+def token_out(token: Token) -> TokenOut:
     logprob = finite(token.logprob)
-    return {"id": token.id, "text": token.text, "logprob": _LOWEST if logprob is None else logprob,
-            "special": token.special}
+    return TokenOut(id=token.id, text=token.text, logprob=_LOWEST if logprob is None else logprob,
+                    special=token.special)
 
 
-def details_dict(result: GenerationResult) -> dict[str, Any]:
-    return {
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "generated_tokens": len(result.tokens),
-        "seed": result.seed,
-        "prefill": [{"id": t.id, "text": t.text, "logprob": finite(t.logprob)} for t in result.prefill],
-        "tokens": [token_dict(t) for t in result.tokens],
-        "adapter_version": result.adapter_version,
-    }
+def details(result: GenerationResult) -> Details:
+    return Details(
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        generated_tokens=len(result.tokens),
+        seed=result.seed,
+        prefill=[InputToken(id=t.id, text=t.text, logprob=finite(t.logprob)) for t in result.prefill],
+        tokens=[token_out(t) for t in result.tokens],
+        adapter_version=result.adapter_version,
+    )
 
 
 def _response(body: GenerateRequest, result: GenerationResult) -> dict[str, Any]:
     p = body.parameters
     text = body.inputs + result.text if p.return_full_text else result.text
-    return {"generated_text": text, "details": details_dict(result) if p.details else None}
+    return GenerateResponse(generated_text=text, details=details(result) if p.details else None).model_dump()
 
 
 async def _request(service: Service, request: Request, body: GenerateRequest):
@@ -66,7 +75,7 @@ async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -
                 if ev.last:  # it travels with generated_text and details in the final event
                     held = ev
                 else:
-                    yield event(StreamResponse(index=ev.index, token=token_dict(ev.token)).model_dump())
+                    yield event(StreamResponse(index=ev.index, token=token_out(ev.token)).model_dump())
                 continue
             service.observe(ev, started)
             yield event(_final_event(body, ev, held, last))
@@ -77,19 +86,15 @@ async def _stream_events(service: Service, handle: Any, body: GenerateRequest) -
 def _final_event(body: GenerateRequest, result: GenerationResult, held: TokenEvent | None,
                  last: TokenEvent | None) -> dict[str, Any]:
     if held is not None:
-        index, token = held.index, token_dict(held.token)
+        index, token = held.index, token_out(held.token)
     else:
         # generation ended without a token of its own (cancelled or timed out): an empty special token closes it
         index = last.index + 1 if last else 0
-        token = {"id": last.token.id if last else 0, "text": "", "logprob": 0.0, "special": True}
+        token = TokenOut(id=last.token.id if last else 0, text="", logprob=0.0, special=True)
     generated = body.inputs + result.text if body.parameters.return_full_text else result.text
-    details = {
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "generated_tokens": len(result.tokens),
-        "seed": result.seed,
-    }
-    return {"index": index, "token": token, "generated_text": generated, "details": details}
+    end = StreamDetails(finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+                        generated_tokens=len(result.tokens), seed=result.seed)
+    return StreamResponse(index=index, token=token, generated_text=generated, details=end).model_dump()
 
 
 async def _stream(service: Service, request: Request, body: GenerateRequest) -> Response:

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from prompt_server.api.deps import ServiceDep, require_api_key
+from prompt_server.api.schemas.service import Health, Info
 
 open_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["service"], dependencies=[Depends(require_api_key)])
 schema_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@open_router.get("/health")
-async def health(service: ServiceDep) -> JSONResponse:
+@open_router.get("/health", response_model=Health,
+                 responses={503: {"description": "the engine is not running (status unavailable, with the error)"}})
+async def health(service: ServiceDep) -> Health | JSONResponse:
     """Liveness: 200 while the engine runs, 503 otherwise. Needs no key."""
     if not service.ready:
         return JSONResponse({"status": "unavailable", "error": "the engine is not running",
                              "error_type": "unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return Health()
 
 
-@router.get("/info")
-async def info(service: ServiceDep) -> dict[str, Any]:
+@router.get("/info", response_model=Info)
+async def info(service: ServiceDep) -> Info:
     """Model, dtype, device, limits and version."""
-    return await service.info_dict()
+    return await service.info_body()
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

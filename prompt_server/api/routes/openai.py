@@ -14,16 +14,40 @@ from jinja2 import TemplateError
 from prompt_server import __version__
 from prompt_server.api.deps import ServiceDep, require_generation
 from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, validation_error
-from prompt_server.api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from prompt_server.api.schemas.openai import (
+    AdapterCard,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReasonOut,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 from prompt_server.api.service import Service
 from prompt_server.api.sse import event, finite, stream_response
 from prompt_server.api.stops import StopTrimmer, trim_at_stop
-from prompt_server.engine.types import GenerateRequest, GenerationResult, Token, TokenEvent
+from prompt_server.engine.types import (
+    EOS_TOKEN,
+    LENGTH,
+    STOP_SEQUENCE,
+    GenerateRequest,
+    GenerationResult,
+    Token,
+    TokenEvent,
+)
 from prompt_server.engine.validation import check_chars
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+FINISH: dict[str, FinishReasonOut] = {LENGTH: "length", EOS_TOKEN: "stop", STOP_SEQUENCE: "stop"}
 FINGERPRINT = f"prompt-server-{__version__}"
 
 
@@ -53,9 +77,9 @@ async def _chat_prompt(body: ChatCompletionRequest, service: Service) -> tuple[s
         raise validation_error(f"messages: the chat template rejected them: {exc}") from None
 
 
-def _usage(result: GenerationResult) -> dict[str, int]:
+def _usage(result: GenerationResult) -> Usage:
     n = len(result.tokens)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=n, total_tokens=result.prompt_tokens + n)
 
 
 def _kept_tokens(tokens: list[Token], text_len: int) -> list[Token]:
@@ -69,22 +93,22 @@ def _kept_tokens(tokens: list[Token], text_len: int) -> list[Token]:
     return kept
 
 
-def _completion_logprobs(tokens: list[Token], start: int) -> dict[str, Any]:
+def _completion_logprobs(tokens: list[Token], start: int) -> CompletionLogprobs:
     offsets, at = [], start
     for t in tokens:
         offsets.append(at)
         at += len(t.text)
-    return {
-        "tokens": [t.text for t in tokens],
-        "token_logprobs": [finite(t.logprob) for t in tokens],
-        "top_logprobs": [{t.text: finite(t.logprob)} for t in tokens],
-        "text_offset": offsets,
-    }
+    return CompletionLogprobs(
+        tokens=[t.text for t in tokens],
+        token_logprobs=[finite(t.logprob) for t in tokens],
+        top_logprobs=[{t.text: finite(t.logprob)} for t in tokens],
+        text_offset=offsets,
+    )
 
 
-def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
-    return {"content": [{"token": t.text, "logprob": finite(t.logprob), "bytes": list(t.text.encode()),
-                         "top_logprobs": []} for t in tokens]}
+def _chat_logprobs(tokens: list[Token]) -> ChatLogprobs:
+    return ChatLogprobs(content=[ChatTokenLogprob(token=t.text, logprob=finite(t.logprob),
+                                                  bytes=list(t.text.encode())) for t in tokens])
 
 
 async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_usage: bool) -> Response:
@@ -108,7 +132,7 @@ async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_us
                 rest = trimmer.finish(ev.text)
                 yield event(chunk(rest, FINISH.get(ev.finish_reason, "stop"), False))
                 if include_usage:
-                    yield event(chunk(None, None, False) | {"choices": [], "usage": _usage(ev)})
+                    yield event(chunk(None, None, False) | {"choices": [], "usage": _usage(ev).model_dump()})
         except Exception as exc:  # noqa: BLE001 -- timeout, engine stopped or failed: the last event
             yield event(from_exception(exc).body())
         yield event("[DONE]")
@@ -116,7 +140,9 @@ async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_us
     return stream_response(events(), handle.cancel)
 
 
-@router.post("/completions", response_class=Response, dependencies=[Depends(require_generation)])
+@router.post("/completions", response_model=CompletionResponse, dependencies=[Depends(require_generation)],
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "the completion, or with stream=true server-sent chunks"}})
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI text completion; `model` is an adapter id or the base model id."""
     adapter = await _adapter_for(body.model, service, request)
@@ -144,12 +170,14 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     logprobs = None
     if body.logprobs is not None:
         logprobs = _completion_logprobs(_kept_tokens(result.tokens, len(text)), len(echo))
-    choice = {"index": 0, "text": echo + text, "logprobs": logprobs,
-              "finish_reason": FINISH.get(result.finish_reason, "stop")}
-    return _answer(cid, "text_completion", created, model, choice, result)
+    choice = CompletionChoice(text=echo + text, logprobs=logprobs, finish_reason=FINISH.get(result.finish_reason, "stop"))
+    return JSONResponse(CompletionResponse(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                           choices=[choice], usage=_usage(result)).model_dump())
 
 
-@router.post("/chat/completions", response_class=Response, dependencies=[Depends(require_generation)])
+@router.post("/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(require_generation)],
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "the completion, or with stream=true server-sent chunks"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI chat completion, prompted through the tokenizer's chat template."""
     adapter = await _adapter_for(body.model, service, request)
@@ -171,24 +199,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     result = await service.run(req, request)
     text = trim_at_stop(result.text, req.stop)
     logprobs = _chat_logprobs(_kept_tokens(result.tokens, len(text))) if body.logprobs else None
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-              "finish_reason": FINISH.get(result.finish_reason, "stop")}
-    return _answer(cid, "chat.completion", created, model, choice, result)
+    choice = ChatChoice(message=ChatMessageOut(content=text), logprobs=logprobs,
+                        finish_reason=FINISH.get(result.finish_reason, "stop"))
+    return JSONResponse(ChatCompletionResponse(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                               choices=[choice], usage=_usage(result)).model_dump())
 
 
-def _answer(cid: str, kind: str, created: int, model: str, choice: dict[str, Any], result: Any) -> JSONResponse:
-    """A non-streamed OpenAI response around one choice."""
-    return JSONResponse({"id": cid, "object": kind, "created": created, "model": model,
-                         "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(result)})
-
-
-@router.get("/models")
-async def models(service: ServiceDep) -> dict[str, Any]:
-    """The base model and every adapter, as OpenAI model objects."""
-    base = {"id": service.info.model_id, "object": "model", "created": int(service.started_at),
-            "owned_by": "prompt-server", "root": service.info.model_id, "parent": None,
-            "family": service.info.family, "tasks": list(service.info.tasks)}
-    adapters = [{"id": a.id, "object": "model", "created": int(a.created_at), "owned_by": "prompt-server",
-                 "root": service.info.model_id, "parent": service.info.model_id, "peft_type": a.peft_type,
-                 "task_type": a.task_type, "version": a.version} for a in await service.adapters()]
-    return {"object": "list", "data": [base, *adapters]}
+@router.get("/models", response_model=ModelList)
+async def models(service: ServiceDep) -> ModelList:
+    """The base model and every adapter, each usable as `model`."""
+    info = service.info
+    base = ModelCard(id=info.model_id, created=int(service.started_at), root=info.model_id, family=info.family,
+                     tasks=list(info.tasks))
+    adapters = [AdapterCard(id=a.id, created=int(a.created_at), root=info.model_id, parent=info.model_id,
+                            peft_type=a.peft_type, task_type=a.task_type, version=a.version)
+                for a in await service.adapters()]
+    return ModelList(data=[base, *adapters])

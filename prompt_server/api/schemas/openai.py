@@ -188,3 +188,102 @@ class ChatCompletionRequest(SamplingFields):
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (only 'text')")
         return self
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+FinishReasonOut = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReasonOut | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonOut
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """The base model, as GET /v1/models lists it: its family and the adapter task types it serves."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "prompt-server"
+    root: str
+    parent: None = None
+    family: str
+    tasks: list[str]
+
+
+class AdapterCard(BaseModel):
+    """An adapter, as GET /v1/models lists it: a model whose parent is the base model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "prompt-server"
+    root: str
+    parent: str
+    peft_type: str
+    task_type: str
+    version: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard | AdapterCard]
