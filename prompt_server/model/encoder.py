@@ -24,6 +24,7 @@ from torch.func import functional_call
 from transformers import DynamicCache
 
 from prompt_server.model.batch import PrefillRow
+from prompt_server.model.forward import HFModel
 
 # Encoder-only model types served (loaded with AutoModelForSequenceClassification); other encoders (model types
 # with a masked-LM class) are refused at load rather than read as the causal LM some of them also have a class for.
@@ -37,7 +38,7 @@ class EncoderRunner:
     generates = False
     caches_prompts = False
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         self.model = model
         self.backbone = getattr(model, model.base_model_prefix)
         self.embeddings = self.backbone.embeddings

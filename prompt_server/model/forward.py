@@ -11,12 +11,17 @@ import sys
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from prompt_server.model.batch import KV, PrefillInputs, PrefillRow, build_prefill, embed
+
+# A transformers PreTrainedModel. Typed loosely: its submodules and config fields depend on its architecture, and the
+# start-up self-check, not the type checker, proves a runner reads them right.
+HFModel = Any
 
 
 class Runner(ABC):
@@ -32,7 +37,7 @@ class Runner(ABC):
     forced_bos: int | None = None
     forced_eos: int | None = None
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         self.model = model
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
@@ -129,7 +134,7 @@ def _cpu_rows(n: int) -> int:
     return 4 if n <= 4 else -(-n // 8) * 8
 
 
-def make_runner(model: torch.nn.Module, forward_path: str = "lean"):
+def make_runner(model: HFModel, forward_path: str = "lean"):
     """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers),
     "seq2seq" (encoder-decoder LMs)."""
     if forward_path == "encoder":
@@ -146,7 +151,7 @@ def make_runner(model: torch.nn.Module, forward_path: str = "lean"):
 class HFRunner(Runner):
     """Any HF causal LM: the model's own forward with a DynamicCache, 2-D mask with holes, explicit positions."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__(model)
         self.base = model.base_model
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated).
@@ -199,7 +204,7 @@ class LlamaRunner(Runner):
     projections and MLPs see every token of the step at once (the weights are read once), attention runs per part.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__(model)
         inner = model.model
         self.layers = inner.layers

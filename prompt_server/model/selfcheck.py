@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prompt_server.model.batch import PrefillRow, build_prefill
-from prompt_server.model.forward import DecodeInputs
+from prompt_server.model.forward import DecodeInputs, HFModel
 
 # Probe length: long enough that a wrong rotary base or scaling shows in the logits.
 PROBE_TOKENS = 48
@@ -37,7 +37,7 @@ def probe_ids(vocab_size: int, length: int, device: torch.device) -> torch.Tenso
 
 
 @torch.inference_mode()
-def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def reference_logits(model: HFModel, ids: torch.Tensor) -> torch.Tensor:
     """The model's own forward: [1, T] -> [T, vocab] float32."""
     return model(input_ids=ids, use_cache=False).logits[0].float()
 
@@ -59,7 +59,7 @@ def runner_logits(runner, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def check_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, max_position: int) -> float:
+def check_runner(runner, model: HFModel, vocab_size: int, pad_id: int, max_position: int) -> float:
     """Relative difference between the runner and the model's own forward; raises SelfCheckFailed past tolerance."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -71,7 +71,7 @@ def check_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, m
 
 
 @torch.inference_mode()
-def check_encoder_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int, max_position: int) -> float:
+def check_encoder_runner(runner, model: HFModel, vocab_size: int, pad_id: int, max_position: int) -> float:
     """An encoder runner's batched scores for rows of different lengths against the model's own forward on each
     row alone; raises SelfCheckFailed past tolerance."""
     dtype = next(model.parameters()).dtype
@@ -86,7 +86,7 @@ def check_encoder_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id
 
 
 @torch.inference_mode()
-def check_seq2seq_runner(runner, model: torch.nn.Module, vocab_size: int, pad_id: int) -> float:
+def check_seq2seq_runner(runner, model: HFModel, vocab_size: int, pad_id: int) -> float:
     """An encoder-decoder runner against the model's own forward: two rows of different encoder lengths prefilled
     together, then decoder steps, one of them with a third row joining; raises SelfCheckFailed past tolerance."""
     dtype = next(model.parameters()).dtype

@@ -26,7 +26,7 @@ import torch
 
 from prompt_server.adapters.types import SEQ2SEQ
 from prompt_server.model.batch import KV, CrossKV, PrefillRow
-from prompt_server.model.forward import DecodeInputs, Runner
+from prompt_server.model.forward import DecodeInputs, HFModel, Runner
 
 # The encoder-decoder model types whose decoder is written out here (mT5 is T5's architecture).
 SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "bart")
@@ -70,7 +70,7 @@ class Seq2SeqRunner(Runner):
     family = SEQ2SEQ
     caches_prompts = False  # a row's keys/values depend on its encoder input: no soft-prompt or prefix caching
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__(model)
         self.encoder = model.get_encoder()
         self.decoder = model.get_decoder()
@@ -347,7 +347,7 @@ class T5Runner(Seq2SeqRunner):
     self-attention (layer 0's table, shared by all layers), T5's output scaled by d_model^-0.5 where its config
     says so."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__(model)
         attn = self.decoder.block[0].layer[0].SelfAttention
         self.n_heads, self.head_dim = attn.n_heads, attn.key_value_proj_dim
@@ -396,7 +396,7 @@ class BartRunner(Seq2SeqRunner):
     """BART: post-norm layers, learned positions (offset 2) read at each row's own position, scaled queries, a
     final logits bias."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: HFModel):
         super().__init__(model)
         attn = self.decoder.layers[0].self_attn
         self.n_heads, self.head_dim = attn.num_heads, attn.head_dim
@@ -428,7 +428,7 @@ class BartRunner(Seq2SeqRunner):
         return super().logits(hidden) + self.logits_bias[0].float()
 
 
-def make_seq2seq_runner(model: torch.nn.Module) -> Seq2SeqRunner:
+def make_seq2seq_runner(model: HFModel) -> Seq2SeqRunner:
     model_type = model.config.model_type
     if model_type in ("t5", "mt5"):
         return T5Runner(model)
