@@ -30,6 +30,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings: type[BaseSetti
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
         if typing.get_origin(annotation) is not Literal and len(members) == 1:  # X | None
             annotation = members[0]
+        kind: Any
         if typing.get_origin(annotation) is Literal:
             kind, choices = str, [str(a) for a in typing.get_args(annotation)]
         else:

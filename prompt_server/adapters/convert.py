@@ -174,8 +174,10 @@ def _classifier(cfg: AdapterConfig, head: dict[str, torch.Tensor], spec: ModelSp
 
 
 def _to(t: torch.Tensor | None, name: str, device: Any, dtype: torch.dtype) -> torch.Tensor | None:
-    if t is None:
-        return None
+    return None if t is None else _on(t, name, device, dtype)
+
+
+def _on(t: torch.Tensor, name: str, device: Any, dtype: torch.dtype) -> torch.Tensor:
     out = t.to(device=device, dtype=dtype).contiguous()
     if not torch.isfinite(out).all():
         raise AdapterError(f"{name} overflows {dtype} (values too large for the model's dtype)")
@@ -226,7 +228,7 @@ def build_soft_prompt(
             raise AdapterError(f"labels has {len(labels)} entries, expected {n} (the classifier head's num_labels)")
         labels = labels or tuple(f"LABEL_{i}" for i in range(n))
         classifier = ClassifierHead(
-            params={k: _to(v, f"classifier {k}", device, dtype) for k, v in classifier.params.items()},
+            params={k: _on(v, f"classifier {k}", device, dtype) for k, v in classifier.params.items()},
             num_labels=n,
         )
     virtual = prefix = None

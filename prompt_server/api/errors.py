@@ -32,6 +32,7 @@ TOO_LARGE = "too_large"
 OVERLOADED = "overloaded"
 UNAVAILABLE = "unavailable"
 TIMEOUT = "timeout"
+CANCELLED = "cancelled"  # the client closed the request (499)
 INTERNAL = "internal"
 
 
@@ -123,7 +124,8 @@ async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kinds = {401: UNAUTHORIZED, 404: NOT_FOUND, 405: BAD_REQUEST, 413: TOO_LARGE, 503: UNAVAILABLE}
-    return ApiError(exc.status_code, str(exc.detail), kinds.get(exc.status_code, BAD_REQUEST), exc.headers).response()
+    headers = dict(exc.headers) if exc.headers else None
+    return ApiError(exc.status_code, str(exc.detail), kinds.get(exc.status_code, BAD_REQUEST), headers).response()
 
 
 def install(app: FastAPI) -> None:

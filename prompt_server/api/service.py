@@ -16,11 +16,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from prompt_server import __version__
-from prompt_server.api.errors import TIMEOUT, ApiError
+from prompt_server.api.errors import CANCELLED, TIMEOUT, ApiError
 from prompt_server.api.metrics import Metrics
 from prompt_server.api.schemas.service import Auth, Info, Limits, SkippedAdapter
 from prompt_server.config import Settings
-from prompt_server.engine.types import ClassifyRequest, GenerateRequest, GenerationResult, Prediction, TokenEvent
+from prompt_server.engine.types import (
+    ENDED_FOR_CALLER,
+    ClassifyRequest,
+    GenerateRequest,
+    GenerationResult,
+    Prediction,
+    TokenEvent,
+)
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ class Service:
         try:
             result = await self.result(handle, request)
         except ClientGone:
-            raise ApiError(499, "client closed the request", "cancelled") from None
+            raise ApiError(499, "client closed the request", CANCELLED) from None
         self.observe(result, started)
         return result
 
@@ -157,7 +164,7 @@ class Service:
             gone_task.cancel()
         if result_task in done:
             result = result_task.result()
-            if result.finish_reason in ("cancelled", "timeout"):
+            if result.finish_reason in ENDED_FOR_CALLER:
                 raise self.timeout_error()
             return result
         handle.cancel()
@@ -180,7 +187,7 @@ class Service:
                 handle.cancel()
                 raise self.timeout_error() from None
             if isinstance(event, GenerationResult):
-                if event.finish_reason in ("cancelled", "timeout"):
+                if event.finish_reason in ENDED_FOR_CALLER:
                     raise self.timeout_error()
                 yield event
                 return

@@ -64,6 +64,7 @@ class Layout:
         so far in front, then each row's next chunk of prompt."""
         rows, starts = [], []
         soft = iter(self.soft([s.adapter for s in seqs if s.partial is None]))
+        prefix: torch.Tensor | None
         for s in seqs:
             if s.partial is not None:  # a later chunk: everything before it is keys/values already
                 virtual, prefix, start = None, s.partial, s.prefilled

@@ -64,7 +64,7 @@ class RunningBatch:
         return not self.alive or self.alive[-1] == len(self.alive) - 1
 
     def sequences(self) -> list[Sequence]:
-        return [self.rows[i] for i in self.alive]
+        return [r for r in (self.rows[i] for i in self.alive) if r is not None]  # alive slots hold a row
 
     def filter(self, keep: list[int]) -> RunningBatch | None:
         """Keep the rows at positions `keep` of `sequences()`; the others' slots are freed, nothing is copied
@@ -105,7 +105,7 @@ class RunningBatch:
         src = new.slots
         for dst_t, src_t in zip(self.kv.keys + self.kv.values, new.kv.keys + new.kv.values):
             dst_t[slots, :, col - w : col] = src_t[src, :, new.start : new.kv.width]
-        if self.kv.cross is not None:
+        if self.kv.cross is not None and new.kv.cross is not None:
             self.kv.cross.write(slots, new.kv.cross, src)
         self.mask[slots] = False
         self.mask[slots, col - w : col] = new.mask[src, new.start : new.kv.width]

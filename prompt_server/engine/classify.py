@@ -43,7 +43,8 @@ class ClassifyJob:
     def score(self, hidden: list[torch.Tensor], logits_fn) -> list[Prediction]:
         """hidden[i]: [S_i, hidden] of row i, right-aligned -> one prediction per input."""
         if self.label_ids is None:
-            head = self.adapter.classifier
+            head = None if self.adapter is None else self.adapter.classifier
+            assert head is not None  # plan_labels chose the head: the adapter has one
             h = torch.stack([x[-1] for x in hidden]).to(head.weight.dtype)  # [n, hidden]
             scores = h @ head.weight.T  # [n, labels]
             if head.bias is not None:
@@ -92,7 +93,12 @@ def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer,
     head = adapter.classifier if adapter is not None else None
     if head is not None or (adapter is None and base_labels is not None):
         whose = "the adapter's" if head is not None else "the model's"
-        default = (adapter.labels or [f"LABEL_{i}" for i in range(head.num_labels)]) if head is not None else base_labels
+        default: tuple[str, ...] | list[str]
+        if adapter is not None and head is not None:
+            default = adapter.labels or [f"LABEL_{i}" for i in range(head.num_labels)]
+        else:
+            assert base_labels is not None
+            default = base_labels
         n = len(default)
         names = list(labels) if labels else list(default)
         if len(names) != n:

@@ -20,6 +20,8 @@ from prompt_server.engine.prompt_kv import PromptKVCache
 from prompt_server.engine.scheduler import Scheduler
 from prompt_server.engine.sequence import Detokenizer, RequestHandle, Sequence
 from prompt_server.engine.types import (
+    CANCELLED,
+    TIMEOUT,
     AdapterNotFound,
     ClassifyRequest,
     EngineStopped,
@@ -91,7 +93,7 @@ class Engine:
         self._stopping = False
         self.ready = False
         # counters exported from the start, also while they are zero
-        self._stats = collections.Counter(dict.fromkeys(("requests", "steps", "cache_relayouts"), 0))
+        self._stats: dict[str, float] = dict.fromkeys(("requests", "steps", "cache_relayouts"), 0.0)
 
     # ---- caller side (event loop thread) -------------------------------------------------------------------
     def start(self) -> None:
@@ -147,7 +149,7 @@ class Engine:
                     raise QueueFull(retry_after=1.0)
                 for w in self._waiting:
                     if _abandoned(w) and not isinstance(w, ClassifyJob):
-                        w.finish("cancelled")
+                        w.finish(CANCELLED)
                 self._waiting = collections.deque(live)
             self._waiting.append(item)
             self._cond.notify_all()
@@ -284,7 +286,7 @@ class Engine:
 
     def _count(self, key: str, n: float) -> None:
         with self._cond:
-            self._stats[key] += n
+            self._stats[key] = self._stats.get(key, 0.0) + n
 
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -330,12 +332,12 @@ class Engine:
         for s in seqs:
             s.admitted_at = s.admitted_at or now  # a row's first chunk admits it
         groups = []
-        for group in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
+        for similar in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
             try:
-                groups.append(self.layout.prepare(group))
+                groups.append(self.layout.prepare(similar))
             except Exception as exc:  # e.g. an adapter's soft prompt that cannot be computed: this group alone
                 log.exception("prefill failed")
-                self._fail_group(group, exc)
+                self._fail_group(similar, exc)
         batch = self._batch
         decode = None
         if batch is not None:
@@ -358,7 +360,7 @@ class Engine:
         except Exception:  # find the part that fails, each part alone; the others go on
             log.info("step failed; running its parts one at a time", exc_info=True)
             decoded, prefilled = self._step_apart(decode, groups)
-        if decode is not None and decoded is not None:
+        if batch is not None and decode is not None and decoded is not None:
             batch.mask = decode.mask
             batch.positions += 1
             self._count("steps", 1)
@@ -394,7 +396,8 @@ class Engine:
                 decoded = self.runner.decode(decode)
             except Exception as exc:
                 log.exception("engine step failed")
-                rows, self._batch = self._batch.sequences(), None
+                rows = [] if self._batch is None else self._batch.sequences()
+                self._batch = None
                 self._fail(rows, GenerationFailed(f"generation failed: {exc}"))
         prefilled: list[tuple | None] = []
         for group in groups:
@@ -466,7 +469,8 @@ class Engine:
                     job.resolve(GenerationFailed(f"classification failed: {exc}"))
 
     def _classify_rows(self, jobs: list[ClassifyJob]) -> None:
-        rows, spans = [], []
+        rows: list[PrefillRow] = []
+        spans: list[tuple[int, int]] = []
         for job in jobs:
             a = job.adapter
             job_rows = job.build_rows(None if a is None else a.virtual_tokens, None if a is None else a.prefix)
@@ -474,9 +478,9 @@ class Engine:
             rows += job_rows
         pooled = torch.cat([self.runner.hidden(chunk) for chunk in prefill_chunks(rows)])
         results = []
-        for job, (a, b) in zip(jobs, spans):
-            head = None if job.adapter is None else job.adapter.classifier.params
-            results.append(job.predictions(self.runner.scores(pooled[a:b], head)))
+        for job, (lo, hi) in zip(jobs, spans):
+            head = None if job.adapter is None or job.adapter.classifier is None else job.adapter.classifier.params
+            results.append(job.predictions(self.runner.scores(pooled[lo:hi], head)))
         for job, predictions in zip(jobs, results):
             job.resolve(predictions)
             self._count("classified", len(job.inputs))
@@ -506,13 +510,15 @@ class Engine:
             s = seqs[i]
             if s.request.prefill_logprobs:
                 s.prefill = self._prefill_tokens(s, hidden[i, -len(s.prompt_ids) :])
+        slotted: list[Sequence | None] = list(seqs)
         new = RunningBatch(
-            rows=seqs,
+            rows=slotted,
             kv=kv,
             mask=inputs.mask,
             positions=inputs.positions[:, -1] + 1,
             next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         ).filter(done)  # the rows still prefilling stay out (filter keeps the batch as it is when all are done)
+        assert new is not None  # `done` is not empty
         return self._emit(new, logits)
 
     def _prefill_tokens(self, s: Sequence, hidden: torch.Tensor) -> list[Token]:
@@ -548,7 +554,7 @@ class Engine:
         finished = 0
         for i, r in enumerate(rows):
             if r.handle.cancelled:
-                r.finish("cancelled")
+                r.finish(CANCELLED)
                 continue
             r.append(id_list[i], logprobs[i], self.tokenizer, positions[i], now)
             if r.finish_reason is not None:
@@ -579,7 +585,7 @@ class Engine:
             if s.handle.cancelled or now > s.deadline:
                 self._prefilling.remove(s)
                 s.partial = None
-                s.finish("cancelled" if s.handle.cancelled else "timeout")
+                s.finish(CANCELLED if s.handle.cancelled else TIMEOUT)
         batch = self._batch
         if batch is None:
             return
@@ -588,7 +594,7 @@ class Engine:
         if len(keep) < len(rows):
             for r in rows:
                 if r.handle.cancelled:
-                    r.finish("cancelled")
+                    r.finish(CANCELLED)
             self._batch = batch.filter(keep)
 
 

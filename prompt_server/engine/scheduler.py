@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from prompt_server.engine.classify import ClassifyJob
 from prompt_server.engine.sequence import Sequence
+from prompt_server.engine.types import CANCELLED, TIMEOUT, FinishReason
 
 # The smallest prompt chunk a step gives a row, whatever the running rows take of max_step_tokens.
 MIN_CHUNK = 16
@@ -23,7 +24,7 @@ MIN_CHUNK = 16
 class StepPlan:
     prefill: list[Sequence] = field(default_factory=list)  # rows to prefill this step, `chunk` set on each
     classify: list[ClassifyJob] = field(default_factory=list)
-    expired: list[tuple[Sequence, str]] = field(default_factory=list)  # left the queue: "cancelled" or "timeout"
+    expired: list[tuple[Sequence, FinishReason]] = field(default_factory=list)  # left the queue: cancelled, timeout
 
 
 class Scheduler:
@@ -56,7 +57,7 @@ class Scheduler:
                 break
             if item.handle.cancelled or now > item.deadline:
                 waiting.popleft()
-                plan.expired.append((item, "cancelled" if item.handle.cancelled else "timeout"))
+                plan.expired.append((item, CANCELLED if item.handle.cancelled else TIMEOUT))
                 continue
             new_width = max(width, item.soft_len + len(item.prompt_ids))
             new_ahead = max(ahead, item.request.max_new_tokens)

@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 import torch
 
 from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.types import GenerateRequest, GenerationResult, Token, TokenEvent
+from prompt_server.engine.types import (
+    EOS_TOKEN,
+    LENGTH,
+    STOP_SEQUENCE,
+    TIMEOUT,
+    FinishReason,
+    GenerateRequest,
+    GenerationResult,
+    Token,
+    TokenEvent,
+)
 from prompt_server.model.sampling import RowSampler
 
 
@@ -116,7 +126,7 @@ class Sequence:
     tokens: list[Token] = field(default_factory=list)
     text: str = ""
     prefill: list[Token] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def soft_len(self) -> int:
@@ -127,8 +137,9 @@ class Sequence:
     def embed_len(self) -> int:
         """Columns this row takes in a prefill's embeddings: the prompt, and virtual tokens run inline (a prefix and
         cached virtual-token keys/values sit in the cache)."""
-        virtual = self.inline_virtual and self.adapter is not None and self.adapter.virtual_tokens is not None
-        return len(self.prompt_ids) + (self.adapter.num_virtual_tokens if virtual else 0)
+        a = self.adapter
+        inline = self.inline_virtual and a is not None and a.virtual_tokens is not None
+        return len(self.prompt_ids) + (a.num_virtual_tokens if inline and a is not None else 0)
 
     @property
     def to_prefill(self) -> int:
@@ -157,13 +168,13 @@ class Sequence:
             shown = delta
         self.text += delta
         if token_id in self.eos_ids and not self.request.ignore_eos:
-            self.finish_reason = "eos_token"
+            self.finish_reason = EOS_TOKEN
         elif delta and self._hit_stop(len(delta)):
-            self.finish_reason = "stop_sequence"
+            self.finish_reason = STOP_SEQUENCE
         elif self.remaining <= 0 or position + 1 >= self.max_position:
-            self.finish_reason = "length"
+            self.finish_reason = LENGTH
         elif now > self.deadline:
-            self.finish_reason = "timeout"
+            self.finish_reason = TIMEOUT
         if self.finish_reason is not None:
             # the last event also carries text held back for an unfinished character, so the deltas add up
             tail = self.detok.flush()
@@ -182,7 +193,7 @@ class Sequence:
                 return True
         return False
 
-    def finish(self, reason: str | None = None) -> GenerationResult:
+    def finish(self, reason: FinishReason | None = None) -> GenerationResult:
         """Close the stream with the final result."""
         if reason is not None:
             self.finish_reason = reason
@@ -190,7 +201,7 @@ class Sequence:
         result = GenerationResult(
             text=final_text,
             tokens=self.tokens,
-            finish_reason=self.finish_reason or "length",
+            finish_reason=self.finish_reason or LENGTH,
             prompt_tokens=len(self.prompt_ids),
             seed=self.sampler.seed,
             prefill=self.prefill,

@@ -77,7 +77,7 @@ def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> 
             if r.prefix is not None:
                 past[:, :, i, :, pmax - r.prefix_len :] = r.prefix
     virtual = None
-    if has_virtual:
+    if virtual_mask is not None:
         virtual = torch.cat([r.virtual for r in rows if r.virtual is not None])
         virtual_mask = virtual_mask.to(device)
     return PrefillInputs(

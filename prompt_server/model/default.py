@@ -199,7 +199,7 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
             raise DefaultModelError(f"could not convert {gguf.name} from {WHEEL_REQUIREMENT}: {exc}") from exc
     # The weights are dense now; a leftover quantizer or marker would make save_pretrained refuse, and loaders
     # expect a quantized checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # a PreTrainedModel attribute, typed by nn.Module
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.save_pretrained(out, safe_serialization=True)

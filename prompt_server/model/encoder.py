@@ -71,7 +71,7 @@ class EncoderRunner:
         positions = torch.zeros(n, s, dtype=torch.long)
         for i, r in enumerate(rows):
             v = 0 if r.virtual is None else r.virtual.shape[0]
-            if v:
+            if r.virtual is not None:
                 x[i, :v] = r.virtual.to(x.dtype)
             x[i, v : v + len(r.ids)] = self.word_embeddings(torch.tensor(r.ids, device=device))
             mask[i, : r.prefix_len] = 1

@@ -11,7 +11,7 @@ import sys
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,11 @@ from prompt_server.model.batch import KV, PrefillInputs, PrefillRow, build_prefi
 HFModel = Any
 
 
-class Runner(ABC):
+# What a runner's prefill takes: model/batch.py's layout for causal LMs, model/seq2seq.py's for encoder-decoders.
+InputsT = TypeVar("InputsT")
+
+
+class Runner(ABC, Generic[InputsT]):
     """What the engine needs from a model: prefill new rows, decode one token for all rows, project to logits."""
 
     family = "causal"
@@ -63,12 +67,12 @@ class Runner(ABC):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
 
-    def build_prefill(self, rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
+    @abstractmethod
+    def build_prefill(self, rows: list[PrefillRow], pad_id: int, device: torch.device) -> InputsT:
         """Newcomer rows laid out for prefill()."""
-        return build_prefill(rows, pad_id, device)
 
     @abstractmethod
-    def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
+    def prefill(self, inputs: InputsT, spare: int) -> tuple[torch.Tensor, KV]:
         """Run new rows; -> hidden [n, S, hidden] and their cache with `spare` free columns."""
 
     @abstractmethod
@@ -76,7 +80,7 @@ class Runner(ABC):
         """One token per running row -> hidden [n, hidden]; each row's keys/values go into column kv.width of its
         slot, and kv.width grows by one."""
 
-    def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
+    def step(self, decode: DecodeInputs | None, groups: list[tuple[InputsT, int]]):
         """The running rows' next token and newcomer groups' prompts in one step.
 
         -> (decode hidden [B, hidden] or None, [(prefill hidden [n, S, hidden], cache)] per group). Here one forward
@@ -96,9 +100,10 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _packed_linear(linear: torch.nn.Module) -> torch.nn.Module | None:
     """On the CPU in float32, a oneDNN copy of `linear` with its weight prepacked: the vocabulary projection, the
     largest matrix a decode step multiplies, runs about twice as fast (a second copy of its weight is the price)."""
-    weight = getattr(linear, "weight", None)
-    if (not isinstance(linear, torch.nn.Linear) or weight.device.type != "cpu" or weight.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()):
+    if not isinstance(linear, torch.nn.Linear):
+        return None
+    weight = linear.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
     if linear not in _PACKED:
         from torch.utils.mkldnn import MkldnnLinear
@@ -148,7 +153,14 @@ def make_runner(model: HFModel, forward_path: str = "lean"):
     return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
 
 
-class HFRunner(Runner):
+class CausalRunner(Runner[PrefillInputs]):
+    """A decoder-only LM's runner: newcomers laid out as in model/batch.py."""
+
+    def build_prefill(self, rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
+        return build_prefill(rows, pad_id, device)
+
+
+class HFRunner(CausalRunner):
     """Any HF causal LM: the model's own forward with a DynamicCache, 2-D mask with holes, explicit positions."""
 
     def __init__(self, model: HFModel):
@@ -173,7 +185,8 @@ class HFRunner(Runner):
             use_cache=True,
             **{self.cache_arg: cache},
         )
-        kv = KV([la.keys for la in cache.layers], [la.values for la in cache.layers], x.shape[1] + inputs.prefix_width)
+        layers: list[Any] = cache.layers  # DynamicLayer: keys and values [n, kv_heads, columns, head_dim]
+        kv = KV([la.keys for la in layers], [la.values for la in layers], x.shape[1] + inputs.prefix_width)
         return out.last_hidden_state, kv
 
     def decode(self, inputs: DecodeInputs) -> torch.Tensor:
@@ -190,14 +203,15 @@ class HFRunner(Runner):
             use_cache=True,
             **{self.cache_arg: cache},
         )
-        for i, layer in enumerate(cache.layers):
+        layers: list[Any] = cache.layers
+        for i, layer in enumerate(layers):
             kv.keys[i][rows, :, col] = layer.keys[:, :, -1]
             kv.values[i][rows, :, col] = layer.values[:, :, -1]
         kv.width += 1
         return out.last_hidden_state[:, -1]
 
 
-class LlamaRunner(Runner):
+class LlamaRunner(CausalRunner):
     """Llama-family forward written out: KV written in place, grouped-query attention without repeating KV heads.
 
     `step` runs the running rows' next tokens and any newcomers' prompts through the model together: norms,

@@ -64,11 +64,15 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: tor
     return torch.matmul(probs, values)  # [n, H, 1, d]
 
 
-class Seq2SeqRunner(Runner):
+class Seq2SeqRunner(Runner[Seq2SeqPrefill]):
     """The shared machinery; T5Runner and BartRunner say how one decoder layer, the embeddings and the output work."""
 
     family = SEQ2SEQ
     caches_prompts = False  # a row's keys/values depend on its encoder input: no soft-prompt or prefix caching
+    # set by each architecture from its attention modules
+    n_heads: int
+    head_dim: int
+    attn_scale: float
 
     def __init__(self, model: HFModel):
         super().__init__(model)
@@ -99,6 +103,14 @@ class Seq2SeqRunner(Runner):
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, E, heads * d] -> [n, heads, E, d]."""
+        return t.view(*t.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def cross_kv_proj(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        """Each decoder layer's cross-attention key and value projections."""
+        raise NotImplementedError
 
     def self_bias(self, relative: torch.Tensor) -> torch.Tensor | None:
         """Position bias added to self-attention scores for key offsets `relative` [W] -> [1, H, 1, W] or None."""
@@ -170,6 +182,7 @@ class Seq2SeqRunner(Runner):
             return t.repeat_interleave(m, dim=0)
 
         cross = kv.cross
+        assert cross is not None  # an encoder-decoder prefill always leaves one
         kv = KV([each(t) for t in kv.keys], [each(t) for t in kv.values], kv.width,
                 CrossKV([each(t) for t in cross.keys], [each(t) for t in cross.values], each(cross.mask)))
         logp = [each(self.logits(hidden[:, -1]).log_softmax(-1)).gather(-1, tokens[:, :1])[:, 0]]
@@ -247,6 +260,8 @@ class _Running:
         dtype = r.embed_tokens.weight.dtype
         mask = inputs.mask[: self.span, self.start :]
         cross = self.kv.cross
+        assert cross is not None  # every running row of an encoder-decoder batch has its cross-attention keys
+        self.cross = cross
         cmask = cross.mask[: self.span]
         if self.slots is not None:
             mask, cmask = mask.clone(), cmask.clone()
@@ -282,7 +297,7 @@ class _Running:
         return self._gather(out)
 
     def attend_cross(self, i: int, q: torch.Tensor) -> torch.Tensor:
-        r, cross = self.r, self.kv.cross
+        r, cross = self.r, self.cross
         q = self._spread(q.reshape(self.n, r.n_heads, 1, r.head_dim))
         out = _attend(q, cross.keys[i][: self.span], cross.values[i][: self.span], self.cross_bias, r.attn_scale)
         return self._gather(out)
@@ -362,9 +377,6 @@ class T5Runner(Seq2SeqRunner):
     def decoder_layers(self):
         return self.decoder.block
 
-    def heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(*t.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)
-
     def cross_kv_proj(self):
         return [(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v) for b in self.decoder.block]
 
@@ -405,9 +417,6 @@ class BartRunner(Seq2SeqRunner):
 
     def decoder_layers(self):
         return self.decoder.layers
-
-    def heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(*t.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)
 
     def cross_kv_proj(self):
         return [(la.encoder_attn.k_proj, la.encoder_attn.v_proj) for la in self.decoder.layers]

@@ -84,7 +84,8 @@ def _usage(result: GenerationResult) -> Usage:
 
 def _kept_tokens(tokens: list[Token], text_len: int) -> list[Token]:
     """The tokens whose text starts before `text_len` (those that survive stop-sequence trimming)."""
-    kept, offset = [], 0
+    kept: list[Token] = []
+    offset = 0
     for t in tokens:
         if offset >= text_len and kept:
             break
