@@ -33,7 +33,6 @@ def build_service(settings: Settings) -> Service:
         dtype=loaded.dtype,
         store=settings.adapters,
         max_virtual_tokens=settings.max_virtual_tokens,
-        max_upload_bytes=settings.max_upload_bytes,
     )
     skipped = registry.load_store()
     for adapter_id, error in skipped:

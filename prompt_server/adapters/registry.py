@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import torch
 
-from prompt_server.adapters.archive import unpack_archive
 from prompt_server.adapters.convert import build_soft_prompt, check_labels
-from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 from prompt_server.adapters.loader import load_adapter_dir
-from prompt_server.adapters.peft_format import ID_PATTERN, IGNORED_FILES, check_adapter_id, split_files
+from prompt_server.adapters.peft_format import ID_PATTERN, IGNORED_FILES, check_adapter_id
 from prompt_server.adapters.store import AdapterStore, Signature
 from prompt_server.adapters.types import ModelSpec, SoftPrompt
 
@@ -38,8 +35,11 @@ class AdapterRegistry:
     """Immutable SoftPrompt records by id, kept in step with the store.
 
     A lookup is one dict lookup without a store; with one, a stat or two of <store>/<id> and no lock, unless the
-    adapter changed on disk and must be loaded. Writers stage and validate without locks and hold the registry's
-    lock only around the final renames and the publish, so lookups never wait for an upload.
+    adapter changed on disk and must be loaded. A writer validates the upload in memory first, so a rejected one
+    never touches the disk; a valid one is written once (staged without locks) and never read back, and the
+    registry's lock is held only around the final rename and the publish, so lookups never wait for an upload.
+    Archives and size limits are not the registry's business: the upload edge (prompt_server.api.upload) hands
+    over the adapter's files unpacked and within max_upload_bytes.
     """
 
     def __init__(
@@ -50,14 +50,12 @@ class AdapterRegistry:
         dtype: torch.dtype | str = torch.float32,
         store: Path | None = None,
         max_virtual_tokens: int = 128,
-        max_upload_bytes: int = 64 * 1024 * 1024,
     ):
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
         self.store = AdapterStore(store) if store is not None else None
         self.max_virtual_tokens = max_virtual_tokens
-        self.max_upload_bytes = max_upload_bytes
         self._records: dict[str, SoftPrompt] = {}
         # meta.json signature each record was loaded from; an id with a signature and no record failed to load
         self._signatures: dict[str, Signature | None] = {}
@@ -138,18 +136,17 @@ class AdapterRegistry:
     def put(
         self, adapter_id: str, files: dict[str, bytes], labels: list[str] | None = None
     ) -> tuple[SoftPrompt, bool]:
-        """Validate, persist atomically and publish an adapter; returns (record, created)."""
+        """Validate an adapter's files in memory, then write it to the store once, atomically, and publish it;
+        returns (record, created). A rejected adapter raises AdapterError before anything touches the disk."""
         check_adapter_id(adapter_id)
-        files = self._unpack(files)
         labels = list(check_labels(labels) or ()) or None
-        weights = split_files(files)[2]
         kept = {name: data for name, data in files.items() if name not in IGNORED_FILES}
-        if self.store is not None:
-            return self._put_stored(adapter_id, kept, labels, hashlib.sha256(weights).hexdigest())
         record = build_soft_prompt(
             adapter_id, kept, self.spec, device=self.device, dtype=self.dtype,
             max_virtual_tokens=self.max_virtual_tokens, labels=labels,
         )
+        if self.store is not None:
+            return self._write(record, kept, labels)
         with self._lock:
             current = self._records.get(adapter_id)
             record = dataclasses.replace(record, version=current.version + 1 if current else 1)
@@ -170,40 +167,30 @@ class AdapterRegistry:
             self.store.cleanup(gone)
         return existed or gone is not None
 
-    def _unpack(self, files: dict[str, bytes]) -> dict[str, bytes]:
-        total = sum(len(v) for v in files.values())
-        if total > self.max_upload_bytes:
-            raise AdapterTooLarge(f"upload of {total} bytes is larger than max_upload_bytes {self.max_upload_bytes}")
-        if "archive" in files:
-            if len(files) != 1:
-                raise AdapterError(f"an archive upload takes no other files, got {sorted(set(files) - {'archive'})}")
-            return unpack_archive(files["archive"], self.max_upload_bytes)
-        return files
-
-    def _put_stored(
-        self, adapter_id: str, files: dict[str, bytes], labels: list[str] | None, sha256: str
+    def _write(
+        self, record: SoftPrompt, files: dict[str, bytes], labels: list[str] | None
     ) -> tuple[SoftPrompt, bool]:
+        """Persist a validated record's files (staged outside the locks, meta.json and the rename under the store's
+        lock, where the version is decided) and publish the record as built from memory: nothing is read back."""
         assert self.store is not None
+        adapter_id = record.id
         meta = {
-            "version": 1,  # provisional: the final version is decided under the store's lock
-            "created_at": time.time(),
+            "version": 1,  # decided under the store's lock
+            "created_at": record.created_at,
             "labels": labels,
-            "sha256": sha256,
+            "sha256": record.sha256,
             "size_bytes": sum(len(v) for v in files.values()),
         }
-        staged = self.store.stage(files, meta)
+        staged = self.store.stage(files)
         try:
-            record = load_adapter_dir(
-                staged, self.spec, device=self.device, dtype=self.dtype,
-                max_virtual_tokens=self.max_virtual_tokens, adapter_id=adapter_id,
-            )
             with self.store.locked():
                 disk_version = (self.store.read_meta(adapter_id) or {}).get("version")
                 disk_version = disk_version if isinstance(disk_version, int) else 0
                 created = not self.store.path(adapter_id).exists()
                 current = self._records.get(adapter_id)
-                meta["version"] = max(disk_version, current.version if current else 0) + 1
-                record = dataclasses.replace(record, version=meta["version"])
+                version = max(disk_version, current.version if current else 0) + 1
+                meta["version"] = version
+                record = dataclasses.replace(record, version=version)
                 self.store.finalize(adapter_id, staged, meta)
                 with self._lock:
                     aside = self.store.swap(adapter_id, staged)

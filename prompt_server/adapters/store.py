@@ -1,9 +1,11 @@
 """The on-disk adapter store, shared by server replicas: <store>/<id>/{adapter files, meta.json}.
 
-Writes stage a complete directory under a hidden temp name inside the store and rename it into place, so a reader
-sees either the old or the new version of an adapter, never a mix. A file lock serialises the renames across
-processes; staging and validation happen outside it. A replace renames the current version aside to `.old-<id>`
-and the new one in; a crash between the two renames leaves `.old-<id>` as the only copy, which sweep() restores.
+Only adapters already validated in memory are written, and each file once: stage() writes the adapter files into a
+hidden temp directory inside the store (no lock held); under the store's file lock, finalize() adds meta.json with
+the version decided there, fsyncs the directory, and swap() renames it into place, so a reader sees either the old
+or the new version of an adapter, never a mix. Nothing written is read back. A replace renames the current version
+aside to `.old-<id>` and the new one in; a crash between the two renames leaves `.old-<id>` as the only copy, which
+sweep() restores. Other replicas notice a new version by its meta.json's signature.
 """
 
 from __future__ import annotations
@@ -116,12 +118,13 @@ class AdapterStore:
             return False
         return time.time() - st.st_mtime < SWAP_STALE  # older: a crashed writer's, restored by the next sweep()
 
-    def stage(self, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
-        """Write files + meta.json into a fresh hidden directory inside the store and return it (no lock needed)."""
+    def stage(self, files: dict[str, bytes]) -> Path:
+        """Write an adapter's files, each once and fsynced, into a fresh hidden directory inside the store; return
+        it for finalize() and swap() (no lock needed: no reader looks at hidden directories)."""
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            for name, data in {**files, META_FILE: _meta_bytes(meta)}.items():
+            for name, data in files.items():
                 _write(tmp / name, data)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,15 +132,14 @@ class AdapterStore:
         return tmp
 
     def finalize(self, adapter_id: str, staged: Path, meta: dict[str, Any]) -> None:
-        """Rewrite a staged meta.json with its final fields; call under locked(), right before swap()."""
-        new = staged / (META_FILE + ".new")
-        _write(new, _meta_bytes(meta))
+        """Write the staged version's meta.json, once, with its final fields, and make the directory durable; call
+        under locked(), right before swap()."""
         # file-system timestamps tick coarsely and inodes get reused: give every version's meta.json an
         # mtime of its own, so (inode, mtime, size) never repeats for one id
         previous = self.signature(adapter_id)
         mtime_ns = max(time.time_ns(), previous[1] + 1 if previous else 0)
-        os.utime(new, ns=(mtime_ns, mtime_ns))
-        os.replace(new, staged / META_FILE)
+        _write(staged / META_FILE, _meta_bytes(meta), mtime_ns=mtime_ns)
+        _sync_dir(staged)
 
     def swap(self, adapter_id: str, staged: Path) -> Path | None:
         """Rename a staged directory into place (current version aside first); call under locked().
@@ -177,19 +179,26 @@ class AdapterStore:
         return gone
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_dir(self.root)
 
 
 def _meta_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, indent=2).encode()
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes, mtime_ns: int | None = None) -> None:
+    """Create path (it must not exist: every file of a version is written once), set its mtime, fsync it."""
+    with open(path, "xb") as fh:
         fh.write(data)
         fh.flush()
+        if mtime_ns is not None:
+            os.utime(fh.fileno(), ns=(mtime_ns, mtime_ns))
         os.fsync(fh.fileno())

@@ -1,4 +1,7 @@
-"""Streaming multipart parsing for adapter uploads: the size limit is enforced while the body arrives."""
+"""The edge of an adapter upload: the multipart body is parsed as it streams in, an `archive` part is unpacked here,
+and this is the one place the server holds an upload to max_upload_bytes (the body while it arrives, an archive's
+contents while they unpack). What leaves is the adapter's files by name, for the registry to validate in memory.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,12 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from prompt_server.api.errors import BAD_REQUEST, TOO_LARGE, ApiError
+from prompt_server.adapters.archive import unpack_archive
+from prompt_server.adapters.errors import AdapterError
+from prompt_server.api.errors import BAD_REQUEST, TOO_LARGE, ApiError, from_exception
 
 FILE_PARTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "archive")
 TEXT_PARTS = ("labels",)
@@ -19,7 +25,7 @@ OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file
 
 @dataclass
 class Upload:
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # the adapter's files, an archive already unpacked
     labels: list[str] | None = None
 
 
@@ -98,8 +104,21 @@ def _labels(raw: bytes) -> list[str]:
     return value
 
 
+def adapter_files(parts: dict[str, bytes], limit: int) -> dict[str, bytes]:
+    """The adapter's files from an upload's file parts: one `archive` part unpacked (zip-slip, links, bombs and
+    encrypted members refused; at most `limit` bytes unpacked, counted while unpacking), else the parts themselves.
+
+    Raises AdapterError (400) or AdapterTooLarge (413). CPU-bound for an archive: call it off the event loop."""
+    if "archive" not in parts:
+        return parts
+    if len(parts) != 1:
+        raise AdapterError(f"an archive upload takes no other files, got {sorted(set(parts) - {'archive'})}")
+    return unpack_archive(parts["archive"], limit)
+
+
 async def read_upload(request: Request, limit: int) -> Upload:
-    """Parse a multipart adapter upload, refusing with 413 as soon as the body outgrows `limit`."""
+    """Parse a multipart adapter upload, refusing with 413 as soon as the body outgrows `limit`, and unpack an
+    archive part (in a worker thread) into the adapter's files."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         given = request.headers.get("content-type") or "none"
@@ -120,10 +139,14 @@ async def read_upload(request: Request, limit: int) -> Upload:
     except FormParserError as exc:
         raise ApiError(400, f"malformed multipart body: {exc}", BAD_REQUEST) from None
     parts = collector.parts
-    upload = Upload(files={k: bytes(v) for k, v in parts.items() if k in FILE_PARTS})
-    if "labels" in parts:
-        upload.labels = _labels(bytes(parts["labels"]))
-    if not upload.files:
+    files = {k: bytes(v) for k, v in parts.items() if k in FILE_PARTS}
+    labels = _labels(bytes(parts["labels"])) if "labels" in parts else None
+    if not files:
         raise ApiError(400, "no adapter files: send adapter_config.json and adapter_model.safetensors "
                        "(or adapter_model.bin), or one part named archive", BAD_REQUEST)
-    return upload
+    if "archive" in files:
+        try:
+            files = await run_in_threadpool(adapter_files, files, limit)
+        except AdapterError as exc:
+            raise from_exception(exc) from None
+    return Upload(files=files, labels=labels)

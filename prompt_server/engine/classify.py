@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from prompt_server.adapters.types import SoftPrompt
-from prompt_server.engine.types import InvalidRequest, Prediction
-from prompt_server.model.batch import PrefillRow
+from prompt_server.adapters.types import SEQ2SEQ, SoftPrompt
+from prompt_server.engine.batch import prefill_chunks
+from prompt_server.engine.types import GenerationFailed, InvalidRequest, Prediction
+from prompt_server.model.batch import PrefillRow, build_prefill
+
+log = logging.getLogger("prompt_server.engine")
 
 
 @dataclass
@@ -114,3 +118,86 @@ def plan_labels(adapter: SoftPrompt | None, labels: list[str] | None, tokenizer,
         tok = tokenizer(" " + name.strip(), add_special_tokens=False).input_ids
         ids.append(tok)
     return names, ids
+
+
+class Classifier:
+    """Runs /classify jobs on the engine thread, each family its way: an encoder classifier's jobs of any adapters
+    in one forward through its head; a causal LM's labels scored as continuations (or its SEQ_CLS head on the last
+    token); an encoder-decoder's labels scored by its decoder. A job that fails fails alone."""
+
+    def __init__(self, runner, layout, pad_id: int, device: torch.device, count):
+        self.runner = runner
+        self.layout = layout
+        self.pad_id = pad_id
+        self.device = device
+        self.count = count  # the engine's counters
+
+    def run(self, jobs: list[ClassifyJob]) -> None:
+        if not self.runner.generates:
+            self._together(jobs)
+            return
+        for job in jobs:
+            if self.runner.family == SEQ2SEQ:
+                self._seq2seq(job)
+            else:
+                self._causal(job)
+
+    def _causal(self, job: ClassifyJob) -> None:
+        """Labels scored as continuations by a causal LM, or its SEQ_CLS head on the last token."""
+        try:
+            rows = job.build_rows(*self.layout.soft([job.adapter])[0])
+            hidden = []
+            for chunk in prefill_chunks(rows):
+                h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
+                hidden.extend(h.unbind(0))  # rows keep their own right-aligned [S, hidden]
+            job.resolve(job.score(hidden, self.runner.logits))
+            self.count("classified", len(job.inputs))
+        except Exception as exc:  # this job fails alone
+            log.exception("classification failed")
+            job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _seq2seq(self, job: ClassifyJob) -> None:
+        """Verbalizer labels scored by an encoder-decoder model: each input through the encoder once, each label
+        through the decoder after the start token."""
+        try:
+            a = job.adapter
+            rows = [PrefillRow(ids=ids, virtual=None if a is None else a.virtual_tokens,
+                               prefix=None if a is None else a.prefix) for ids in job.inputs]
+            scores = torch.cat([self.runner.label_scores(chunk, job.label_ids, self.pad_id, self.device)
+                                for chunk in prefill_chunks(rows)])
+            job.resolve(job.predictions(scores))
+            self.count("classified", len(job.inputs))
+        except Exception as exc:  # this job fails alone
+            log.exception("classification failed")
+            job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _together(self, jobs: list[ClassifyJob]) -> None:
+        """Jobs of any adapters (an encoder classifier's) in one forward; a failure is retried job by job, so
+        only the job that fails fails."""
+        try:
+            self._rows(jobs)
+        except Exception:
+            log.info("classification batch failed; running its jobs one at a time", exc_info=True)
+            for job in jobs:
+                try:
+                    self._rows([job])
+                except Exception as exc:
+                    log.exception("classification failed")
+                    job.resolve(GenerationFailed(f"classification failed: {exc}"))
+
+    def _rows(self, jobs: list[ClassifyJob]) -> None:
+        rows: list[PrefillRow] = []
+        spans: list[tuple[int, int]] = []
+        for job in jobs:
+            a = job.adapter
+            job_rows = job.build_rows(None if a is None else a.virtual_tokens, None if a is None else a.prefix)
+            spans.append((len(rows), len(rows) + len(job_rows)))
+            rows += job_rows
+        pooled = torch.cat([self.runner.hidden(chunk) for chunk in prefill_chunks(rows)])
+        results = []
+        for job, (lo, hi) in zip(jobs, spans):
+            head = None if job.adapter is None or job.adapter.classifier is None else job.adapter.classifier.params
+            results.append(job.predictions(self.runner.scores(pooled[lo:hi], head)))
+        for job, predictions in zip(jobs, results):
+            job.resolve(predictions)
+            self.count("classified", len(job.inputs))

@@ -13,8 +13,8 @@ import torch
 
 from prompt_server.adapters.types import FAMILY_NAMES, SEQ2SEQ, SoftPrompt
 from prompt_server.engine.admission import Layout, Prepared
-from prompt_server.engine.batch import RunningBatch, length_groups, prefill_chunks
-from prompt_server.engine.classify import ClassifyJob, plan_labels
+from prompt_server.engine.batch import RunningBatch, length_groups
+from prompt_server.engine.classify import Classifier, ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache
 from prompt_server.engine.scheduler import Scheduler
@@ -82,6 +82,7 @@ class Engine:
         self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device, build)
         # encoder-decoder models: the prompt goes to the encoder whole, labels are scored by the decoder
         self.seq2seq = self.family == SEQ2SEQ
+        self.classifier = Classifier(self.runner, self.layout, self.pad_id, self.device, self._count)
         self._cond = threading.Condition()
         # a fast tokenizer may refuse a call while another thread's call holds it ("Already borrowed")
         self._tokenizer_lock = threading.Lock()
@@ -323,11 +324,8 @@ class Engine:
         """One forward for the running rows' next tokens and the newcomers' prompts, then hand out the tokens."""
         self._drop_cancelled()
         seqs, jobs = self._schedule()
-        if jobs and not self.runner.generates:
-            self._classify_together(jobs)
-        else:
-            for job in jobs:
-                self._classify(job)
+        if jobs:
+            self.classifier.run(jobs)
         now = time.monotonic()
         for s in seqs:
             s.admitted_at = s.admitted_at or now  # a row's first chunk admits it
@@ -422,68 +420,6 @@ class Engine:
         for item, reason in plan.expired:
             item.finish(reason)
         return plan.prefill, plan.classify
-
-    def _classify(self, job: ClassifyJob) -> None:
-        if self.seq2seq:
-            self._classify_seq2seq(job)
-            return
-        try:
-            rows = job.build_rows(*self.layout.soft([job.adapter])[0])
-            hidden = []
-            for chunk in prefill_chunks(rows):
-                h, _ = self.runner.prefill(build_prefill(chunk, self.pad_id, self.device), spare=0)
-                hidden.extend(h.unbind(0))  # rows keep their own right-aligned [S, hidden]
-            job.resolve(job.score(hidden, self.runner.logits))
-            self._count("classified", len(job.inputs))
-        except Exception as exc:  # this job fails alone
-            log.exception("classification failed")
-            job.resolve(GenerationFailed(f"classification failed: {exc}"))
-
-    def _classify_seq2seq(self, job: ClassifyJob) -> None:
-        """Verbalizer labels scored by an encoder-decoder model: each input through the encoder once, each label
-        through the decoder after the start token."""
-        try:
-            a = job.adapter
-            rows = [PrefillRow(ids=ids, virtual=None if a is None else a.virtual_tokens,
-                               prefix=None if a is None else a.prefix) for ids in job.inputs]
-            scores = torch.cat([self.runner.label_scores(chunk, job.label_ids, self.pad_id, self.device)
-                                for chunk in prefill_chunks(rows)])
-            job.resolve(job.predictions(scores))
-            self._count("classified", len(job.inputs))
-        except Exception as exc:  # this job fails alone
-            log.exception("classification failed")
-            job.resolve(GenerationFailed(f"classification failed: {exc}"))
-
-    def _classify_together(self, jobs: list[ClassifyJob]) -> None:
-        """Jobs of any adapters (an encoder classifier's) in one forward; a failure is retried job by job, so
-        only the job that fails fails."""
-        try:
-            self._classify_rows(jobs)
-        except Exception:
-            log.info("classification batch failed; running its jobs one at a time", exc_info=True)
-            for job in jobs:
-                try:
-                    self._classify_rows([job])
-                except Exception as exc:
-                    log.exception("classification failed")
-                    job.resolve(GenerationFailed(f"classification failed: {exc}"))
-
-    def _classify_rows(self, jobs: list[ClassifyJob]) -> None:
-        rows: list[PrefillRow] = []
-        spans: list[tuple[int, int]] = []
-        for job in jobs:
-            a = job.adapter
-            job_rows = job.build_rows(None if a is None else a.virtual_tokens, None if a is None else a.prefix)
-            spans.append((len(rows), len(rows) + len(job_rows)))
-            rows += job_rows
-        pooled = torch.cat([self.runner.hidden(chunk) for chunk in prefill_chunks(rows)])
-        results = []
-        for job, (lo, hi) in zip(jobs, spans):
-            head = None if job.adapter is None or job.adapter.classifier is None else job.adapter.classifier.params
-            results.append(job.predictions(self.runner.scores(pooled[lo:hi], head)))
-        for job, predictions in zip(jobs, results):
-            job.resolve(predictions)
-            self._count("classified", len(job.inputs))
 
     def _admit(self, group: Prepared, hidden: torch.Tensor, kv) -> RunningBatch | None:
         """A prefilled group: rows whose prompt is done choose their first token and form a batch to merge; rows

@@ -15,6 +15,7 @@ import pytest
 from prompt_server.adapters.archive import unpack_archive
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 from prompt_server.adapters.registry import AdapterRegistry
+from prompt_server.api.upload import adapter_files
 
 LOCAL, CENTRAL = b"PK\x03\x04", b"PK\x01\x02"
 # offsets inside each header of: general purpose flags, uncompressed size
@@ -57,8 +58,8 @@ def test_encrypted_zip_rejected(llama_spec):
     data = patch_headers(zip_bytes({"adapter_config.json": b"{}"}), flags=0x1)
     with pytest.raises(AdapterError, match="'adapter_config.json' is encrypted: upload it without a password"):
         unpack_archive(data, 1 << 20)
-    with pytest.raises(AdapterError, match="is encrypted"):  # through the registry: a 4xx, not a crash
-        AdapterRegistry(llama_spec).put("enc", {"archive": data})
+    with pytest.raises(AdapterError, match="is encrypted"):  # through the upload edge: a 4xx, not a crash
+        AdapterRegistry(llama_spec).put("enc", adapter_files({"archive": data}, 1 << 20))
 
 
 def test_zip_name_marked_utf8_but_not_utf8_rejected():

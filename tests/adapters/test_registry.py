@@ -1,4 +1,5 @@
-"""AdapterRegistry and its store: versions, atomic writes, archives, replicas sharing a store, scale."""
+"""AdapterRegistry and its store: versions, atomic writes, archives (unpacked at the upload edge), replicas sharing
+a store, scale."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ from safetensors.torch import save as save_st
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 from prompt_server.adapters.registry import AdapterRegistry
 from prompt_server.adapters.types import ModelSpec
+from prompt_server.api.upload import adapter_files
+
+LIMIT = 64 * 1024 * 1024  # the default max_upload_bytes
+
+
+def unpacked(archive: bytes, limit: int = LIMIT) -> dict[str, bytes]:
+    """What the upload edge hands the registry for an `archive` part."""
+    return adapter_files({"archive": archive}, limit)
 
 
 def tree(root) -> dict[str, bytes]:
@@ -122,7 +131,7 @@ def test_archive_upload(registry, peft_files, kind):
         "tar.gz": lambda: _tar(files, "w:gz"),
         "tar.gz-folder": lambda: _tar(files, "w:gz", "checkpoint-100/"),
     }[kind]()
-    record, created = registry.put("arch", {"archive": archive})
+    record, created = registry.put("arch", unpacked(archive))
     direct = AdapterRegistry(registry.spec).put("arch", files)[0]
     assert created and record.peft_type == "P_TUNING"
     torch.testing.assert_close(record.virtual_tokens, direct.virtual_tokens, atol=0, rtol=0)
@@ -132,9 +141,9 @@ def test_archive_upload(registry, peft_files, kind):
 def test_archive_path_traversal_rejected(registry, peft_files, name, tmp_path):
     files = peft_files()
     with pytest.raises(AdapterError, match="has an unsafe path"):
-        registry.put("t", {"archive": _zip({name: files["adapter_config.json"]})})
+        registry.put("t", unpacked(_zip({name: files["adapter_config.json"]})))
     with pytest.raises(AdapterError, match="has an unsafe path"):
-        registry.put("t", {"archive": _tar({name: files["adapter_config.json"]})})
+        registry.put("t", unpacked(_tar({name: files["adapter_config.json"]})))
     assert not (tmp_path / "adapter_config.json").exists() and registry.get("t") is None
 
 
@@ -142,22 +151,22 @@ def test_archive_links_and_nesting_rejected(registry, peft_files):
     link = tarfile.TarInfo("adapter_model.safetensors")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with pytest.raises(AdapterError, match="is a link or device"):
-        registry.put("t", {"archive": _tar({"adapter_config.json": b"{}"}, extra=link)})
+        registry.put("t", unpacked(_tar({"adapter_config.json": b"{}"}, extra=link)))
     with pytest.raises(AdapterError, match="at top level or in one folder"):
-        registry.put("t", {"archive": _zip(peft_files(), "a/b/")})
+        registry.put("t", unpacked(_zip(peft_files(), "a/b/")))
     with pytest.raises(AdapterError, match="not a readable .zip, .tar or .tar.gz"):
-        registry.put("t", {"archive": b"plain bytes"})
+        registry.put("t", unpacked(b"plain bytes"))
     with pytest.raises(AdapterError, match="an archive upload takes no other files"):
-        registry.put("t", {"archive": _zip(peft_files()), "adapter_config.json": b"{}"})
+        registry.put("t", adapter_files({"archive": _zip(peft_files()), "adapter_config.json": b"{}"}, LIMIT))
 
 
 def test_archive_oversized_member_rejected(llama_spec, peft_files):
-    registry = AdapterRegistry(llama_spec, max_upload_bytes=50_000)
+    registry = AdapterRegistry(llama_spec)
     files = {**peft_files(), "adapter_model.safetensors": b"\0" * 200_000}
     archive = _tar(files, "w:gz")  # compresses to far below the limit, unpacks far above it
     assert len(archive) < 50_000
     with pytest.raises(AdapterTooLarge, match="archive unpacks to more than max_upload_bytes 50000"):
-        registry.put("bomb", {"archive": archive})
+        registry.put("bomb", unpacked(archive, 50_000))
 
 
 def test_two_registries_on_one_store_see_each_other(llama_spec, peft_files, tmp_path):

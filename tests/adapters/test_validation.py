@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -16,6 +17,7 @@ from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 from prompt_server.adapters.loader import load_adapter_dir
 from prompt_server.adapters.peft_format import check_adapter_id
 from prompt_server.adapters.registry import AdapterRegistry
+from prompt_server.api.upload import adapter_files
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -223,9 +225,14 @@ def test_bad_labels(peft_files, llama_spec, labels, match):
 
 
 def test_upload_too_large(peft_files, llama_spec):
-    registry = AdapterRegistry(llama_spec, max_upload_bytes=100)
-    with pytest.raises(AdapterTooLarge, match=r"upload of \d+ bytes is larger than max_upload_bytes 100"):
-        registry.put("a", peft_files())
+    """max_upload_bytes is held at the upload edge, not in the registry: the body while it streams in
+    (tests/api/test_errors.py::test_upload_too_large_is_413) and an archive's contents while they unpack."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in peft_files().items():
+            zf.writestr(name, data)
+    with pytest.raises(AdapterTooLarge, match=r"archive unpacks to more than max_upload_bytes 100"):
+        AdapterRegistry(llama_spec).put("a", adapter_files({"archive": archive.getvalue()}, 100))
 
 
 def test_raw_checkpoint_unknown_key(llama_spec, tiny_llama_dir, tmp_path):

@@ -1,5 +1,6 @@
 """Adapter routes in process: upload (files, .bin, archive), generate with it at once (PEFT as the oracle),
-replace, delete, list, classify."""
+replace, delete, list, classify; archives unpacked and sizes held at the edge (and in the CLI client), a rejected
+upload leaving the store untouched."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import zipfile
 
 import pytest
 
+from prompt_server.client import AdminClient, UploadRefused, upload_files
 from tests.api.oracle import peft_greedy, saved_peft, upload_parts
 from tests.tiny import VARIANTS
 
@@ -117,3 +119,112 @@ def test_classify_with_verbalizers_and_with_a_head(client, tiny_llama_dir, tmp_p
     assert r.status_code == 200, r.text
     (pred,) = r.json()["predictions"]
     assert set(pred["scores"]) == {"neg", "pos"}
+
+
+def _store_tree(root) -> dict[str, bytes]:
+    """Every entry under the store, hidden ones included (the lock file aside), with file contents."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.name != ".lock":
+            out[str(path.relative_to(root))] = path.read_bytes() if path.is_file() else b""
+    return out
+
+
+def _zip_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_an_archive_is_unpacked_at_the_edge(client, tiny_llama_dir, tmp_path, monkeypatch):
+    _, adapter_dir = saved_peft(tiny_llama_dir, "prompt_tuning", tmp_path / "edge", seed=6)
+    registry = client.app.state.service.registry
+    handed: list[set[str]] = []
+    put = registry.put
+    monkeypatch.setattr(registry, "put", lambda i, files, labels: handed.append(set(files)) or put(i, files, labels))
+    archive = _zip_of({f"ckpt/{p.name}": p.read_bytes() for p in adapter_dir.iterdir()})  # README.md included
+    r = client.put("/adapters/unpacked-at-edge", files={"archive": ("a.zip", archive)})
+    assert r.status_code == 201, r.text
+    assert handed == [{"adapter_config.json", "adapter_model.safetensors", "README.md"}]  # files, never an archive
+
+
+def test_rejected_uploads_leave_the_store_untouched(serve, tiny_llama_dir, tmp_path):
+    _, adapter_dir = saved_peft(tiny_llama_dir, "prompt_tuning", tmp_path / "rej", seed=7)
+    parts = upload_parts(adapter_dir)
+    files = {name: data for name, (_, data) in parts.items()}
+    encrypted = bytearray(_zip_of({"adapter_config.json": b"{}"}))
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # set the encrypted flag in both headers
+        encrypted[encrypted.index(sig) + at] |= 1
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w:gz") as tf:
+        info = tarfile.TarInfo("adapter_model.safetensors")
+        info.size = 300_000
+        tf.addfile(info, io.BytesIO(b"\0" * info.size))
+    lora = {**files, "adapter_config.json": json.dumps({"peft_type": "LORA"}).encode()}
+    cases = [
+        ({"archive": ("e.zip", bytes(encrypted))}, 400, "is encrypted"),
+        ({"archive": ("b.tar.gz", bomb.getvalue())}, 413, "archive unpacks to more than max_upload_bytes 200000"),
+        ({"archive": ("s.zip", _zip_of({"../adapter_config.json": b"{}"}))}, 400, "has an unsafe path"),
+        ({"archive": ("a.zip", _zip_of(files)), **parts}, 400, "an archive upload takes no other files"),
+        ({"archive": ("l.zip", _zip_of(lora))}, 400, "not a soft-prompt adapter"),
+        ({name: (name, data) for name, data in lora.items()}, 400, "not a soft-prompt adapter"),
+    ]
+    with serve(max_upload_bytes=200_000) as c:
+        store = c.app.state.service.settings.adapters
+        assert c.put("/adapters/kept", files=parts).status_code == 201
+        before = _store_tree(store)
+        for upload, status, message in cases:
+            for adapter_id in ("kept", "new"):
+                r = c.put(f"/adapters/{adapter_id}", files=upload)
+                assert r.status_code == status, (message, r.text)
+                assert message in r.json()["error"]
+                assert r.json()["error_type"] == ("too_large" if status == 413 else "bad_request")
+        assert _store_tree(store) == before  # no staging directory, no rewritten meta.json, nothing left behind
+        assert c.get("/adapters/kept").json()["version"] == 1 and c.get("/adapters/new").status_code == 404
+
+
+def _admin(client) -> AdminClient:
+    """An AdminClient that talks to the in-process app."""
+    admin = AdminClient("http://testserver")
+    admin.http.close()
+    admin.http = client
+    return admin
+
+
+def test_cli_client_unpacks_and_checks_in_one_place(client, tiny_llama_dir, tmp_path):
+    peft, adapter_dir = saved_peft(tiny_llama_dir, "p_tuning_mlp", tmp_path / "cli", seed=8)
+    assert set(upload_files(adapter_dir)) == {"adapter_config.json", "adapter_model.safetensors"}
+    archive = tmp_path / "cli.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(adapter_dir, arcname="checkpoint-1")  # README.md included: PEFT writes one
+    parts = upload_files(archive)
+    assert set(parts) == {"adapter_config.json", "adapter_model.safetensors"}  # unpacked here, model card dropped
+    assert parts["adapter_model.safetensors"][1] == (adapter_dir / "adapter_model.safetensors").read_bytes()
+
+    admin = _admin(client)
+    assert admin.max_upload_bytes() == client.app.state.service.settings.max_upload_bytes
+    record, created = admin.push("from-archive", archive)
+    assert created and record["peft_type"] == "P_TUNING"
+    got = [t["id"] for t in _generate(client, "from-archive")["details"]["tokens"]]
+    assert got == peft_greedy(peft, tiny_llama_dir, PROMPT, N)
+
+    size = sum(len(d) for _, d in parts.values())
+    hostile = tmp_path / "slip.zip"
+    hostile.write_bytes(_zip_of({"../adapter_config.json": b"{}"}))
+    extra = tmp_path / "extra.zip"
+    extra.write_bytes(_zip_of({**{n: d for n, (_, d) in parts.items()}, "optimizer.pt": b"x"}))
+    for path, limit, status, message in [
+        (adapter_dir, size - 1, 413, f"the files' size ({size} bytes) is over max_upload_bytes={size - 1}"),
+        (archive, size - 1, 413, f"archive unpacks to more than max_upload_bytes {size - 1}"),
+        (hostile, None, 400, "has an unsafe path"),
+        (extra, None, 400, "unknown file(s) optimizer.pt in extra.zip"),
+    ]:
+        with pytest.raises(UploadRefused) as refused:
+            admin.push("refused", path, max_bytes=limit)
+        assert refused.value.status == status and message in str(refused.value)
+        assert str(refused.value).startswith("upload not sent: ")
+    assert client.get("/adapters/refused").status_code == 404
+    with pytest.raises(FileNotFoundError, match="neither a PEFT adapter directory nor an archive"):
+        admin.push("refused", tmp_path / "missing")

@@ -57,8 +57,9 @@ async def get_adapter(adapter_id: str, request: Request, service: ServiceDep) ->
 async def put_adapter(adapter_id: str, request: Request, service: ServiceDep) -> JSONResponse:
     """Upload a PEFT adapter (multipart files or one archive part); 201 when created, 200 when replaced."""
     await service.label(request, adapter_id)
+    # the edge: the body held to max_upload_bytes (413) and an archive unpacked, so the registry gets plain files
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    # AdapterError answers 400 and AdapterTooLarge 413 through the error handlers
+    # validated in memory, then written once; AdapterError answers 400 through the error handlers
     record, created = await service.put_adapter(adapter_id, upload.files, upload.labels)
     request.state.adapter = record.id
     return JSONResponse(public(record).model_dump(), status_code=201 if created else 200)
