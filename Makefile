@@ -77,7 +77,7 @@ serve: install
 	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
 # pytest's exit code passes through: failures (1) and "no tests ran" (5) both fail the target.
-test: install-test clients deps-system model
+test: install-test clients deps-system model lint
 	PROMPT_SERVER_TEST_CLIENTS_PYTHON="$(abspath $(CLIENTS_VENV))/bin/python" $(PY) -m pytest $(PYTEST_ARGS)
 
 # System packages the tests use: nginx, for the load-balanced replica test. Best effort: when nginx cannot be
@@ -112,9 +112,10 @@ bench-http: install-bench model $(BENCH_VENV)/bin/transformers
 	$(PY) -m prompt_server_bench --http --out docs/bench \
 		--transformers-cmd $(BENCH_VENV)/bin/transformers $(BENCH_ARGS)
 
-lint: install
-	$(PY) -m pip install -q ruff
+# ruff on everything, mypy on the server package (configured in pyproject.toml); `make test` runs it first
+lint: install-test
 	$(VENV)/bin/ruff check prompt_server prompt_server_bench tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(CLIENTS_VENV) .pytest_cache .ruff_cache

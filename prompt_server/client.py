@@ -7,6 +7,7 @@ an oversized upload is refused before anything is sent.
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ class AdminClient:
         return DEFAULT_MAX_UPLOAD_BYTES
 
     def push(
-        self, adapter_id: str, path: Path, labels: list[str] | None = None, max_bytes: int | None = None
+        self, adapter_id: str, path: Path, labels: builtins.list[str] | None = None, max_bytes: int | None = None
     ) -> tuple[dict[str, Any], bool]:
         """Upload a directory or archive (unpacked here), held to max_bytes (default: the server's
         max_upload_bytes); returns (record, created)."""

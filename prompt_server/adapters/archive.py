@@ -15,7 +15,7 @@ import posixpath
 import tarfile
 import zipfile
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
 
@@ -49,7 +49,7 @@ class _Budget:
         self.left = max_bytes
 
     def read(self, fh: IO[bytes]) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             chunk = fh.read(min(_CHUNK, self.left + 1))
             if not chunk:
@@ -82,7 +82,7 @@ def _zip_members(data: bytes, add: Callable[[str, int, Callable[[], bytes]], Non
 
 def _decompressed(data: bytes, limit: int) -> bytes:
     """The tar stream inside a gzip / bzip2 / xz file (or data itself), at most limit bytes of it."""
-    opener: Callable[[IO[bytes]], IO[bytes]] | None = None
+    opener: Callable[[IO[bytes]], Any] | None = None
     if data[:2] == b"\x1f\x8b":
         opener = lambda fh: gzip.GzipFile(fileobj=fh)
     elif data[:3] == b"BZh":

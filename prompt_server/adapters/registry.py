@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import threading
@@ -109,7 +110,7 @@ class AdapterRegistry:
             records = list(self._records.values())
         return sorted(records, key=lambda r: r.id)
 
-    def load_store(self) -> list[tuple[str, str]]:
+    def load_store(self) -> builtins.list[tuple[str, str]]:  # `list` is a method here
         """Load every adapter in the store; a bad one is logged, skipped and returned as (id, error)."""
         if self.store is None:
             return []
@@ -134,7 +135,7 @@ class AdapterRegistry:
         return skipped
 
     def put(
-        self, adapter_id: str, files: dict[str, bytes], labels: list[str] | None = None
+        self, adapter_id: str, files: dict[str, bytes], labels: builtins.list[str] | None = None
     ) -> tuple[SoftPrompt, bool]:
         """Validate an adapter's files in memory, then write it to the store once, atomically, and publish it;
         returns (record, created). A rejected adapter raises AdapterError before anything touches the disk."""
@@ -168,7 +169,7 @@ class AdapterRegistry:
         return existed or gone is not None
 
     def _write(
-        self, record: SoftPrompt, files: dict[str, bytes], labels: list[str] | None
+        self, record: SoftPrompt, files: dict[str, bytes], labels: builtins.list[str] | None
     ) -> tuple[SoftPrompt, bool]:
         """Persist a validated record's files (staged outside the locks, meta.json and the rename under the store's
         lock, where the version is decided) and publish the record as built from memory: nothing is read back."""

@@ -127,7 +127,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
     if declared is not None and declared.isdigit() and int(declared) > limit + OVERHEAD:
         raise _too_large(limit, f"the body ({declared} bytes)")
     collector = _Collector(limit)
-    parser = MultipartParser(options[b"boundary"], collector.callbacks())
+    parser = MultipartParser(options[b"boundary"], collector.callbacks())  # type: ignore[arg-type]  # a TypedDict
     received = 0
     try:
         async for chunk in request.stream():
