@@ -139,11 +139,18 @@ class Service:
         return result
 
     async def classify(self, req: ClassifyRequest) -> list[Prediction]:
-        """Score labels for every input; cancelled after request_timeout."""
+        """Score labels for every input (its duration observed); cancelled after request_timeout."""
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(self.engine.classify(req), timeout=self.settings.request_timeout)
+            predictions = await asyncio.wait_for(self.engine.classify(req), timeout=self.settings.request_timeout)
         except asyncio.TimeoutError:
             raise self.timeout_error() from None
+        self.metrics.hist["request_duration_seconds"].observe(time.monotonic() - started)
+        return predictions
+
+    @property
+    def metrics_content_type(self) -> str:
+        return self.metrics.content_type
 
     async def metrics_text(self) -> str:
         """The Prometheus exposition of every metric, read now."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 
 from prompt_server.api.deps import ServiceDep
@@ -18,11 +16,9 @@ async def classify(body: ClassifyRequest, request: Request, service: ServiceDep)
     """Classify one text or a list of texts."""
     await service.label(request, body.adapter_id)
     inputs = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
-    started = time.monotonic()
     predictions = await service.classify(
         EngineClassifyRequest(inputs=inputs, adapter_id=body.adapter_id or None, labels=body.labels)
     )
-    service.metrics.hist["request_duration_seconds"].observe(time.monotonic() - started)
     return ClassifyResponse(
         predictions=[PredictionPublic(label=p.label, score=p.score, scores=p.scores) for p in predictions]
     )

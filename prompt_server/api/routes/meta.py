@@ -32,7 +32,7 @@ async def info(service: ServiceDep) -> Info:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep) -> PlainTextResponse:
     """Prometheus text exposition."""
-    return PlainTextResponse(await service.metrics_text(), media_type=service.metrics.content_type)
+    return PlainTextResponse(await service.metrics_text(), media_type=service.metrics_content_type)
 
 
 @schema_router.get("/openapi.json", include_in_schema=False)
