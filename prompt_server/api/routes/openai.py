@@ -17,12 +17,17 @@ from prompt_server.api.errors import NOT_FOUND, ApiError, from_exception, valida
 from prompt_server.api.schemas.openai import (
     AdapterCard,
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
     ChatLogprobs,
     ChatMessageOut,
     ChatTokenLogprob,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
@@ -120,20 +125,20 @@ async def _stream(service: Service, req: GenerateRequest, chunk: Any, include_us
     async def events() -> AsyncIterator[str]:
         started = time.monotonic()
         text = ""
-        yield event(chunk("", None, True))
+        yield event(chunk("", None, True).sse())
         try:
             async for ev in service.events(handle):
                 if isinstance(ev, TokenEvent):
                     text += ev.text
                     delta = trimmer.push(text)
                     if delta:
-                        yield event(chunk(delta, None, False))
+                        yield event(chunk(delta, None, False).sse())
                     continue
                 service.observe(ev, started)
                 rest = trimmer.finish(ev.text)
-                yield event(chunk(rest, FINISH.get(ev.finish_reason, "stop"), False))
+                yield event(chunk(rest, FINISH.get(ev.finish_reason, "stop"), False).sse())
                 if include_usage:
-                    yield event(chunk(None, None, False) | {"choices": [], "usage": _usage(ev).model_dump()})
+                    yield event(chunk(None, None, False).model_copy(update={"choices": [], "usage": _usage(ev)}).sse())
         except Exception as exc:  # noqa: BLE001 -- timeout, engine stopped or failed: the last event
             yield event(from_exception(exc).body())
         yield event("[DONE]")
@@ -157,11 +162,10 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     if body.echo:
         echo = prompt if isinstance(prompt, str) else await service.decode(prompt)
 
-    def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-        choice = {"index": 0, "text": (echo if first else "") + (text or ""), "logprobs": None,
-                  "finish_reason": finish}
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": FINGERPRINT, "choices": [choice]}
+    def chunk(text: str | None, finish: FinishReasonOut | None, first: bool) -> CompletionChunk:
+        choice = CompletionChunkChoice(text=(echo if first else "") + (text or ""), finish_reason=finish)
+        return CompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                               choices=[choice])
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -186,13 +190,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     req = body.to_engine_request(prompt, chars, service.settings.default_max_new_tokens, adapter)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or service.info.model_id
 
-    def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": None}
-        if not first and text == "" and finish is not None:
-            delta = {"role": "assistant", "content": None, "tool_calls": None}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": FINGERPRINT, "choices": [choice]}
+    def chunk(text: str | None, finish: FinishReasonOut | None, first: bool) -> ChatCompletionChunk:
+        content = None if not first and text == "" and finish is not None else text
+        choice = ChatChunkChoice(delta=ChatDelta(content=content), finish_reason=finish)
+        return ChatCompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                   choices=[choice])
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

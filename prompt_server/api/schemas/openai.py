@@ -287,3 +287,46 @@ class AdapterCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard | AdapterCard]
+
+
+# ---- stream chunks (server-sent events of stream=true) ------------------------------------------------------------
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReasonOut | None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReasonOut | None
+
+
+class _Chunk(BaseModel):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage | None = None  # only the last chunk, with stream_options.include_usage (and no choices)
+
+    def sse(self) -> dict[str, Any]:
+        """The chunk as sent: `usage` only where there is one."""
+        return self.model_dump(exclude={"usage"} if self.usage is None else None)
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
