@@ -147,7 +147,7 @@ def make_runner(model: HFModel, forward_path: str = "lean"):
 
         return EncoderRunner(model)
     if forward_path == "seq2seq":
-        from prompt_server.model.seq2seq import make_seq2seq_runner
+        from prompt_server.model.seq2seq_models import make_seq2seq_runner
 
         return make_seq2seq_runner(model)
     return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)

@@ -13,7 +13,7 @@ import torch
 from prompt_server.adapters.types import CAUSAL, ENCODER, SEQ2SEQ, ModelSpec
 from prompt_server.model.compat import UNBOUNDED_POSITIONS, ConfigError, ServingPlan, check_config_file, plan
 from prompt_server.model.encoder import ENCODER_MODEL_TYPES, classifier_head, head_shapes
-from prompt_server.model.seq2seq import SEQ2SEQ_MODEL_TYPES
+from prompt_server.model.seq2seq_models import SEQ2SEQ_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _verified_seq2seq_plan(path: Path, model: Any, pad_id: int) -> ServingPlan:
     """An encoder-decoder model's plan: its decoder's position limit (none for T5's relative positions), its
     batched encoder and decoder steps proven against the model's own forward."""
     from prompt_server.model.selfcheck import SelfCheckFailed, check_seq2seq_runner
-    from prompt_server.model.seq2seq import make_seq2seq_runner
+    from prompt_server.model.seq2seq_models import make_seq2seq_runner
 
     limit = int(getattr(model.config, "max_position_embeddings", 0) or UNBOUNDED_POSITIONS)
     if model.config.model_type != "bart":
