@@ -333,9 +333,14 @@ class Engine:
         for similar in length_groups(seqs):  # newcomers in groups of similar length, so a prefill pads little
             try:
                 groups.append(self.layout.prepare(similar))
-            except Exception as exc:  # e.g. an adapter's soft prompt that cannot be computed: this group alone
-                log.exception("prefill failed")
-                self._fail_group(similar, exc)
+            except Exception:  # e.g. an adapter's soft prompt that cannot be computed: find whose, row by row
+                log.info("prefill layout failed; laying out its rows one at a time", exc_info=True)
+                for s in similar:
+                    try:
+                        groups.append(self.layout.prepare([s]))
+                    except Exception as exc:
+                        log.exception("prefill failed")
+                        self._fail_group([s], exc)
         batch = self._batch
         decode = None
         if batch is not None:

@@ -462,3 +462,32 @@ def test_bfloat16_serves_every_kind(tiny_llama_dir, tmp_path):
     finally:
         engine.stop()
     assert all(len(r.tokens) == 5 and all(math.isfinite(t.logprob) for t in r.tokens) for r in results)
+
+
+def test_a_soft_prompt_that_cannot_be_computed_fails_only_its_own_requests(llama_world):
+    """The virtual-token keys/values of one adapter fail to compute (injected): its requests fail, while requests
+    of other adapters prefilled in the same group go on, and so does the engine."""
+    from prompt_server.engine.types import GenerationFailed
+
+    world = llama_world
+
+    async def go(engine):
+        cache = engine.prompt_kv
+        real = cache._compute
+
+        def compute(adapters):
+            if any(a.id == "prompt_tuning" for a in adapters):
+                raise RuntimeError("injected fault")
+            return real(adapters)
+
+        cache._compute = compute
+        # same prompt, so the rows fall into one length group and one prefill
+        bad = engine.submit(greedy(PROMPTS[0], "prompt_tuning", n=6))
+        good = [engine.submit(greedy(PROMPTS[0], a, n=6)) for a in ("p_tuning_mlp", "prefix", None)]
+        with pytest.raises(GenerationFailed, match="injected fault"):
+            await bad.result()
+        return [await h.result() for h in good]
+
+    results = run_engine(world, go)
+    for adapter_id, result in zip(("p_tuning_mlp", "prefix", None), results):
+        assert [t.id for t in result.tokens] == world.oracle(adapter_id, PROMPTS[0], 6), adapter_id
