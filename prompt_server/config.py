@@ -36,8 +36,11 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, description="Port to listen on")
-    api_key: str | None = Field(None, description="Bearer key for every route but /health; none means open")
-    admin_key: str | None = Field(None, description="Bearer key for adapter writes; none means api_key rules")
+    # an empty key would lock everyone out (an empty token never matches): refused at start-up instead
+    api_key: str | None = Field(None, min_length=1,
+                                description="Bearer key for every route but /health; none means open")
+    admin_key: str | None = Field(None, min_length=1,
+                                  description="Bearer key for adapter writes; none means api_key rules")
 
     # engine limits
     max_batch_size: int = Field(32, ge=1, description="Rows in one forward pass")

@@ -50,3 +50,15 @@ def test_adapters_commands_report_unreachable_server(capsys, tmp_path):
     assert "cannot reach" in capsys.readouterr().err
     assert main(["adapters", "push", "x", str(tmp_path / "missing"), "--url", "http://127.0.0.1:9"]) == 1
     assert "neither a PEFT adapter directory nor an archive" in capsys.readouterr().err
+
+
+def test_an_empty_key_is_refused_at_start_up():
+    """An empty key would lock every client out (an empty token never matches): refused, naming the setting."""
+    import pydantic
+    import pytest
+
+    from prompt_server.config import Settings
+
+    for name in ("api_key", "admin_key"):
+        with pytest.raises(pydantic.ValidationError, match=name):
+            Settings(**{name: ""})
