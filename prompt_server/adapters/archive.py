@@ -14,6 +14,7 @@ import lzma
 import posixpath
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -48,16 +49,56 @@ class _Budget:
         self.max_bytes = max_bytes
         self.left = max_bytes
 
+    def want(self) -> int:
+        """How much to ask a reader or decompressor for next: one chunk, or one byte past the limit at most."""
+        return min(_CHUNK, self.left + 1)
+
+    def count(self, chunk: bytes) -> bytes:
+        self.left -= len(chunk)
+        if self.left < 0:
+            raise AdapterTooLarge(f"archive unpacks to more than max_upload_bytes {self.max_bytes}")
+        return chunk
+
     def read(self, fh: IO[bytes]) -> bytes:
         parts: list[bytes] = []
         while True:
-            chunk = fh.read(min(_CHUNK, self.left + 1))
+            chunk = fh.read(self.want())
             if not chunk:
                 return b"".join(parts)
-            self.left -= len(chunk)
-            if self.left < 0:
-                raise AdapterTooLarge(f"archive unpacks to more than max_upload_bytes {self.max_bytes}")
-            parts.append(chunk)
+            parts.append(self.count(chunk))
+
+    def decompress(self, decompressor: Any, data: bytes) -> bytes:
+        """All that `decompressor` (a bz2 / lzma decompressor object) makes of `data`, asked for one chunk at a time
+        (max_length), so a bomb is stopped at the limit instead of inflated in one call."""
+        parts = [self.count(decompressor.decompress(data, max_length=self.want()))]
+        # needs_input without eof: the stream ended early (or, for LZMA without an end marker, just ended); the
+        # size and CRC checks judge what came out
+        while not decompressor.eof and not decompressor.needs_input:
+            parts.append(self.count(decompressor.decompress(b"", max_length=self.want())))
+        return b"".join(parts)
+
+
+def _zip_raw(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's compressed bytes as stored (at most what the upload holds)."""
+    raw = copy.copy(info)
+    raw.compress_type = zipfile.ZIP_STORED
+    raw.file_size = info.compress_size
+    del raw.CRC  # the CRC is of the uncompressed content: checked after decompressing
+    with zf.open(raw) as fh:
+        return fh.read()
+
+
+def _zip_decompressor(info: zipfile.ZipInfo, raw: bytes) -> tuple[Any, bytes]:
+    """(decompressor, its input) for a bzip2 or LZMA member."""
+    if info.compress_type == zipfile.ZIP_BZIP2:
+        return bz2.BZ2Decompressor(), raw
+    # zip's LZMA: 2 bytes of version, the properties' size (2 bytes, little-endian), the properties, a raw LZMA1 stream
+    if len(raw) < 4:
+        raise AdapterError(f"archive member {info.filename!r} has a truncated LZMA header")
+    size = int.from_bytes(raw[2:4], "little")
+    # as zipfile reads it (the same private helper)
+    filters = [lzma._decode_filter_properties(lzma.FILTER_LZMA1, raw[4: 4 + size])]  # type: ignore[attr-defined]
+    return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), raw[4 + size:]
 
 
 def _zip_members(data: bytes, add: Callable[[str, int, Callable[[], bytes]], None], budget: _Budget) -> None:
@@ -68,8 +109,21 @@ def _zip_members(data: bytes, add: Callable[[str, int, Callable[[], bytes]], Non
                 continue
             if info.flag_bits & _ZIP_ENCRYPTED:
                 raise AdapterError(f"archive member {info.filename!r} is encrypted: upload it without a password")
+            if info.compress_type in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+                # zipfile inflates each bzip2 / LZMA block it reads whole, however far past what was asked for (a
+                # 1 KB member can make gigabytes): these are decompressed here, a chunk at a time
+
+                def decompress(info: zipfile.ZipInfo = info) -> bytes:
+                    content = budget.decompress(*_zip_decompressor(info, _zip_raw(zf, info)))
+                    if len(content) == info.file_size and zlib.crc32(content) != info.CRC:
+                        raise AdapterError(f"archive member {info.filename!r} is corrupt: bad CRC-32")
+                    return content
+
+                add(info.filename, info.file_size, decompress)
+                continue
             # zipfile stops at the header's file_size; let it read up to what is left of the budget instead, so
-            # the cap bounds the unpacking and a header that understates the size is caught below
+            # the cap bounds the unpacking and a header that understates the size is caught below. Stored and
+            # deflated members are read at most a chunk ahead of what is asked for.
             unbounded = copy.copy(info)
             unbounded.file_size = budget.left + 2 * _CHUNK  # zipfile inflates ahead of what it returns
 

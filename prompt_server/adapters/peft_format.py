@@ -60,35 +60,79 @@ def _int_field(cfg: dict[str, Any], name: str, *, required: bool = True, default
             raise AdapterError(f"adapter_config.json: field {name} is missing: expected a positive integer")
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdapterError(f"adapter_config.json: field {name} must be a positive integer, got {value!r}")
+        raise AdapterError(f"adapter_config.json: field {name} must be a positive integer, got {_shown(value)}")
     return value
+
+
+_SHOWN_CHARS = 200  # a config value quoted in an error message is cut to this many characters
+
+
+def _shown(value: Any) -> str:
+    """repr(value) for an error message: short, and safe for any JSON value (however long or deeply nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in a parsed JSON document that is not valid Unicode, if any: JSON's \\uXXXX
+    escapes can spell a lone surrogate, which cannot be encoded as UTF-8 and so could not be answered or stored."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+    return None
 
 
 def parse_config(data: bytes) -> AdapterConfig:
     """Parse and check adapter_config.json."""
     try:
         cfg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer of more digits than Python converts
+    # (sys.get_int_max_str_digits); RecursionError a document nested deeper than the parser recurses
+    except (ValueError, RecursionError) as e:
         raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter_config.json must hold a JSON object, got {type(cfg).__name__}")
+    bad = _lone_surrogate(cfg)
+    if bad is not None:
+        raise AdapterError(f"adapter_config.json holds text that is not valid Unicode (lone surrogate): {_shown(bad)}")
     peft_type = cfg.get("peft_type")
     if peft_type not in SOFT_PROMPT_TYPES:
         raise AdapterError(
-            f"peft_type {peft_type!r} is not a soft-prompt adapter: expected one of {', '.join(SOFT_PROMPT_TYPES)}"
+            f"peft_type {_shown(peft_type)} is not a soft-prompt adapter: "
+            f"expected one of {', '.join(SOFT_PROMPT_TYPES)}"
         )
     task_type = cfg.get("task_type")
     if task_type not in TASK_TYPES:
-        raise AdapterError(f"task_type {task_type!r} is not a PEFT task type: expected one of {', '.join(TASK_TYPES)}")
+        raise AdapterError(
+            f"task_type {_shown(task_type)} is not a PEFT task type: expected one of {', '.join(TASK_TYPES)}"
+        )
     submodules = _int_field(cfg, "num_transformer_submodules", default=1)
     reparam = cfg.get("encoder_reparameterization_type")
     if peft_type == "P_TUNING":
-        reparam = str(reparam or "MLP").upper()
+        reparam = reparam or "MLP"
+        if not isinstance(reparam, str):
+            raise AdapterError(f"encoder_reparameterization_type must be MLP or LSTM, got {_shown(reparam)}")
+        reparam = reparam.upper()
         if reparam not in ("MLP", "LSTM"):
-            raise AdapterError(f"encoder_reparameterization_type {reparam!r} is not supported: expected MLP or LSTM")
+            raise AdapterError(
+                f"encoder_reparameterization_type {_shown(reparam)} is not supported: expected MLP or LSTM"
+            )
     prefix_projection = cfg.get("prefix_projection", False)
     if not isinstance(prefix_projection, bool):
-        raise AdapterError(f"prefix_projection must be true or false, got {prefix_projection!r}")
+        raise AdapterError(f"prefix_projection must be true or false, got {_shown(prefix_projection)}")
     base_model = cfg.get("base_model_name_or_path")
     return AdapterConfig(
         peft_type=peft_type,

@@ -185,7 +185,7 @@ class AdapterRegistry:
         staged = self.store.stage(files)
         try:
             with self.store.locked():
-                disk_version = (self.store.read_meta(adapter_id) or {}).get("version")
+                disk_version = (self.store.current_meta(adapter_id) or {}).get("version")
                 disk_version = disk_version if isinstance(disk_version, int) else 0
                 created = not self.store.path(adapter_id).exists()
                 current = self._records.get(adapter_id)

@@ -6,6 +6,12 @@ the version decided there, fsyncs the directory, and swap() renames it into plac
 or the new version of an adapter, never a mix. Nothing written is read back. A replace renames the current version
 aside to `.old-<id>` and the new one in; a crash between the two renames leaves `.old-<id>` as the only copy, which
 sweep() restores. Other replicas notice a new version by its meta.json's signature.
+
+What a process killed at any point leaves (tests/e2e/test_crash_safety.py kills at every step): `<id>` is always a
+whole version. While `<id>` is absent, `.old-<id>` is whole too, and the adapter's current version: a write
+supersedes it only by renaming its own in first, a delete removes it, sweep() restores it. While `<id>` exists,
+`.old-<id>` is a leftover, perhaps half deleted, which anything that takes `<id>` away deletes first (renamed to
+`.del-*`, so never half). `.del-*` are being deleted; `.tmp-*` were never published.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ class AdapterStore:
                     except OSError:
                         pass
                 for _, name in names:
-                    shutil.rmtree(self.root / name, ignore_errors=True)
+                    self._delete(self.root / name, adapter_id)
                     done.append(f"removed {name}")
             if done:
                 self._sync_dir()
@@ -105,6 +111,15 @@ class AdapterStore:
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
         return meta if isinstance(meta, dict) else None
+
+    def current_meta(self, adapter_id: str) -> dict[str, Any] | None:
+        """meta.json of the adapter's current version: `<id>`'s, else that of a `.old-<id>` a crashed replace left
+        as the only copy (call under locked(), where no replace is under way)."""
+        meta = self.read_meta(adapter_id)
+        aside = self.aside(adapter_id)
+        if meta is None and not os.path.lexists(self.path(adapter_id)) and os.path.lexists(aside):
+            meta = self.read_meta(aside.name)
+        return meta
 
     def aside(self, adapter_id: str) -> Path:
         """Where a replace moves the current version while it renames the new one in."""
@@ -146,8 +161,13 @@ class AdapterStore:
 
         Returns the set-aside old version for cleanup(), or None if there was none."""
         target, aside = self.path(adapter_id), self.aside(adapter_id)
-        if os.path.lexists(aside):  # a crashed writer's; the version being published supersedes it
-            shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(aside):  # a crashed writer's (no swap is under way while we hold the lock)
+            if not os.path.lexists(target):
+                # the only copy of the current version: the new one goes in first, then this one goes, so that a
+                # crash in between leaves a whole version in place, never nothing (sweep() would restore nothing)
+                os.rename(staged, target)
+                return aside
+            self._delete(aside, adapter_id)  # a finished replace's leftover
         had_target = target.exists()
         if had_target:
             os.utime(target)  # replacing() reads the swap's start time from the set-aside directory's mtime
@@ -161,22 +181,44 @@ class AdapterStore:
         return aside if had_target else None
 
     def cleanup(self, aside: Path | None) -> None:
-        """Make the renames durable and delete the old version."""
+        """Make the renames durable and delete the old version (call under locked())."""
         self._sync_dir()
         if aside is not None:
+            # in place: the new version is in `<id>` by now, and whatever takes `<id>` away again (swap(), remove(),
+            # sweep()) first deletes a `.old-<id>` that a crash here left half deleted
             shutil.rmtree(aside, ignore_errors=True)
 
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
     def remove(self, adapter_id: str) -> Path | None:
-        """Rename an adapter directory out of sight (call under locked()); returns it for cleanup(), None if absent."""
-        target = self.path(adapter_id)
-        if not target.exists():
+        """Rename an adapter directory out of sight (call under locked()); returns it for cleanup(), None if absent.
+
+        A `.old-<id>` goes first: a leftover while `<id>` exists (else a crash after the rename of `<id>` would leave
+        it for sweep() to restore: a deleted adapter back, in an older version), the current version while not."""
+        target, aside = self.path(adapter_id), self.aside(adapter_id)
+        if os.path.lexists(aside):
+            if os.path.lexists(target):
+                self._delete(aside, adapter_id)
+            else:
+                target = aside
+        if not os.path.lexists(target):
             return None
         gone = self.root / f".del-{adapter_id}-{uuid.uuid4().hex}"
         os.rename(target, gone)
         return gone
+
+    def _delete(self, path: Path, name: str) -> None:
+        """Delete a directory, renamed to `.del-*` first: killed halfway, it leaves a `.del-*` for sweep(), never a
+        partial `.old-<id>` that sweep() could take for a version to restore. Under locked()."""
+        if not path.name.startswith(".del-"):
+            gone = self.root / f".del-{name.removeprefix('.old-')}-{uuid.uuid4().hex}"
+            try:
+                os.rename(path, gone)
+            except FileNotFoundError:
+                return
+            path = gone
+        shutil.rmtree(path, ignore_errors=True)
 
     def _sync_dir(self) -> None:
         _sync_dir(self.root)

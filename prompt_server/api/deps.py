@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -26,14 +27,28 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    """Whether `token` is one of `keys`, in constant time: hmac.compare_digest on SHA-256 digests (equal lengths, so
+    the time tells nothing of a key's length either), and every key compared, so it tells nothing of which matched."""
+    given = _digest(token)
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, _digest(key))
+    return matched
+
+
 def _check(request: Request, keys: list[str], what: str) -> None:
     if not keys:
         return
     token = _bearer(request)
-    if token is None:
+    if not token:  # no header, another scheme, or `Bearer` with nothing after it: never a match, even for a key ""
         raise ApiError(401, f"missing {what}: send 'Authorization: Bearer <key>'", UNAUTHORIZED,
                        headers={"WWW-Authenticate": "Bearer"})
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+    if not _matches(token, keys):
         raise ApiError(401, f"invalid {what}", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
 

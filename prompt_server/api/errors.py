@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_server.adapters.errors import AdapterError, AdapterTooLarge
+from prompt_server.api.schemas.text import utf8_safe
 from prompt_server.engine.types import (
     AdapterNotFound,
     EngineError,
@@ -40,6 +41,8 @@ class ApiError(Exception):
     """An error answered with `status` and {"error": message, "error_type": error_type}."""
 
     def __init__(self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None):
+        # a message may quote a client's value holding a lone surrogate, which no UTF-8 response can carry
+        message = utf8_safe(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -87,8 +90,14 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+_MSG_CHARS = 300  # one validation message is cut to this many characters (a validator may quote a long value)
+
+
 def _given(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, TypeError, RecursionError):  # e.g. an integer too long to print, or nesting too deep
+        return f"a {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -99,8 +108,10 @@ def format_validation(errors: list[Any]) -> str:
         if err.get("type") == "json_invalid":
             lines.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
             continue
-        msg = err.get("msg", "invalid")
+        msg = str(err.get("msg", "invalid"))
         msg = msg.removeprefix("Value error, ")
+        if len(msg) > _MSG_CHARS:
+            msg = msg[: _MSG_CHARS - 3] + "..."
         where = _loc(tuple(err.get("loc", ())))
         if err.get("type") == "missing":
             lines.append(f"{where}: field required")
@@ -113,8 +124,26 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return from_exception(exc).response()
 
 
-async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+def _key_refusal(request: Request) -> ApiError | None:
+    """The 401 the request would get from the API-key check, if any. FastAPI parses a JSON body before it runs the
+    route's dependencies, so a body that is not JSON reaches this handler before the key is checked."""
+    from prompt_server.api.deps import require_api_key  # deps imports this module
+
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        return None
+    try:
+        require_api_key(request, service)
+    except ApiError as refused:
+        return refused
+    return None
+
+
+async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    refused = _key_refusal(request)  # a client without the key learns nothing of how its body reads
+    if refused is not None:
+        return refused.response()
     errors = list(exc.errors())
     status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
     error_type = BAD_REQUEST if status == 400 else VALIDATION

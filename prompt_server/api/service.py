@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from prompt_server import __version__
-from prompt_server.api.errors import CANCELLED, TIMEOUT, ApiError
+from prompt_server.api.errors import CANCELLED, TIMEOUT, VALIDATION, ApiError
 from prompt_server.api.metrics import Metrics
 from prompt_server.api.schemas.service import Auth, Info, Limits, SkippedAdapter
 from prompt_server.config import Settings
@@ -114,7 +114,12 @@ class Service:
             lambda: self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         )
 
-    async def decode(self, ids: list[int]) -> str:
+    async def decode(self, ids: list[int], field: str = "prompt") -> str:
+        """Text of token ids the client sent (an echo), after the engine's own check that each is in the vocabulary."""
+        vocab = self.engine.loaded.spec.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(422, f"{field}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", VALIDATION)
         return await run_in_threadpool(self.engine.tokenizer.decode, ids)
 
     def check_generates(self) -> None:

@@ -97,10 +97,19 @@ class _Collector:
 def _labels(raw: bytes) -> list[str]:
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"labels must be a JSON list of strings, got invalid JSON ({exc})", BAD_REQUEST) from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or not JSON, an integer too long, nesting too deep
+        reason = str(exc)[:120] if not isinstance(exc, RecursionError) else "nested too deep"
+        raise ApiError(400, f"labels must be a JSON list of strings, got invalid JSON ({reason})", BAD_REQUEST) from None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ApiError(400, f"labels must be a non-empty JSON list of non-empty strings, got {value!r}", BAD_REQUEST)
+        shown = repr(value)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise ApiError(400, f"labels must be a non-empty JSON list of non-empty strings, got {shown}", BAD_REQUEST)
+    for v in value:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no response could carry it back
+            raise ApiError(400, "labels must be valid Unicode text: a label holds a lone surrogate",
+                           BAD_REQUEST) from None
     return value
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prompt_server.api.schemas.text import ValidText
 
-class ClassifyRequest(BaseModel):
+
+class ClassifyRequest(ValidText):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prompt_server.api.schemas.text import ValidText, shown
 from prompt_server.engine.types import OPENAI_FIELDS, SamplingParams
 from prompt_server.engine.types import GenerateRequest as EngineRequest
 
@@ -17,7 +18,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ValidText):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -128,7 +129,7 @@ class CompletionRequest(SamplingFields):
                                     add_special_tokens=True, fields=OPENAI_FIELDS)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ValidText):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
@@ -143,8 +144,11 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text":
-                raise ValueError(f"content parts of type {part.get('type')!r} are not supported (only 'text')")
-            parts.append(str(part.get("text", "")))
+                raise ValueError(f"content parts of type {shown(part.get('type'))} are not supported (only 'text')")
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise ValueError(f"a text content part's text must be a string, got {shown(text)}")  # noqa: TRY004
+            parts.append(text)
         return "".join(parts)
 
 
@@ -186,7 +190,8 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _format(self) -> ChatCompletionRequest:
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (only 'text')")
+            kind = shown(self.response_format.get("type"))
+            raise ValueError(f"response_format {kind} is not supported (only 'text')")
         return self
 
 

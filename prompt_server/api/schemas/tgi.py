@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prompt_server.api.schemas.text import ValidText, shown
 from prompt_server.engine.types import TGI_FIELDS, FinishReason, SamplingParams
 from prompt_server.engine.types import GenerateRequest as EngineRequest
 
@@ -22,7 +23,7 @@ _UNSUPPORTED_UNLESS_DEFAULT: dict[str, Any] = {
 }
 
 
-class Parameters(BaseModel):
+class Parameters(ValidText):
     model_config = ConfigDict(extra="ignore")
 
     adapter_id: str | None = None
@@ -56,7 +57,7 @@ class Parameters(BaseModel):
         for name, default in _UNSUPPORTED_UNLESS_DEFAULT.items():
             value = getattr(self, name)
             if value is not None and value != default:
-                raise ValueError(f"`{name}` is not supported by this server (given {value!r}; leave it unset)")
+                raise ValueError(f"`{name}` is not supported by this server (given {shown(value)}; leave it unset)")
         return self
 
     def to_sampling_params(self) -> SamplingParams:
@@ -74,7 +75,7 @@ class Parameters(BaseModel):
         )
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(ValidText):
     model_config = ConfigDict(extra="ignore")
 
     inputs: str = Field(min_length=1)
