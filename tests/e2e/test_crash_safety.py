@@ -538,8 +538,7 @@ def _store_driver(forks, spec, library, tmp_path, rounds: int | None) -> Stats:
     (store / ".old-c").mkdir()  # a leftover for the sweep to remove
     driver.run("sweep", "", None, "none")
     ledger.check_restart(store, spec)
-    if rounds is None:
-        driver.after_killed_replace()
+    driver.after_killed_replace()
     done = 0
     while (rounds is None and (done < MIN_BURSTS or not driver.covered())) or (rounds is not None and done < rounds):
         driver.burst()
