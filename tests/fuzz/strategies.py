@@ -4,6 +4,7 @@ either plausible or arbitrary JSON), PEFT adapter files, archives, and byte-leve
 from __future__ import annotations
 
 import bz2
+import copy
 import gzip
 import io
 import json
@@ -148,7 +149,7 @@ def poisoned(draw, value: Any) -> Any:
     if not paths:
         return value
     path = draw(st.sampled_from(paths))
-    out = json.loads(json.dumps(value, allow_nan=True))  # a deep copy
+    out = copy.deepcopy(value)
     if not path:
         return value + draw(st.sampled_from(LONE_SURROGATES))
     parent = out

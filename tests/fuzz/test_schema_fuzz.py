@@ -35,13 +35,11 @@ import pytest
 import schemathesis
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from prompt_server.api.schemas.openai import CompletionRequest
-from prompt_server.api.schemas.text import lone_surrogate
 from prompt_server.api.upload import FILE_PARTS
 from prompt_server.config import Settings
 from prompt_server.main import create_app
@@ -199,9 +197,6 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 @schema.parametrize()
 def test_schema_operation(case):
     TALLY.add(SUITE_SCHEMA, case.operation.label, f"{case.meta.phase.name.value}/{case.meta.generation.mode.value}")
-    if known_outside_bug(case.operation.label, case.body):
-        TALLY.status(SUITE_SCHEMA, "not sent (known bug)")
-        return
     response = case.call_and_validate(checks=CHECKS)
     TALLY.status(SUITE_SCHEMA, response.status_code)
 
@@ -218,19 +213,6 @@ def test_schema_covered_every_operation():
 
 
 # ---- 2. hostile JSON bodies -----------------------------------------------------------------------------------------
-def known_outside_bug(route: str, body: Any) -> bool:
-    """Inputs that hit a bug reported outside the fuzz tests' files (see test_known_bugs below), left out here so the
-    fuzzing stays green while they are open."""
-    if route != "POST /v1/completions":
-        return False
-    try:  # routes/openai.py decodes an echo's token ids before the engine checks them: OverflowError, a 500
-        req = CompletionRequest.model_validate(body)
-        prompt = req.single_prompt()
-    except (ValueError, TypeError):
-        return False
-    return req.echo and isinstance(prompt, list) and any(not 0 <= t < 2**32 for t in prompt)
-
-
 def send_json(client: TestClient, route: str, doc: bytes):
     method, path = route.split(" ", 1)
     return client.request(method, path, content=doc, headers={"content-type": "application/json"})
@@ -251,7 +233,6 @@ def test_hostile_json(fuzz_server, route):
     @fuzz_settings(short=30, shrink_in_short_form=False)
     @given(body=S.ROUTE_BODIES[route])
     def run(body):
-        assume(not known_outside_bug(route, body))
         TALLY.add(SUITE_JSON, route, "route-shaped JSON")
         check_answer(send_json(fuzz_server.client, route, S.json_bytes(body)), SUITE_JSON)
 
@@ -349,7 +330,6 @@ def upload(draw, dims: dict[str, int]) -> tuple[str, list[tuple[str, bytes]], st
     if hit("labels"):
         labels = draw(st.one_of(st.lists(st.sampled_from(["positive", "negative", "neutral", "", " "]), max_size=4),
                                 S.json_values))
-        assume(lone_surrogate(labels) is None)  # a known bug outside these files: see test_known_bugs_upload_labels
         parts.append(("labels", S.json_bytes(labels)))
     elif draw(st.booleans()):
         parts.append(("labels", b'["positive", "negative"]'))
@@ -418,46 +398,32 @@ def test_upload_regressions(fuzz_server):
         assert client.get("/adapters").status_code == 200, name
 
 
-# ---- known bugs outside the fuzz tests' files -------------------------------------------------------------------------
-@pytest.mark.parametrize("request_", [
-    pytest.param(("POST", "/v1/completions", {"prompt": [-1], "echo": True}), id="echo-negative-token-id"),
-    pytest.param(("POST", "/v1/completions", {"prompt": [2**40], "echo": True, "stream": True}),
-                 id="echo-token-id-over-u32"),
+# ---- regressions of bugs this fuzzing found outside tests/fuzz (fixed in api/service.py and api/upload.py) ----------
+@pytest.mark.parametrize("body", [
+    pytest.param({"prompt": [-1], "echo": True}, id="echo-negative-token-id"),
+    pytest.param({"prompt": [[2**40]], "echo": True}, id="echo-token-id-over-u32"),
+    pytest.param({"prompt": [2**40], "echo": True, "stream": True}, id="echo-stream-token-id-over-u32"),
 ])
-@pytest.mark.xfail(reason="routes/openai.py completions() decodes an echo's token ids before the engine checks "
-                          "them: the tokenizer's OverflowError is a 500", strict=False)
-def test_known_bugs_json(fuzz_server, request_):
-    method, path, body = request_
-    logged = len(fuzz_server.errors)
-    r = fuzz_server.client.request(method, path, json=body)
-    del fuzz_server.errors[logged:]  # the known bug's own log lines
-    assert r.status_code == 422, r.text
+def test_echo_of_token_ids_outside_the_vocabulary(fuzz_server, body):
+    """Was a 500: the echo decoded the ids (the tokenizer's OverflowError) before the engine checked them."""
+    r = fuzz_server.client.post("/v1/completions", json=body)
+    assert r.status_code == 422 and "outside the vocabulary" in r.json()["error"], r.text
 
 
-def test_known_bugs_upload_labels(fuzz_server):
-    """Upload labels are parsed by api/upload.py (_labels) and checked by adapters/convert.py (check_labels)."""
+@pytest.mark.parametrize("labels", [
+    pytest.param(b"[1" + b"0" * 5000 + b"]", id="too-many-digits"),  # was a 500 (ValueError)
+    pytest.param(b"[" * 60_000, id="nested-too-deep"),  # was a 500 (RecursionError)
+    # was stored; then POST /classify with it was a 500 (the tokenizer's TypeError), and GET /adapters too until the
+    # AdapterPublic fix
+    pytest.param(b'["\\ud800", "b"]', id="lone-surrogate"),
+])
+def test_upload_labels_regressions(fuzz_server, labels):
     client, files = fuzz_server.client, S.adapter_files("prompt", fuzz_server.dims)
-    bad = {
-        "labels-too-many-digits": b"[1" + b"0" * 5000 + b"]",
-        "labels-nested-too-deep": b"[" * 60_000,
-        "labels-lone-surrogate": b'["\\ud800", "b"]',
-    }
-    failures = []
-    logged = len(fuzz_server.errors)
-    for name, labels in bad.items():
-        parts = {k: (k, v) for k, v in files.items()} | {"labels": (None, labels)}
-        r = client.put("/adapters/fz-labels", files=parts)
-        if r.status_code >= 500:
-            failures.append(f"{name}: PUT {r.status_code}")
-        elif r.status_code in (200, 201):
-            c = client.post("/classify", json={"inputs": ["Hello"], "adapter_id": "fz-labels"})
-            if c.status_code >= 500:
-                failures.append(f"{name}: PUT {r.status_code}, then POST /classify {c.status_code}")
-        client.delete("/adapters/fz-labels")
-        assert client.get("/adapters").status_code == 200  # the listing survives either way (AdapterPublic)
-    del fuzz_server.errors[logged:]  # the known bug's own log lines
-    if failures:
-        pytest.xfail("known bug in api/upload.py _labels / adapters/convert.py check_labels: " + "; ".join(failures))
+    TALLY.add(SUITE_UPLOAD, "PUT /adapters/{adapter_id}", "regressions")
+    r = client.put("/adapters/fz-labels", files={k: (k, v) for k, v in files.items()} | {"labels": (None, labels)})
+    check_answer(r, SUITE_UPLOAD)
+    assert r.status_code == 400 and "labels" in r.json()["error"], r.text
+    assert client.get("/adapters").status_code == 200
 
 
 # ---- afterwards ----------------------------------------------------------------------------------------------------
