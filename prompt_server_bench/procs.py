@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import subprocess
 import time
@@ -16,12 +17,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None = None, timeout: float = 120.0) -> None:
+def _exit_code(proc: subprocess.Popen | multiprocessing.Process) -> int | None:
+    """The process's exit code, or None while it runs (a subprocess or a multiprocessing child)."""
+    if isinstance(proc, subprocess.Popen):
+        return proc.poll()
+    return None if proc.is_alive() else proc.exitcode
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | multiprocessing.Process | None, log: Path | None = None,
+                 timeout: float = 120.0) -> None:
     """Poll `url`/health until it answers 200; fail early, with the log, if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        code = None if proc is None else _exit_code(proc)
+        if code is not None:
+            raise RuntimeError(f"server exited with {code}:\n{log.read_text() if log else ''}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return

@@ -20,6 +20,7 @@ together; only attention runs per part.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -88,15 +89,17 @@ class Seq2SeqRunner(Runner[Seq2SeqPrefill]):
         self.encoder_context = model.config.max_position_embeddings if model.config.model_type == "bart" else None
 
     # ---- per architecture ----------------------------------------------------------------------------------
+    @abstractmethod
     def decoder_layers(self) -> list[torch.nn.Module]:
-        raise NotImplementedError
+        """The decoder's layers, in order."""
 
+    @abstractmethod
     def embed_decoder(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[N] ids at [N] positions -> [N, hidden]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def layer(self, i: int, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        raise NotImplementedError
+        """Decoder layer i over the step's tokens x [N, hidden]; attention through `step`."""
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -105,9 +108,9 @@ class Seq2SeqRunner(Runner[Seq2SeqPrefill]):
         """[n, E, heads * d] -> [n, heads, E, d]."""
         return t.view(*t.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)
 
+    @abstractmethod
     def cross_kv_proj(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         """Each decoder layer's cross-attention key and value projections."""
-        raise NotImplementedError
 
     def self_bias(self, relative: torch.Tensor) -> torch.Tensor | None:
         """Position bias added to self-attention scores for key offsets `relative` [W] -> [1, H, 1, W] or None."""

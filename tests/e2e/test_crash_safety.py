@@ -62,7 +62,7 @@ from prompt_server.adapters.registry import AdapterRegistry
 from prompt_server.adapters.store import AdapterStore
 from prompt_server.adapters.types import ModelSpec
 from tests.e2e.conftest import LIMITS
-from tests.e2e.server import free_port
+from tests.e2e.server import free_port, wait_healthy
 
 LONG_ROUNDS = int(os.environ.get("PROMPT_SERVER_KILL_ROUNDS") or 0)
 SEED = int(os.environ.get("PROMPT_SERVER_KILL_SEED") or time.time_ns() % 1_000_000)
@@ -574,19 +574,11 @@ class ForkedServer:
                 "--port", str(self.port), "--log-level", "warning", *LIMITS]
         self.proc = ctx.Process(target=_serve_child, args=(argv, str(log)), daemon=True)
         self.proc.start()
-        deadline = time.monotonic() + 120
-        while True:
-            if not self.proc.is_alive():
-                raise RuntimeError(f"server exited with {self.proc.exitcode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server not healthy:\n{log.read_text()}")
-            time.sleep(0.05)
+        try:
+            wait_healthy(self.url, self.proc, log)
+        except RuntimeError:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -670,11 +662,17 @@ def _apply(ledger: Ledger, ops: list[Op], answers: list[Any]) -> bool:
     return len(answers) < len(ops)
 
 
-def _server_driver(forks, spec, library, tiny_llama_dir, tmp_path, rounds: int) -> Stats:
+def _seeded(spec, library, tmp_path) -> tuple[Stats, Ledger, Path]:
+    """A fresh ledger and a store seeded with its first versions."""
     stats = Stats()
     ledger = Ledger(library, stats)
     store = tmp_path / "store"
     _seed_store(store, spec, ledger)
+    return stats, ledger, store
+
+
+def _server_driver(forks, spec, library, tiny_llama_dir, tmp_path, rounds: int) -> Stats:
+    stats, ledger, store = _seeded(spec, library, tmp_path)
     rng = random.Random(SEED + 1)
     took = 0.0
     for n in range(rounds + 1):
@@ -732,10 +730,7 @@ def _reader(url: str, ledger: Ledger, stop: threading.Event, rng: random.Random)
 
 
 def _replica_driver(forks, spec, library, tiny_llama_dir, tmp_path, rounds: int) -> Stats:
-    stats = Stats()
-    ledger = Ledger(library, stats)
-    store = tmp_path / "store"
-    _seed_store(store, spec, ledger)
+    stats, ledger, store = _seeded(spec, library, tmp_path)
     rng = random.Random(SEED + 2)
     servers = [ForkedServer(forks, tiny_llama_dir, store, tmp_path / f"replica-{i}.log") for i in (0, 1)]
     took = 0.0
