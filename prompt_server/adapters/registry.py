@@ -5,8 +5,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
+import os
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from prompt_server.adapters.types import ModelSpec, SoftPrompt
 logger = logging.getLogger(__name__)
 
 _RELOAD_ATTEMPTS = 3
-_SWAP_WAIT = 0.05  # seconds a reader waits for another replica to finish swapping an adapter's directory
+_SWAP_WAIT = 0.5  # seconds a reader waits for the store's lock when it finds an adapter set aside (a swap under way)
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -88,8 +88,10 @@ class AdapterRegistry:
             if signature is not None and signature == self._signatures.get(adapter_id):
                 # _publish stores the record before its signature, so this record is at least that version
                 return self._records.get(adapter_id)
-            if signature is None and adapter_id not in self._signatures:
-                return None  # never seen and not on disk
+            if signature is None and adapter_id not in self._signatures and not os.path.lexists(
+                self.store.aside(adapter_id)
+            ):
+                return None  # never seen and not on disk (not even set aside by a replace)
             return self._refresh(adapter_id, signature)
         except Exception as e:  # noqa: BLE001 -- a request must never fail because of a bad store entry
             logger.warning("adapter %s in %s cannot be read, serving what was loaded before: %s",
@@ -210,19 +212,13 @@ class AdapterRegistry:
         )
 
     def _stable_signature(self, adapter_id: str) -> Signature | None:
-        """The meta.json signature, waiting out another writer's swap (rename old aside, rename new in)."""
+        """The meta.json signature, after waiting out another writer's swap (rename old aside, rename new in) or
+        repairing a swap whose writer died between its renames."""
         assert self.store is not None
-        deadline = time.monotonic() + _SWAP_WAIT
-        while True:
-            signature = self.store.signature(adapter_id)
-            if signature is not None:
-                return signature
-            if not self.store.replacing(adapter_id):
-                # the old copy is deleted only after the new one is renamed in, so look once more
-                return self.store.signature(adapter_id)
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.001)
+        signature = self.store.signature(adapter_id)
+        if signature is None and self.store.restore(adapter_id, timeout=_SWAP_WAIT):
+            logger.warning("store %s: restored %s, left aside by an interrupted replace", self.store.root, adapter_id)
+        return signature if signature is not None else self.store.signature(adapter_id)
 
     def _refresh(self, adapter_id: str, signature: Signature | None) -> SoftPrompt | None:
         """Bring one id in step with the store after its meta.json changed, appeared or vanished.
@@ -233,7 +229,7 @@ class AdapterRegistry:
             if signature is None:
                 signature = self._stable_signature(adapter_id)
             if signature is None:
-                if adapter_id in self._records and self.store.replacing(adapter_id):
+                if adapter_id in self._records and os.path.lexists(self.store.aside(adapter_id)):
                     return self._records[adapter_id]  # a swap still under way: keep serving the last version
                 with self._lock:
                     if self.store.signature(adapter_id) is None:

@@ -5,7 +5,8 @@ hidden temp directory inside the store (no lock held); under the store's file lo
 the version decided there, fsyncs the directory, and swap() renames it into place, so a reader sees either the old
 or the new version of an adapter, never a mix. Nothing written is read back. A replace renames the current version
 aside to `.old-<id>` and the new one in; a crash between the two renames leaves `.old-<id>` as the only copy, which
-sweep() restores. Other replicas notice a new version by its meta.json's signature.
+restore() (any reader that finds `<id>` missing beside it) or sweep() (at start-up) renames back. Other replicas notice
+a new version by its meta.json's signature.
 
 What a process killed at any point leaves (tests/e2e/test_crash_safety.py kills at every step): `<id>` is always a
 whole version. While `<id>` is absent, `.old-<id>` is whole too, and the adapter's current version: a write
@@ -27,14 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from prompt_server.adapters.loader import META_FILE
 from prompt_server.adapters.peft_format import CONFIG_FILE, ID_PATTERN
 
 Signature = tuple[int, int, int]  # (inode, mtime_ns, size) of meta.json: changes whenever a version is published
 
-SWAP_STALE = 10.0  # seconds after which a `.old-<id>` is taken as left by a crashed writer, not a swap in progress
 _ASIDE = re.compile(r"^\.old-(.+?)(?:-[0-9a-f]{32})?$")  # `.old-<id>`; `-<uuid hex>` as earlier versions named it
 
 
@@ -46,11 +46,12 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the store's inter-process write lock (an exclusive flock on <store>/.lock; not reentrant)."""
+    def locked(self, timeout: float = -1) -> Iterator[None]:
+        """Hold the store's inter-process write lock (an exclusive flock on <store>/.lock; not reentrant). With a
+        timeout (seconds), raise filelock.Timeout if it is not free by then. The kernel drops a killed holder's lock."""
         # A new FileLock per call, as a new open file was before: a FileLock instance is reentrant, so a shared one
         # would let a nested holder (or, with thread_local=False, another thread) in instead of excluding it.
-        with FileLock(self.root / ".lock"):
+        with FileLock(self.root / ".lock", timeout=timeout):
             yield
 
     def path(self, adapter_id: str) -> Path:
@@ -125,13 +126,23 @@ class AdapterStore:
         """Where a replace moves the current version while it renames the new one in."""
         return self.root / f".old-{adapter_id}"
 
-    def replacing(self, adapter_id: str) -> bool:
-        """True while a writer has moved the old version aside and not yet renamed the new one in (one stat)."""
-        try:
-            st = os.stat(self.aside(adapter_id))
-        except OSError:
+    def restore(self, adapter_id: str, timeout: float) -> bool:
+        """Repair on read: if `<id>` is missing and `.old-<id>` is not, either a replace is between its two renames
+        (it holds the store's lock) or its writer died there (the kernel released the lock). Wait up to timeout
+        seconds for the lock; under it, a `.old-<id>` still alone is a dead writer's and the adapter's current
+        version: rename it back. True if it did; False if nothing needed it or the lock stayed busy."""
+        target, aside = self.path(adapter_id), self.aside(adapter_id)
+        if os.path.lexists(target) or not os.path.lexists(aside):
             return False
-        return time.time() - st.st_mtime < SWAP_STALE  # older: a crashed writer's, restored by the next sweep()
+        try:
+            with self.locked(timeout=timeout):
+                if os.path.lexists(target) or not os.path.lexists(aside):
+                    return False  # the writer finished while we waited
+                os.rename(aside, target)
+                self._sync_dir()
+                return True
+        except Timeout:
+            return False
 
     def stage(self, files: dict[str, bytes]) -> Path:
         """Write an adapter's files, each once and fsynced, into a fresh hidden directory inside the store; return
@@ -170,7 +181,6 @@ class AdapterStore:
             self._delete(aside, adapter_id)  # a finished replace's leftover
         had_target = target.exists()
         if had_target:
-            os.utime(target)  # replacing() reads the swap's start time from the set-aside directory's mtime
             os.rename(target, aside)
         try:
             os.rename(staged, target)

@@ -10,8 +10,8 @@ import time
 import torch
 from safetensors.torch import save as save_st
 
-from prompt_server.adapters.registry import AdapterRegistry
-from prompt_server.adapters.store import SWAP_STALE, AdapterStore
+from prompt_server.adapters.registry import _SWAP_WAIT, AdapterRegistry
+from prompt_server.adapters.store import AdapterStore
 from prompt_server.adapters.types import ModelSpec
 
 
@@ -23,7 +23,7 @@ def test_crash_between_the_renames_of_a_replace_is_restored(llama_spec, peft_fil
     assert fresh.load_store() == []
     restored = fresh.get("x")
     assert restored is not None and restored.sha256 == first.sha256 and restored.version == 1
-    assert not writer.store.aside("x").exists() and fresh.store.replacing("x") is False
+    assert not writer.store.aside("x").exists()
 
 
 def test_sweep_restores_the_earlier_aside_naming_and_drops_extra_copies(llama_spec, peft_files, tmp_path):
@@ -47,20 +47,37 @@ def test_crash_during_delete_does_not_bring_the_adapter_back(llama_spec, peft_fi
     assert fresh.get("x") is None and not gone.exists() and len(fresh) == 0
 
 
-def test_a_crashed_swap_is_not_waited_on_forever(llama_spec, peft_files, tmp_path):
+def test_a_swap_under_way_is_waited_on_and_a_dead_writers_is_repaired_on_read(llama_spec, peft_files, tmp_path):
     a = AdapterRegistry(llama_spec, store=tmp_path)
     record, _ = a.put("x", peft_files())
+    b = AdapterRegistry(llama_spec, store=tmp_path)  # another replica, which never saw x
     aside = a.store.aside("x")
-    os.rename(tmp_path / "x", aside)
-    assert a.store.replacing("x") and a.get("x") is record  # a swap in progress: keep serving
-    old = time.time() - SWAP_STALE - 1
-    os.utime(aside, (old, old))
-    assert not a.store.replacing("x")
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # a live replace, between its two renames, holding the store's lock
+        with AdapterStore(tmp_path).locked():
+            os.rename(tmp_path / "x", aside)
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert held.wait(10)
     start = time.perf_counter()
-    assert a.get("x") is None and a.get("x") is None
-    assert time.perf_counter() - start < 0.05  # no waiting out a swap that will never finish
-    record2, created = a.put("x", peft_files(seed=3))  # a new write supersedes the crashed one's copy
-    assert created and not aside.exists() and a.get("x") is record2
+    assert a.get("x") is record  # keeps serving the version it has while the lock is busy
+    assert b.get("x") is None  # nothing to serve yet, and nothing repaired under a live writer
+    waited = time.perf_counter() - start
+    assert 2 * _SWAP_WAIT * 0.9 < waited < 2 * _SWAP_WAIT + 1.0  # each waited for the lock, bounded
+    assert aside.exists() and not (tmp_path / "x").exists()
+    release.set()  # the writer "dies" without renaming anything in: the kernel drops its lock with it
+    t.join()
+    start = time.perf_counter()
+    got = b.get("x")  # repaired on read: no restart, no sweep, no waiting
+    assert got is not None and got.sha256 == record.sha256 and got.version == 1
+    assert time.perf_counter() - start < _SWAP_WAIT and (tmp_path / "x").exists() and not aside.exists()
+    assert a.get("x") is record
+    record2, created = a.put("x", peft_files(seed=3))
+    assert not created and record2.version == 2 and b.get("x").sha256 == record2.sha256
 
 
 def test_sweep_survives_entries_vanishing_under_it(tmp_path):

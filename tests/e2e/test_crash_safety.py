@@ -189,6 +189,7 @@ class Stats:
     ops: Counter = field(default_factory=Counter)  # upload, replace, delete, sweep, read (by a replica's reader)
     restarts: int = 0
     tmp_swept: int = 0
+    repaired_on_read: int = 0  # replaces killed between their renames, repaired by a reader without a restart
     problems: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -197,6 +198,7 @@ class Stats:
         self.ops.update(other.ops)
         self.restarts += other.restarts
         self.tmp_swept += other.tmp_swept
+        self.repaired_on_read += other.repaired_on_read
         self.problems += other.problems
 
     def line(self, what: str) -> str:
@@ -205,6 +207,7 @@ class Stats:
         ops = ", ".join(f"{self.ops[k]} {k}s" for k in ("upload", "replace", "delete", "sweep", "read") if self.ops[k])
         return (f"crash safety [{what}, seed {SEED}]: {kills} SIGKILLs survived ({how}); tried {ops}; "
                 f"{self.restarts} restarts checked; {self.tmp_swept} staging leftovers swept; "
+                f"{self.repaired_on_read} interrupted replaces repaired on read; "
                 f"{len(self.problems)} inconsistencies found; {time.monotonic() - self.started:.1f} s")
 
 
@@ -279,10 +282,27 @@ class Ledger:
             return f"meta.json {meta} does not describe weight set {w}"
         return (w, meta.get("version"))
 
+    def check_live_read(self, store: Path, spec: ModelSpec) -> None:
+        """Before any sweep, as a replica that was running all along reads it: every id serves a state it may hold,
+        and a replace killed between its renames (`.old-<id>` alone) is repaired by that read."""
+        live = AdapterRegistry(spec, store=store)  # no load_store(): no sweep
+        for adapter_id in IDS:
+            alone = (store / f".old-{adapter_id}").exists() and not (store / adapter_id).exists()
+            record = live.get(adapter_id)
+            state = (self.by_sha.get(record.sha256), record.version) if record is not None else None
+            if state not in self.allowed[adapter_id]:
+                self.problem(f"a live read of {adapter_id} served {state}, not one of "
+                             f"{sorted(self.allowed[adapter_id], key=str)}")
+            if alone:
+                if record is None or not (store / adapter_id).exists():
+                    self.problem(f"a live read did not repair {adapter_id}, set aside by a killed replace")
+                self.stats.repaired_on_read += 1
+
     def check_restart(self, store: Path, spec: ModelSpec, *, sweep_staging: bool = True) -> None:
         """Restart on the store (a fresh registry: sweep, load), check every id against what it may hold, and
         narrow the ledger to what it holds. sweep_staging: no writer is running, so `.tmp-*` may go too."""
         self.stats.restarts += 1
+        self.check_live_read(store, spec)
         fresh = AdapterRegistry(spec, store=store)
         skipped = fresh.load_store()
         if skipped:
@@ -766,13 +786,19 @@ def _replica_driver(forks, spec, library, tiny_llama_dir, tmp_path, rounds: int)
             survivor = servers[1 - victim]
             if not survivor.proc.is_alive():
                 ledger.problem("the survivor died")
-            # at once, before anyone restarts or sweeps, the survivor serves for each id one state it may hold
+            # at once, before anyone restarts or sweeps, the survivor serves for each id one state it may hold,
+            # repairing on read a replace killed between its renames (`.old-<id>` alone)
+            alone = [i for i in IDS if (store / f".old-{i}").exists() and not (store / i).exists()]
             listed = {a["id"]: (ledger.by_sha.get(a["sha256"]), a["version"])
                       for a in httpx.get(f"{survivor.url}/adapters", timeout=30).json()["adapters"]}
             for adapter_id in IDS:
                 if listed.get(adapter_id) not in ledger.allowed[adapter_id]:
                     ledger.problem(f"the survivor lists {adapter_id} as {listed.get(adapter_id)}, not one of "
                                    f"{sorted(ledger.allowed[adapter_id], key=str)}")
+            for adapter_id in alone:
+                if (store / f".old-{adapter_id}").exists() or not (store / adapter_id).exists():
+                    ledger.problem(f"the survivor did not repair {adapter_id}, set aside by a killed replace")
+                stats.repaired_on_read += 1
             if n > 0:
                 servers[victim] = ForkedServer(forks, tiny_llama_dir, store, tmp_path / f"replica-{victim}-{n}.log")
             ledger.check_restart(store, spec)
