@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, description="Port to listen on")
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="Largest request body but an adapter upload (JSON of generate, OpenAI, classify); 413 beyond it",
+    )
     # an empty key would lock everyone out (an empty token never matches): refused at start-up instead
     api_key: str | None = Field(None, min_length=1,
                                 description="Bearer key for every route but /health; none means open")

@@ -121,6 +121,38 @@ def test_upload_too_large_is_413(serve, tiny_llama_dir, tmp_path):
         assert c.get("/adapters/big").status_code == 404
 
 
+def test_request_bodies_are_held_to_max_request_bytes(serve, tiny_llama_dir, tmp_path):
+    _, adapter_dir = saved_peft(tiny_llama_dir, "prefix", tmp_path / "big")
+    parts = upload_parts(adapter_dir)
+    size = sum(len(p[1]) for p in parts.values())
+    assert size > 2048
+    with serve(max_request_bytes=2048, api_key="k") as c:
+        auth = {"authorization": "Bearer k"}
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+        assert c.post("/generate", json=body, headers=auth).status_code == 200
+        padded = {**body, "pad": "x" * 3000}
+        content = json.dumps(padded).encode()
+        json_type = {"content-type": "application/json"}
+        for route in ("/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/classify"):
+            r = c.post(route, content=content, headers={**auth, **json_type})  # a declared Content-Length
+            msg = _err(r, 413, "too_large")
+            assert msg == f"request body too large: {len(content)} bytes, over max_request_bytes=2048"
+            assert _err(c.post(route, content=content, headers=json_type), 413, "too_large")  # no key: the same
+
+        def chunked():  # no Content-Length: refused as soon as the body outgrows the limit
+            yield b'{"inputs": "'
+            for _ in range(100):
+                yield b"x" * 100
+            yield b'"}'
+
+        r = c.post("/generate", content=chunked(), headers={**auth, "content-type": "application/json"})
+        assert "over max_request_bytes=2048" in _err(r, 413, "too_large")
+        # an adapter upload is held to max_upload_bytes alone
+        assert c.put("/adapters/big", files=parts, headers=auth).status_code == 201
+        assert c.post("/generate", json={**body, "adapter_id": "big"}, headers=auth).status_code == 200
+        assert 'status="413"' in c.get("/metrics", headers=auth).text  # counted like any answer
+
+
 def test_auth(serve, tiny_llama_dir, tmp_path):
     _, adapter_dir = saved_peft(tiny_llama_dir, "prompt_tuning", tmp_path / "a")
     user, admin = {"Authorization": "Bearer user-key"}, {"Authorization": "Bearer admin-key"}
