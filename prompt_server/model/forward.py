@@ -139,9 +139,9 @@ def _cpu_rows(n: int) -> int:
     return 4 if n <= 4 else -(-n // 8) * 8
 
 
-def make_runner(model: HFModel, forward_path: str = "lean"):
+def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = False):
     """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers),
-    "seq2seq" (encoder-decoder LMs)."""
+    "seq2seq" (encoder-decoder LMs). `compiled`: the lean path's layers compiled (model/compiled.py)."""
     if forward_path == "encoder":
         from prompt_server.model.encoder import EncoderRunner
 
@@ -150,7 +150,7 @@ def make_runner(model: HFModel, forward_path: str = "lean"):
         from prompt_server.model.seq2seq_models import make_seq2seq_runner
 
         return make_seq2seq_runner(model)
-    return LlamaRunner(model) if forward_path == "lean" else HFRunner(model)
+    return LlamaRunner(model, compiled) if forward_path == "lean" else HFRunner(model)
 
 
 class CausalRunner(Runner[PrefillInputs]):
@@ -218,7 +218,7 @@ class LlamaRunner(CausalRunner):
     projections and MLPs see every token of the step at once (the weights are read once), attention runs per part.
     """
 
-    def __init__(self, model: HFModel):
+    def __init__(self, model: HFModel, compiled: bool = False):
         super().__init__(model)
         inner = model.model
         self.layers = inner.layers
@@ -234,6 +234,12 @@ class LlamaRunner(CausalRunner):
         cpu = model.device.type == "cpu"
         self.linear = _linear_weight_first if cpu else _linear
         self.pad_rows = _cpu_rows if cpu else int
+        self.compiled = None
+        if compiled:  # model/compiled.py: the layers as one torch.compile graph, attention called back
+            from prompt_server.model.compiled import MIN_ROWS, compiled_layers
+
+            self.compiled = compiled_layers(model)
+            self.pad_rows = lambda n: max(n, MIN_ROWS)
 
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
         _, [(hidden, kv)] = self.step(None, [(inputs, spare)])
@@ -254,23 +260,30 @@ class LlamaRunner(CausalRunner):
         for p in parts:
             bounds.append((start, start + p.tokens))
             start += p.tokens
-        # rows of zeros up to a count the CPU's matrix multiplies handle well; they belong to no part
+        # rows of zeros up to a count the matrix multiplies handle well; they belong to no part
         pad = self.pad_rows(start) - start
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             pad_out = x.new_zeros(pad, self.n_heads * self.head_dim)  # the pad rows' attention output, every layer
-        lin = self.linear
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
-            q, k, v = lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)  # [N, H*d], [N, kv*d] x2
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Layer i's attention for every part; q, k, v [N, *] -> [N, heads * head_dim]."""
             outs = [p.attend(i, q[a:b], k[a:b], v[a:b]) for p, (a, b) in zip(parts, bounds)]  # each [t, H*d]
             if pad:
                 outs.append(pad_out)
-            x = x + lin(attn.o_proj, torch.cat(outs) if len(outs) > 1 else outs[0])
-            h = layer.post_attention_layernorm(x)
-            x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
-        x = self.norm(x)
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+        if self.compiled is not None:
+            x = self.compiled(x, attend)
+        else:
+            lin = self.linear
+            for i, layer in enumerate(self.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                h = layer.input_layernorm(x)
+                x = x + lin(attn.o_proj, attend(i, lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)))
+                h = layer.post_attention_layernorm(x)
+                x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+            x = self.norm(x)
         results = [p.finish(x[a:b]) for p, (a, b) in zip(parts, bounds)]
         if decode is not None:
             return results[0], results[1:]

@@ -34,6 +34,20 @@ class World:
         return out[0, ids.shape[1]:].tolist()
 
 
+    def check_logprobs(self, adapter_id: str | None, prompt: str, result) -> None:
+        """A served result's tokens are PEFT's greedy ones and their log-probabilities within 1e-4 of PEFT's,
+        teacher-forced on the served tokens."""
+        prompt_ids = self.loaded.tokenizer(prompt).input_ids
+        chosen = [t.id for t in result.tokens]
+        assert chosen == self.oracle(adapter_id, prompt, len(chosen)), adapter_id
+        ids = torch.tensor([prompt_ids + chosen])
+        model = self.peft[adapter_id] if adapter_id else self.loaded.model
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, -ids.shape[1]:].log_softmax(-1)
+        expected = logits[len(prompt_ids) - 1 : -1].gather(-1, torch.tensor(chosen)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor([t.logprob for t in result.tokens]), expected, atol=1e-4, rtol=0)
+
+
 def put_dir(registry: AdapterRegistry, adapter_id: str, path: Path, labels=None):
     files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()}
     return registry.put(adapter_id, files, labels)

@@ -105,8 +105,8 @@ def test_the_lean_path_proves_itself_against_the_models_own_forward(v5_dir):
 def test_a_lean_path_that_disagrees_falls_back_to_the_generic_one(v5_dir, monkeypatch):
     init = forward.LlamaRunner.__init__
 
-    def forgetful(self, model):
-        init(self, model)
+    def forgetful(self, model, *args, **kwargs):
+        init(self, model, *args, **kwargs)
         self.apply_rotary = lambda q, k, cos, sin: (q, k)  # rotary forgotten
 
     monkeypatch.setattr(forward.LlamaRunner, "__init__", forgetful)
