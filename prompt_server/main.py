@@ -26,7 +26,8 @@ def build_service(settings: Settings) -> Service:
     from prompt_server.model.loader import load_model, set_threads
 
     set_threads(settings.threads)
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
+                        compile=settings.compile)
     registry = AdapterRegistry(
         loaded.spec,
         device=loaded.device,
@@ -51,13 +52,15 @@ def build_service(settings: Settings) -> Service:
         transformers_version=transformers.__version__,
         forward_path=plan.forward_path,
         forward_path_reason=plan.reason,
+        forward_compiled=plan.compiled,
         max_position=plan.max_position,
         serving_notes=plan.notes,
         family=loaded.spec.family,
         tasks=FAMILY_TASKS[loaded.spec.family],
     )
-    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s", info.model_id, info.architecture,
-             info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "")
+    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s", info.model_id, info.architecture,
+             info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "",
+             ", compiled" if plan.compiled else "")
     for note in plan.notes:
         log.info("exactness: %s", note)
     return Service(engine, registry, settings, info, skipped)

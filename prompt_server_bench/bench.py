@@ -338,7 +338,8 @@ def _main_ttft(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    # PROMPT_SERVER_COMPILE=1 measures the compiled layers, as it serves them
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, compile=Settings().compile)
     tok = loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}],
                                        tokenize=False, add_generation_prompt=True) for i in range(args.ttft)]

@@ -62,7 +62,9 @@ class Engine:
         self.registry = registry
         self.settings = settings
         self.device = loaded.device
-        self.runner = _runner(loaded, loaded.plan.forward_path if fast else "generic", settings.compile)
+        # compiled only as the plan was proven (model/loader.py), and never the generic path that `fast=False` asks for
+        self.runner = make_runner(loaded.model, loaded.plan.forward_path if fast else "generic",
+                                  compiled=fast and loaded.plan.compiled)
         self.max_position = loaded.plan.max_position
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)
@@ -537,30 +539,6 @@ class Engine:
                 if r.handle.cancelled:
                     r.finish(CANCELLED)
             self._batch = batch.filter(keep)
-
-
-def _runner(loaded, path: str, compiled: bool):
-    """The engine's runner; compiled, when asked and it can be, only once it has passed the self-check (which compiles
-    it). Anything else logs why and serves the path uncompiled."""
-    if compiled:
-        from prompt_server.model.compiled import supported
-        from prompt_server.model.selfcheck import check_runner
-
-        model = loaded.model
-        why = supported(model) if path == "lean" else f"only the lean forward path is compiled, not {path}"
-        if why is None:
-            started = time.monotonic()
-            try:
-                runner = make_runner(model, path, compiled=True)
-                vocab = model.get_input_embeddings().weight.shape[0]
-                pad_id = loaded.tokenizer.pad_token_id or 0
-                diff = check_runner(runner, model, vocab, pad_id, loaded.plan.max_position)
-                log.info("compiled the forward's layers in %.0f s (self-check: %.1e)", time.monotonic() - started, diff)
-                return runner
-            except Exception as exc:  # noqa: BLE001 -- a compiler failure must not keep the model from being served
-                why = f"{type(exc).__name__}: {exc}"
-        log.warning("serving the %s forward uncompiled: %s", path, why)
-    return make_runner(loaded.model, path)
 
 
 def _abandoned(item) -> bool:

@@ -44,6 +44,7 @@ class ServingPlan:
     reason: str  # why the generic path, or "" for lean
     max_position: int  # positions a sequence may use (prompt + soft prompt + generated)
     notes: tuple[str, ...] = ()  # limits imposed to stay exact, logged at start-up and shown in /info
+    compiled: bool = False  # the lean path's layers compiled (model/compiled.py), proven like the path itself
 
 
 def installed_transformers() -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """The lean forward's decoder layers compiled with torch.compile (inductor), on the CPU in float32.
 
 What it buys: with the weights frozen, inductor prepacks every projection and generates its own matrix-multiply
-kernels (its C++ GEMM template), which multiply a few rows by a large weight about twice as fast as MKL on an AVX2
-EPYC (the default model's 30 layers of products: 8 rows 46 instead of 87 ms, 1 row 29 instead of 60), and it fuses
-the norms, residual adds and SiLU-and-multiply between them.
+kernels (its C++ GEMM template), which multiply a few rows by a large weight up to twice as fast as MKL on an AVX2
+EPYC (the default model's 30 layers of projections: 8 rows 46 instead of 66-87 ms, 16 rows 61-63 instead of 78-84;
+about even at 32), and it fuses the norms, residual adds and SiLU-and-multiply between them.
 
 What it costs: minutes of compilation at start on a 2-core machine (most of it Python generating one kernel per
 projection; the frozen graph is not cached between processes), and a second, packed copy of the layers' weights.
@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from prompt_server.model.forward import Attend, _linear, run_layers
+
 # Frozen weights are what lets inductor prepack them and use its GEMM template; CPP alone skips benchmarking the
-# template against MKL for every projection at start (it won at every row count measured).
+# template against MKL for every projection at start (it won or tied at every row count measured).
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 # The step's token count is the graph's dynamic size; torch specializes sizes 0 and 1, so a step runs at least 2.
 MIN_ROWS = 2
-
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _STEP = threading.local()  # the attention of the step in flight on this thread
 
 
 @torch.library.custom_op("prompt_server::attend", mutates_args=())
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s attention for the step in flight: q, k, v [N, *] -> [N, heads * head_dim], q's shape.
 
     It also writes the step's keys and values into the cache: state the graph does not see, which is why the layers
@@ -43,26 +42,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> to
 
 
 @_attend.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
 class _Layers(torch.nn.Module):
-    """Every decoder layer and the final norm, as the lean runner computes them; attention is the opaque operator."""
+    """The runner's layer loop (forward.run_layers) with plain projections, attention the opaque operator."""
 
     def __init__(self, layers: torch.nn.ModuleList, norm: torch.nn.Module):
         super().__init__()
         self.layers, self.norm = layers, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers: Any = self.layers  # transformers' decoder layers: their submodules depend on the architecture
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
-            x = x + attn.o_proj(torch.ops.prompt_server.attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), i))
-            h = layer.post_attention_layernorm(x)
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return self.norm(x)
+        return run_layers(self.layers, self.norm, x, torch.ops.prompt_server.attend, _linear)
 
 
 class CompiledLayers:

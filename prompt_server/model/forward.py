@@ -10,6 +10,7 @@ import inspect
 import sys
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -276,18 +277,27 @@ class LlamaRunner(CausalRunner):
         if self.compiled is not None:
             x = self.compiled(x, attend)
         else:
-            lin = self.linear
-            for i, layer in enumerate(self.layers):
-                attn, mlp = layer.self_attn, layer.mlp
-                h = layer.input_layernorm(x)
-                x = x + lin(attn.o_proj, attend(i, lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)))
-                h = layer.post_attention_layernorm(x)
-                x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
-            x = self.norm(x)
+            x = run_layers(self.layers, self.norm, x, attend, self.linear)
         results = [p.finish(x[a:b]) for p, (a, b) in zip(parts, bounds)]
         if decode is not None:
             return results[0], results[1:]
         return None, results
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Linear = Callable[[torch.nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def run_layers(layers: Any, norm: torch.nn.Module, x: torch.Tensor, attend: Attend, lin: Linear) -> torch.Tensor:
+    """Every decoder layer and the final norm over a step's tokens x [N, hidden], eager or compiled
+    (model/compiled.py): `attend(i, q, k, v)` is layer i's attention, `lin(linear, h)` a projection."""
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        h = layer.input_layernorm(x)
+        x = x + lin(attn.o_proj, attend(i, lin(attn.q_proj, h), lin(attn.k_proj, h), lin(attn.v_proj, h)))
+        h = layer.post_attention_layernorm(x)
+        x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+    return norm(x)
 
 
 @dataclass

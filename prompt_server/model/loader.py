@@ -3,7 +3,9 @@ the embedded default."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,11 +100,13 @@ def load_model(
     cache_dir: Path | None = None,
     progress: bool = True,
     lean: bool = True,
+    compile: bool = False,
 ) -> LoadedModel:
     """Load a local causal LM or encoder classifier (None = the embedded default model) frozen, in eval mode.
 
     Nothing is served that transformers would compute differently: the config is checked, the forward path
-    chosen (`lean=False` forces the generic one) and proven against the model's own forward.
+    chosen (`lean=False` forces the generic one) and proven against the model's own forward. `compile`: the lean
+    path's layers compiled (model/compiled.py) where they can be and the compiled path passes the same proof.
     """
     if path is None:
         from prompt_server.model.default import DefaultModelError, ensure_default_model
@@ -139,6 +143,8 @@ def load_model(
     else:
         serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
         spec = ModelSpec.from_config(model.config)
+    if compile:
+        serving = _compiled_plan(model, tokenizer.pad_token_id, serving)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -174,6 +180,28 @@ def _verified_plan(path: Path, model: Any, pad_id: int, lean: bool) -> ServingPl
         check_runner(make_runner(model, "generic"), model, vocab, pad_id, chosen.max_position)
     except SelfCheckFailed as exc:
         raise ModelLoadError(f"{path}: not served: {exc}") from exc
+    return chosen
+
+
+def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
+    """The plan with its layers compiled, once the compiled runner has passed the self-check (which compiles it);
+    a path that cannot be compiled, or a compiler failure, logs why and keeps the plan uncompiled."""
+    from prompt_server.model.compiled import supported
+    from prompt_server.model.forward import make_runner
+    from prompt_server.model.selfcheck import check_runner
+
+    path = chosen.forward_path
+    why = supported(model) if path == "lean" else f"only the lean forward path is compiled, not {path}"
+    if why is None:
+        started = time.monotonic()
+        try:
+            vocab = model.get_input_embeddings().weight.shape[0]
+            diff = check_runner(make_runner(model, path, compiled=True), model, vocab, pad_id, chosen.max_position)
+            log.info("compiled the forward's layers in %.0f s (self-check: %.1e)", time.monotonic() - started, diff)
+            return dataclasses.replace(chosen, compiled=True)
+        except Exception as exc:  # noqa: BLE001 -- a compiler failure must not keep the model from being served
+            why = f"{type(exc).__name__}: {exc}"
+    log.warning("serving the %s forward uncompiled: %s", path, why)
     return chosen
 
 

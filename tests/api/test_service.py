@@ -25,7 +25,7 @@ def test_health_and_info(client):
     # the tiny Llama: what transformers version read it, which class, and the forward that serves it
     assert info["transformers_version"] == transformers.__version__
     assert (info["architecture"], info["model_type"]) == ("LlamaForCausalLM", "llama")
-    assert (info["forward_path"], info["forward_path_reason"]) == ("lean", "")
+    assert (info["forward_path"], info["forward_path_reason"], info["forward_compiled"]) == ("lean", "", False)
     assert info["max_position"] == 512 and info["serving_notes"] == []
 
 

@@ -47,6 +47,7 @@ class Info(BaseModel):
     tasks: list[str]
     forward_path: Literal["lean", "generic", "encoder", "seq2seq"]
     forward_path_reason: str
+    forward_compiled: bool
     max_position: int
     serving_notes: list[str]
     version: str
