@@ -3,10 +3,9 @@ the embedded default."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +197,7 @@ def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
             vocab = model.get_input_embeddings().weight.shape[0]
             diff = check_runner(make_runner(model, path, compiled=True), model, vocab, pad_id, chosen.max_position)
             log.info("compiled the forward's layers in %.0f s (self-check: %.1e)", time.monotonic() - started, diff)
-            return dataclasses.replace(chosen, compiled=True)
+            return replace(chosen, compiled=True)
         except Exception as exc:  # noqa: BLE001 -- a compiler failure must not keep the model from being served
             why = f"{type(exc).__name__}: {exc}"
     log.warning("serving the %s forward uncompiled: %s", path, why)
