@@ -27,7 +27,7 @@ def build_service(settings: Settings) -> Service:
 
     set_threads(settings.threads)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
-                        compile=settings.compile)
+                        compile=settings.compile, native_attention=settings.native_attention)
     registry = AdapterRegistry(
         loaded.spec,
         device=loaded.device,
@@ -53,14 +53,15 @@ def build_service(settings: Settings) -> Service:
         forward_path=plan.forward_path,
         forward_path_reason=plan.reason,
         forward_compiled=plan.compiled,
+        forward_native_attention=plan.native_attention,
         max_position=plan.max_position,
         serving_notes=plan.notes,
         family=loaded.spec.family,
         tasks=FAMILY_TASKS[loaded.spec.family],
     )
-    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s", info.model_id, info.architecture,
+    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s%s", info.model_id, info.architecture,
              info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "",
-             ", compiled" if plan.compiled else "")
+             ", compiled" if plan.compiled else "", ", native decode attention" if plan.native_attention else "")
     for note in plan.notes:
         log.info("exactness: %s", note)
     return Service(engine, registry, settings, info, skipped)

@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     model_dir = random_t5_small(Path(tempfile.mkdtemp())) if args.model == RANDOM_T5 else args.model
-    loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
+    settings = Settings()  # PROMPT_SERVER_COMPILE and PROMPT_SERVER_NATIVE_ATTENTION apply as in the server
+    loaded = load_model(model_dir, device=args.device, dtype=args.dtype, compile=settings.compile,
+                        native_attention=settings.native_attention)
     model, tok = loaded.model, loaded.tokenizer
     prompts = make_prompts(args.requests)
     rates: dict[str, list[float]] = {m: [] for m in args.modes}
@@ -338,8 +340,11 @@ def _main_ttft(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    # PROMPT_SERVER_COMPILE=1 measures the compiled layers, as it serves them
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, compile=Settings().compile)
+    # PROMPT_SERVER_COMPILE=1 measures the compiled layers, PROMPT_SERVER_NATIVE_ATTENTION=0 torch's decode attention,
+    # as the server would serve them
+    settings = Settings()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, compile=settings.compile,
+                        native_attention=settings.native_attention)
     tok = loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}],
                                        tokenize=False, add_generation_prompt=True) for i in range(args.ttft)]

@@ -140,9 +140,10 @@ def _cpu_rows(n: int) -> int:
     return 4 if n <= 4 else -(-n // 8) * 8
 
 
-def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = False):
+def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = False, native: bool = False):
     """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers),
-    "seq2seq" (encoder-decoder LMs). `compiled`: the lean path's layers compiled (model/compiled.py)."""
+    "seq2seq" (encoder-decoder LMs). For the lean path, `compiled`: its layers compiled (model/compiled.py);
+    `native`: decode attention by the server's CPU kernel (model/native.py, built by the loader)."""
     if forward_path == "encoder":
         from prompt_server.model.encoder import EncoderRunner
 
@@ -151,7 +152,7 @@ def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = Fal
         from prompt_server.model.seq2seq_models import make_seq2seq_runner
 
         return make_seq2seq_runner(model)
-    return LlamaRunner(model, compiled) if forward_path == "lean" else HFRunner(model)
+    return LlamaRunner(model, compiled, native) if forward_path == "lean" else HFRunner(model)
 
 
 class CausalRunner(Runner[PrefillInputs]):
@@ -219,7 +220,7 @@ class LlamaRunner(CausalRunner):
     projections and MLPs see every token of the step at once (the weights are read once), attention runs per part.
     """
 
-    def __init__(self, model: HFModel, compiled: bool = False):
+    def __init__(self, model: HFModel, compiled: bool = False, native: bool = False):
         super().__init__(model)
         inner = model.model
         self.layers = inner.layers
@@ -235,6 +236,11 @@ class LlamaRunner(CausalRunner):
         cpu = model.device.type == "cpu"
         self.linear = _linear_weight_first if cpu else _linear
         self.pad_rows = _cpu_rows if cpu else int
+        self.decode_kernel = None
+        if native:  # model/native.py: decode attention over the cache by the server's own CPU kernel
+            from prompt_server.model.native import built
+
+            self.decode_kernel = built()
         self.compiled = None
         if compiled:  # model/compiled.py: the layers as one torch.compile graph, attention called back
             from prompt_server.model.compiled import MIN_ROWS, compiled_layers
@@ -343,6 +349,12 @@ class _DecodePart(_Part):
         self.tokens = self.b = self.x.shape[0]
         self.cos, self.sin = runner.rotary(self.x, inputs.positions[:, None])  # [n, 1, d]
         self.span = self.b if self.slots is None else int(self.slots[-1]) + 1
+        self.bias = self.mask = None
+        if runner.decode_kernel is not None:
+            # the kernel reads each row's kept columns from its slot; free slots are not visited
+            self.keep = inputs.mask[:, self.start :]
+            self.rows = inputs.slots if inputs.slots is not None else torch.arange(self.b)
+            return
         mask = inputs.mask[: self.span, self.start :]
         if self.slots is not None:
             mask = mask.clone()
@@ -350,7 +362,6 @@ class _DecodePart(_Part):
         self.mask = mask[:, None, None, :]  # [span, 1, 1, W+1-start]
         # On the CPU attention is written out (a few rows per KV head: two batched products beat the fused kernel's
         # per-block overhead), with the mask made additive once per step instead of once per layer.
-        self.bias = None
         if self.x.device.type == "cpu":
             self.bias = torch.zeros(self.mask.shape, dtype=self.x.dtype).masked_fill_(~self.mask, float("-inf"))
 
@@ -365,6 +376,9 @@ class _DecodePart(_Part):
         values[rows, :, self.col] = v.reshape(b, r.n_kv, d)
         # one query per head: fold the heads that share a KV head into the query axis, no KV repeat needed
         qg = q.reshape(b, r.n_kv, r.n_heads // r.n_kv, d)  # [n, kv, g, d]
+        if r.decode_kernel is not None:
+            out = r.decode_kernel(qg.contiguous(), keys, values, self.rows, self.keep, self.start, r.attn_scale)
+            return out.reshape(b, -1)
         if self.slots is not None:
             qg = qg.new_zeros(self.span, *qg.shape[1:]).index_copy_(0, self.slots, qg)
         cols = slice(self.start, self.col + 1)

@@ -100,12 +100,14 @@ def load_model(
     progress: bool = True,
     lean: bool = True,
     compile: bool = False,
+    native_attention: bool = True,
 ) -> LoadedModel:
     """Load a local causal LM or encoder classifier (None = the embedded default model) frozen, in eval mode.
 
     Nothing is served that transformers would compute differently: the config is checked, the forward path
-    chosen (`lean=False` forces the generic one) and proven against the model's own forward. `compile`: the lean
-    path's layers compiled (model/compiled.py) where they can be and the compiled path passes the same proof.
+    chosen (`lean=False` forces the generic one) and proven against the model's own forward. For the lean path,
+    `native_attention`: decode attention by the server's CPU kernel (model/native.py), and `compile`: the layers
+    compiled (model/compiled.py), each where it can be and passes the same proof.
     """
     if path is None:
         from prompt_server.model.default import DefaultModelError, ensure_default_model
@@ -142,6 +144,8 @@ def load_model(
     else:
         serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
         spec = ModelSpec.from_config(model.config)
+    if native_attention:
+        serving = _native_plan(model, tokenizer.pad_token_id, serving, cache_dir)
     if compile:
         serving = _compiled_plan(model, tokenizer.pad_token_id, serving)
     return LoadedModel(
@@ -195,12 +199,36 @@ def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
         started = time.monotonic()
         try:
             vocab = model.get_input_embeddings().weight.shape[0]
-            diff = check_runner(make_runner(model, path, compiled=True), model, vocab, pad_id, chosen.max_position)
+            runner = make_runner(model, path, compiled=True, native=chosen.native_attention)
+            diff = check_runner(runner, model, vocab, pad_id, chosen.max_position)
             log.info("compiled the forward's layers in %.0f s (self-check: %.1e)", time.monotonic() - started, diff)
             return replace(chosen, compiled=True)
         except Exception as exc:  # noqa: BLE001 -- a compiler failure must not keep the model from being served
             why = f"{type(exc).__name__}: {exc}"
     log.warning("serving the %s forward uncompiled: %s", path, why)
+    return chosen
+
+
+def _native_plan(model: Any, pad_id: int, chosen: ServingPlan, cache_dir: Path | None) -> ServingPlan:
+    """The plan with decode attention by the CPU kernel, once the kernel is built and the lean runner using it has
+    passed the self-check; otherwise torch's attention, with the reason logged."""
+    from prompt_server.config import default_cache_dir
+    from prompt_server.model import native
+    from prompt_server.model.forward import make_runner
+    from prompt_server.model.selfcheck import SelfCheckFailed, check_runner
+
+    if chosen.forward_path != "lean":
+        return chosen  # the other paths run their models' own attention
+    why = native.supported(model)
+    if why is None:
+        try:
+            native.decode_attention(cache_dir or default_cache_dir())
+            vocab = model.get_input_embeddings().weight.shape[0]
+            check_runner(make_runner(model, "lean", native=True), model, vocab, pad_id, chosen.max_position)
+            return replace(chosen, native_attention=True)
+        except (RuntimeError, SelfCheckFailed) as exc:
+            why = str(exc)
+    log.warning("decode attention runs on torch's kernels: %s", why)
     return chosen
 
 

@@ -1,0 +1,95 @@
+"""The server's own CPU kernel (kernels/decode_attention.cpp), built with torch's C++ extension loader at start.
+
+Decode attention is where a batch of long rows spends what the matrix multiplies do not: torch's path runs one tiny
+matrix product per (row, KV head) and reads the cache at about half of memory speed; the kernel reads each cached key
+and value once for the G query heads that share it and skips the columns a row's mask drops. On an AVX2 EPYC, 30
+layers x 32 rows x 170 columns of the default model: about 26 instead of 43 ms.
+
+The build takes about 20 s once per machine (g++ and ninja; the `ninja` package brings the latter) and is kept under
+the cache directory, keyed by the source, the compiler flags and torch's version. Without a compiler, or if the
+build fails, the loader logs why and the model is served with torch's attention; whichever it is, the start-up
+self-check proves the forward that uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "decode_attention.cpp"
+NAMESPACE = "prompt_server_native"
+
+_LOCK = threading.Lock()
+_LOADED: Callable[..., torch.Tensor] | None = None
+_FAILED: str | None = None
+
+
+def supported(model: Any) -> str | None:
+    """Why the kernel cannot serve this model's decode attention, or None."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return f"the attention kernel is for float32 on the CPU, not {weight.dtype} on {weight.device.type}"
+    attn = model.model.layers[0].self_attn
+    if attn.head_dim % 8:
+        return f"the attention kernel needs a head size that is a multiple of 8, not {attn.head_dim}"
+    return None
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own thread pool
+    # the vector code for the CPU torch dispatches to; other CPUs get the compiler's portable lowering
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def decode_attention(cache_dir: Path) -> Callable[..., torch.Tensor]:
+    """The built kernel (building it under cache_dir/kernels the first time); raises with the reason if it cannot be
+    built. One build serves the whole process."""
+    global _LOADED, _FAILED
+    with _LOCK:
+        if _LOADED is not None:
+            return _LOADED
+        if _FAILED is not None:
+            raise RuntimeError(_FAILED)
+        try:
+            _LOADED = _build(cache_dir)
+        except Exception as exc:
+            _FAILED = f"the attention kernel could not be built: {type(exc).__name__}: {str(exc)[-400:]}"
+            raise RuntimeError(_FAILED) from exc
+        return _LOADED
+
+
+def built() -> Callable[..., torch.Tensor]:
+    """The kernel decode_attention() built; what a runner calls once the loader has proven it."""
+    if _LOADED is None:
+        raise RuntimeError("the attention kernel has not been built (model/loader.py builds it)")
+    return _LOADED
+
+
+def _build(cache_dir: Path) -> Callable[..., torch.Tensor]:
+    from torch.utils import cpp_extension
+
+    flags = _flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    name = f"prompt_server_native_{key[:16]}"
+    build = Path(cache_dir) / "kernels" / name
+    build.mkdir(parents=True, exist_ok=True)
+    if shutil.which("ninja") is None:  # torch's loader runs `ninja` from PATH; the ninja package ships one
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+                       is_python_module=False, verbose=False)
+    log.info("attention kernel ready (%s)", build)
+    return getattr(torch.ops, NAMESPACE).decode_attention
