@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--virtual-tokens", type=_ints, default=None,
                         help="virtual tokens / prefix length per adapter (default 8; --http: a list, default 20,100)")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per mode (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per mode (default 2, the median is reported); --http: rounds of every "
+                             "series on one server, alternating their order (default 1, the rounds pooled)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
             asyncio.run(_engine_all(inline, prompts, ids, warm_tokens) if warm_tokens > 1
                         else _engine_all(inline, prompts[:4], ids[:4], 2))
         run_hf_batched(model, tok, prompts[:4], 2)
-        for r in range(args.rounds):
+        for r in range(args.rounds or 2):
             for mode in args.modes:
                 rate = once(mode)
                 rates[mode].append(rate)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
     print(f"\nmodel {loaded.model_id}, {args.requests} requests x {args.new_tokens} new tokens, "
           f"prompts of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
           f"{args.virtual_tokens} virtual tokens per adapter, {loaded.device} {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.rounds} rounds\n")
+          f"torch threads {torch.get_num_threads()}, median of {args.rounds or 2} rounds\n")
     print("| mode | what | tokens/s |")
     print("|---|---|---:|")
     for m in args.modes:
@@ -389,7 +391,7 @@ def _main_http(args) -> int:
     header = (f"model {loaded.model_id}, float32 on the CPU ({platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores), {args.new_tokens} new tokens per request"
               f"{' (EOS ignored)' if args.ignore_eos else ''}, greedy, streamed; every adapter request on a "
-              f"different adapter")
+              f"different adapter; {args.rounds or 1} round(s), pooled")
     report(points, args, header)
     return 0
 

@@ -3,7 +3,8 @@
 
     prompt-server bench --http [--endpoints completions,chat] [--concurrency 1,8,32,64] [--rates 1,2,4]
                         [--virtual-tokens 20,100] [--new-tokens 32] [--requests-per-client 2]
-                        [--out DIR] [--transformers-cmd ".venv-bench/bin/transformers"] [--skip-transformers]
+                        [--rounds 1] [--out DIR] [--transformers-cmd ".venv-bench/bin/transformers"]
+                        [--skip-transformers]
 
 Every request generates exactly --new-tokens tokens on both servers (EOS ignored, as `vllm bench serve` does;
 --no-ignore-eos lets EOS end a response, and then the series generate different amounts). Series, all on one model
@@ -18,7 +19,9 @@ Loads, per endpoint (streamed /v1/completions and streamed /v1/chat/completions)
   - closed loop: C clients, each sending its next request when its last one ends (C from --concurrency);
   - open loop: requests arriving as a Poisson process at R requests/s (R from --rates), as `vllm bench serve` does.
 
-The servers' caches stay warm from point to point, as in a running server: every adapter is used once before the
+With --rounds N, every series on a server runs N times, in reversed order every other round, and each point is
+pooled over the rounds (a machine whose speed drifts weighs on every series alike). The servers' caches stay warm
+from point to point, as in a running server: every adapter is used once before the
 first point, and prompts repeat across points (prefix caching sees their shared head). Reported per point: output
 tokens/s (generated tokens as each response's usage counts them, over the wall time from
 the first request sent to the last one finished), time to first token (the first content chunk) and inter-token
@@ -179,7 +182,8 @@ async def open_loop(point: Point, url: str, models: list[str], prompts: list[str
     return point
 
 
-def sweep(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict) -> list[Point]:
+def sweep(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict,
+          warm_up: bool = True) -> list[Point]:
     """Every endpoint x every load for one series on one running server, after a short warm-up. `extra`: the
     request fields that make this server ignore EOS (with --ignore-eos), so both servers generate the same
     number of tokens for every request."""
@@ -187,11 +191,13 @@ def sweep(url: str, series: str, models: list[str], prompts: list[str], args, ex
     points = []
     # warm-up: every model once (an adapter's soft-prompt keys/values are computed at its first use, once per
     # version, as in a server that has seen its adapters before), then a few requests on each endpoint
-    asyncio.run(closed_loop(Point(series, args.endpoints[0], "closed", 8, extra), url, models,
-                            _take(prompts, max(8, len(models))), 2))
+    if warm_up:
+        asyncio.run(closed_loop(Point(series, args.endpoints[0], "closed", 8, extra), url, models,
+                                _take(prompts, max(8, len(models))), 2))
     for endpoint in args.endpoints:
-        warm = Point(series, endpoint, "closed", min(8, len(prompts)), extra)
-        asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
+        if warm_up:
+            warm = Point(series, endpoint, "closed", min(8, len(prompts)), extra)
+            asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
         for c in args.concurrency:
             n = max(8, c * args.requests_per_client)
             point = asyncio.run(closed_loop(Point(series, endpoint, "closed", c, extra), url, models,
@@ -205,6 +211,35 @@ def sweep(url: str, series: str, models: list[str], prompts: list[str], args, ex
             points.append(point)
             _progress(point)
     return points
+
+
+def rounds(url: str, series: list[tuple[str, list[str]]], prompts: list[str], args, extra: dict) -> list[Point]:
+    """`args.rounds` sweeps of every (series, models) on one server, the order reversed every other round (A B, B A,
+    ...) so that a machine whose speed drifts during the run weighs on every series alike; each point pooled over
+    the rounds (tokens over wall time, every latency sample)."""
+    points: list[Point] = []
+    for r in range(args.rounds or 1):
+        for name, models in series if r % 2 == 0 else series[::-1]:
+            points += sweep(url, name, models, prompts, args, extra, warm_up=r == 0)
+    return pooled(points)
+
+
+def pooled(points: list[Point]) -> list[Point]:
+    """One point per (series, endpoint, loop, level), in first-seen order: counts and wall times summed, latency
+    samples joined."""
+    out: dict[tuple, Point] = {}
+    for p in points:
+        key = (p.series, p.endpoint, p.loop, p.level)
+        if key not in out:
+            out[key] = Point(p.series, p.endpoint, p.loop, p.level, p.extra)
+        q = out[key]
+        q.requests += p.requests
+        q.tokens += p.tokens
+        q.wall += p.wall
+        q.errors += p.errors
+        q.ttfts += p.ttfts
+        q.itls += p.itls
+    return list(out.values())
 
 
 def _take(prompts: list[str], n: int) -> list[str]:
@@ -237,9 +272,8 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[
         try:
             wait_healthy(url, proc, timeout=600)
             base = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            for v in args.virtual_tokens:
-                points += sweep(url, ours_adapters(v), ids[v], prompts, args, OURS_IGNORE_EOS)
-            points += sweep(url, OURS_BASE, [base], prompts, args, OURS_IGNORE_EOS)
+            series = [(ours_adapters(v), ids[v]) for v in args.virtual_tokens] + [(OURS_BASE, [base])]
+            points += rounds(url, series, prompts, args, OURS_IGNORE_EOS)
         finally:
             stop(proc)
         if args.skip_transformers:
@@ -253,7 +287,7 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, proc, timeout=600)
-            points += sweep(url, TRANSFORMERS, [str(model_dir)], prompts, args, TRANSFORMERS_IGNORE_EOS)
+            points += rounds(url, [(TRANSFORMERS, [str(model_dir)])], prompts, args, TRANSFORMERS_IGNORE_EOS)
         finally:
             stop(proc)
     return points

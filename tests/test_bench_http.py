@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prompt_server.model.loader import load_model
+from prompt_server_bench import bench_http
 from prompt_server_bench.bench import write_adapters
 from prompt_server_bench.bench_http import (
     OURS_BASE,
@@ -40,12 +41,32 @@ def test_a_failed_request_is_counted_and_the_run_goes_on():
     assert (point.errors, point.requests, point.tokens) == (3, 0, 0)
 
 
+def test_rounds_alternate_the_series_order_and_pool_each_point(monkeypatch):
+    """A B, B A, A B: a drifting machine weighs on both series alike; each point sums its rounds' counts and wall
+    times and joins their latency samples. Only the first round warms up."""
+    calls = []
+
+    def sweep(url, series, models, prompts, args, extra, warm_up=True):
+        calls.append((series, warm_up))
+        n = len(calls)
+        return [Point(series, "completions", "closed", 4, requests=2, tokens=10 * n, wall=float(n), ttfts=[n],
+                      itls=[n / 10])]
+
+    monkeypatch.setattr(bench_http, "sweep", sweep)
+    points = bench_http.rounds("http://x", [("A", ["a"]), ("B", ["b"])], [], argparse.Namespace(rounds=3), {})
+    assert calls == [("A", True), ("B", True), ("B", False), ("A", False), ("A", False), ("B", False)]
+    a, b = points
+    assert (a.series, a.requests, a.tokens, a.wall, a.ttfts) == ("A", 6, 10 + 40 + 50, 1 + 4 + 5, [1, 4, 5])
+    assert (b.series, b.requests, b.tokens, b.wall, b.ttfts) == ("B", 6, 20 + 30 + 60, 2 + 3 + 6, [2, 3, 6])
+    assert a.rate == 100 / 10 and b.itls == [0.2, 0.3, 0.6]
+
+
 @pytest.mark.skipif(not TRANSFORMERS_CMD.exists(), reason="the transformers command is not installed")
 def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_dir, tmp_path):
     loaded = load_model(tiny_llama_dir, device="cpu", dtype="float32")
     args = argparse.Namespace(endpoints=["completions", "chat"], concurrency=[1, 4], rates=[8.0], new_tokens=6,
                               requests_per_client=2, open_seconds=1.0, virtual_tokens=[4], skip_transformers=False,
-                              ignore_eos=True,
+                              ignore_eos=True, rounds=1,
                               transformers_cmd=str(TRANSFORMERS_CMD), out=str(tmp_path / "out"))
 
     def adapters_into(store: Path, n_virtual: int) -> list[str]:
