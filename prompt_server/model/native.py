@@ -93,3 +93,10 @@ def _build(cache_dir: Path) -> Callable[..., torch.Tensor]:
                        is_python_module=False, verbose=False)
     log.info("attention kernel ready (%s)", build)
     return getattr(torch.ops, NAMESPACE).decode_attention
+
+
+if __name__ == "__main__":  # `python -m prompt_server.model.native`: build the kernel into the settings' cache dir
+    from prompt_server.config import Settings
+
+    logging.basicConfig(level=logging.INFO)
+    decode_attention(Settings().cache_dir)
