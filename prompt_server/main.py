@@ -24,8 +24,11 @@ def build_service(settings: Settings) -> Service:
     from prompt_server.adapters.types import FAMILY_TASKS
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model, set_threads
+    from prompt_server.model.memory import keep_freed_memory
 
     set_threads(settings.threads)
+    if keep_freed_memory():  # model/memory.py: large tensors reuse freed memory instead of fresh pages
+        log.debug("the C library's allocator keeps freed memory for reuse")
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
                         compile=settings.compile, native_attention=settings.native_attention)
     registry = AdapterRegistry(

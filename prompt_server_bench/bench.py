@@ -237,9 +237,11 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
+    from prompt_server.model.memory import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the server does (model/memory.py)
     torch.set_grad_enabled(False)
     model_dir = random_t5_small(Path(tempfile.mkdtemp())) if args.model == RANDOM_T5 else args.model
     settings = Settings()  # PROMPT_SERVER_COMPILE and PROMPT_SERVER_NATIVE_ATTENTION apply as in the server
@@ -339,9 +341,11 @@ def _main_ttft(args) -> int:
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
+    from prompt_server.model.memory import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the server does (model/memory.py)
     # PROMPT_SERVER_COMPILE=1 measures the compiled layers, PROMPT_SERVER_NATIVE_ATTENTION=0 torch's decode attention,
     # as the server would serve them
     settings = Settings()

@@ -105,8 +105,10 @@ def main_soak(args) -> int:
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
+    from prompt_server.model.memory import keep_freed_memory
     from prompt_server_bench.bench import write_adapters
 
+    keep_freed_memory()  # as the server does (model/memory.py): resident memory is measured as it would be served
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -41,13 +41,13 @@ class PrefillInputs:
     ids: torch.Tensor  # [n, S] token ids, pad where virtual tokens or padding sit
     virtual_mask: torch.Tensor | None  # [n, S] bool, True where a virtual token replaces the embedding
     virtual: torch.Tensor | None  # [sum V, hidden], in row order
-    past: torch.Tensor | None  # [L, 2, n, kv_heads, Pmax, head_dim] or None when no row has a prefix
+    past: list[torch.Tensor] | None  # per layer [2, n, kv_heads, Pmax, head_dim]; None when no row has a prefix
     mask: torch.Tensor  # [n, Pmax + S] bool
     positions: torch.Tensor  # [n, S] long
 
     @property
     def prefix_width(self) -> int:
-        return 0 if self.past is None else self.past.shape[4]
+        return 0 if self.past is None else self.past[0].shape[3]
 
 
 def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
@@ -72,10 +72,17 @@ def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> 
     if pmax:
         ref = next(r.prefix for r in rows if r.prefix is not None)
         L, _, kvh, _, d = ref.shape
-        past = torch.zeros(L, 2, n, kvh, pmax, d, dtype=ref.dtype, device=ref.device)
+        # one tensor per layer, each row's prefix right-aligned; only the columns left of a shorter prefix are zeroed
+        # (the mask drops them, but attention must not meet NaN there). Per layer, so that no allocation is large
+        # enough for the C library to map fresh pages for it on every prefill (model/memory.py).
+        past = [torch.empty(2, n, kvh, pmax, d, dtype=ref.dtype, device=ref.device) for _ in range(L)]
         for i, r in enumerate(rows):
-            if r.prefix is not None:
-                past[:, :, i, :, pmax - r.prefix_len :] = r.prefix
+            p = r.prefix_len
+            for layer, layer_past in enumerate(past):
+                if p < pmax:
+                    layer_past[:, i, :, : pmax - p] = 0
+                if r.prefix is not None:
+                    layer_past[:, i, :, pmax - p :] = r.prefix[layer]
     virtual = None
     if virtual_mask is not None:
         virtual = torch.cat([r.virtual for r in rows if r.virtual is not None])

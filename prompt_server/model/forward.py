@@ -425,11 +425,15 @@ class _PrefillPart(_Part):
         q = q.contiguous().view(n, s, r.n_heads, d).transpose(1, 2)  # [n, H, S, d]
         k = k.contiguous().view(n, s, r.n_kv, d).transpose(1, 2)  # [n, kv, S, d]
         q, k = r.apply_rotary(q, k, self.cos, self.sin)
-        kc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
-        vc = k.new_zeros(n, r.n_kv, self.width + self.spare, d)
+        # columns up to the width are all written below; only the spare ones are zeroed (a slot freed later keeps
+        # them, and torch's attention must meet no NaN in the columns it masks)
+        kc = k.new_empty(n, r.n_kv, self.width + self.spare, d)
+        vc = k.new_empty(n, r.n_kv, self.width + self.spare, d)
+        kc[:, :, self.width :] = 0
+        vc[:, :, self.width :] = 0
         if self.inputs.past is not None:
-            kc[:, :, :pw] = self.inputs.past[layer, 0]
-            vc[:, :, :pw] = self.inputs.past[layer, 1]
+            kc[:, :, :pw] = self.inputs.past[layer][0]
+            vc[:, :, :pw] = self.inputs.past[layer][1]
         kc[:, :, pw : self.width] = k
         vc[:, :, pw : self.width] = v.reshape(n, s, r.n_kv, d).transpose(1, 2)
         self.keys.append(kc)

@@ -29,14 +29,15 @@ def test_prefill_layout_right_aligns_every_kind():
     assert inp.positions[0, 1:].tolist() == [2, 3]
     assert inp.positions[1].tolist() == [0, 1, 2]
     assert inp.positions[2].tolist() == [0, 1, 2]
-    assert inp.past.shape == (L, 2, 3, KVH, 2, D)
-    assert inp.past[:, :, 0].eq(1.0).all() and inp.past[:, :, 1:].eq(0).all()
+    past = torch.stack(inp.past)  # per layer -> [L, 2, n, kv_heads, Pmax, head_dim]
+    assert past.shape == (L, 2, 3, KVH, 2, D)
+    assert past[:, :, 0].eq(1.0).all() and past[:, :, 1:].eq(0).all()
 
 
 def test_prefix_shorter_than_the_widest_sits_right_aligned():
     rows = [PrefillRow(ids=[1], prefix=prefix(1, 2.0)), PrefillRow(ids=[1], prefix=prefix(3, 3.0))]
     inp = build_prefill(rows, pad_id=0, device=torch.device("cpu"))
-    assert inp.past[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 2.0]
+    assert inp.past[0][0, 0, 0, :, 0].tolist() == [0.0, 0.0, 2.0]
     assert inp.mask.int().tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
     assert inp.positions.tolist() == [[1], [3]]
 
