@@ -236,17 +236,10 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
     from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
-    from prompt_server.model.loader import load_model
-    from prompt_server.model.memory import keep_freed_memory
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the server does (model/memory.py)
     torch.set_grad_enabled(False)
     model_dir = random_t5_small(Path(tempfile.mkdtemp())) if args.model == RANDOM_T5 else args.model
-    settings = Settings()  # PROMPT_SERVER_COMPILE and PROMPT_SERVER_NATIVE_ATTENTION apply as in the server
-    loaded = load_model(model_dir, device=args.device, dtype=args.dtype, compile=settings.compile,
-                        native_attention=settings.native_attention)
+    loaded = _load_as_served(args, model_dir)
     model, tok = loaded.model, loaded.tokenizer
     prompts = make_prompts(args.requests)
     rates: dict[str, list[float]] = {m: [] for m in args.modes}
@@ -335,22 +328,29 @@ async def _first_token_time(engine, prompt: str) -> float:
     return (await engine.submit(req).result()).first_token_time
 
 
-def _main_ttft(args) -> int:
-    """Time to first token at concurrency 1 for chat requests that share the template's default system prompt."""
-    from prompt_server.adapters.registry import AdapterRegistry
+def _load_as_served(args, model_dir):
+    """The model loaded as the server would serve it: --threads, the allocator setting (model/memory.py), and the
+    forward settings from the environment (PROMPT_SERVER_COMPILE=1 measures the compiled layers,
+    PROMPT_SERVER_NATIVE_ATTENTION=0 torch's decode attention)."""
     from prompt_server.config import Settings
-    from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
     from prompt_server.model.memory import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the server does (model/memory.py)
-    # PROMPT_SERVER_COMPILE=1 measures the compiled layers, PROMPT_SERVER_NATIVE_ATTENTION=0 torch's decode attention,
-    # as the server would serve them
+    keep_freed_memory()
     settings = Settings()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, compile=settings.compile,
-                        native_attention=settings.native_attention)
+    return load_model(model_dir, device=args.device, dtype=args.dtype, compile=settings.compile,
+                      native_attention=settings.native_attention)
+
+
+def _main_ttft(args) -> int:
+    """Time to first token at concurrency 1 for chat requests that share the template's default system prompt."""
+    from prompt_server.adapters.registry import AdapterRegistry
+    from prompt_server.config import Settings
+    from prompt_server.engine.engine import Engine
+
+    loaded = _load_as_served(args, args.model)
     tok = loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}],
                                        tokenize=False, add_generation_prompt=True) for i in range(args.ttft)]
