@@ -30,9 +30,10 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="Compile the lean forward's layers with torch.compile (CPU, float32): steps of a few rows "
                            "about twice as fast; minutes of compilation at start, a second copy of the layer weights")
-    native_attention: bool = Field(
-        True, description="Decode attention by the server's C++ kernel (lean path, CPU, float32), built once per machine "
-                          "at start (about 20 s; needs a C++ compiler, else torch's attention serves)")
+    native_kernels: bool = Field(
+        True, description="The server's C++ kernels on the lean path (CPU, float32): decode attention and the projections "
+                          "of steps with few tokens; built once per machine at start (about 20 s; needs a C++ compiler, "
+                          "else torch's kernels serve)")
 
     # adapters
     adapters: Path | None = Field(None, description="Adapter store directory: loaded at start, uploads persist here")

@@ -30,7 +30,7 @@ def build_service(settings: Settings) -> Service:
     if keep_freed_memory():  # model/memory.py: large tensors reuse freed memory instead of fresh pages
         log.debug("the C library's allocator keeps freed memory for reuse")
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
-                        compile=settings.compile, native_attention=settings.native_attention)
+                        compile=settings.compile, native_kernels=settings.native_kernels)
     registry = AdapterRegistry(
         loaded.spec,
         device=loaded.device,
@@ -56,7 +56,7 @@ def build_service(settings: Settings) -> Service:
         forward_path=plan.forward_path,
         forward_path_reason=plan.reason,
         forward_compiled=plan.compiled,
-        forward_native_attention=plan.native_attention,
+        forward_native_kernels=plan.native_kernels,
         max_position=plan.max_position,
         serving_notes=plan.notes,
         family=loaded.spec.family,
@@ -64,7 +64,7 @@ def build_service(settings: Settings) -> Service:
     )
     log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s%s", info.model_id, info.architecture,
              info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "",
-             ", compiled" if plan.compiled else "", ", native decode attention" if plan.native_attention else "")
+             ", compiled" if plan.compiled else "", ", native kernels" if plan.native_kernels else "")
     for note in plan.notes:
         log.info("exactness: %s", note)
     return Service(engine, registry, settings, info, skipped)

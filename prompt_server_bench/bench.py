@@ -331,7 +331,7 @@ async def _first_token_time(engine, prompt: str) -> float:
 def _load_as_served(args, model_dir):
     """The model loaded as the server would serve it: --threads, the allocator setting (model/memory.py), and the
     forward settings from the environment (PROMPT_SERVER_COMPILE=1 measures the compiled layers,
-    PROMPT_SERVER_NATIVE_ATTENTION=0 torch's decode attention)."""
+    PROMPT_SERVER_NATIVE_KERNELS=0 torch's decode attention)."""
     from prompt_server.config import Settings
     from prompt_server.model.loader import load_model
     from prompt_server.model.memory import keep_freed_memory
@@ -341,7 +341,7 @@ def _load_as_served(args, model_dir):
     keep_freed_memory()
     settings = Settings()
     return load_model(model_dir, device=args.device, dtype=args.dtype, compile=settings.compile,
-                      native_attention=settings.native_attention)
+                      native_kernels=settings.native_kernels)
 
 
 def _main_ttft(args) -> int:

@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    kernel = native.decode_attention(default_cache_dir())
+    kernel = native.load(default_cache_dir()).decode_attention
     gen = torch.Generator().manual_seed(0)
     print(f"{LAYERS} layers x {args.rows} rows, {KV_HEADS} KV heads x {GROUP} queries x {HEAD}, float32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")

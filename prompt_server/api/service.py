@@ -46,7 +46,7 @@ class ModelInfo:
     family: str = "causal"  # causal | encoder | seq2seq
     tasks: tuple[str, ...] = ("CAUSAL_LM", "SEQ_CLS")  # the PEFT task types its adapters may have
     forward_compiled: bool = False  # the lean path's layers compiled (settings.compile, model/compiled.py)
-    forward_native_attention: bool = False  # decode attention by the CPU kernel (model/native.py)
+    forward_native_kernels: bool = False  # decode attention and few-row projections by the CPU kernels (model/native.py)
 
 
 class ClientGone(Exception):
@@ -229,7 +229,7 @@ class Service:
             architecture=i.architecture, model_type=i.model_type, transformers_version=i.transformers_version,
             family=i.family, tasks=list(i.tasks), forward_path=i.forward_path, forward_path_reason=i.forward_path_reason,
             forward_compiled=i.forward_compiled,
-            forward_native_attention=i.forward_native_attention,
+            forward_native_kernels=i.forward_native_kernels,
             max_position=i.max_position, serving_notes=list(i.serving_notes), version=__version__,
             adapters_loaded=await self.adapter_count(),
             adapters_skipped=[SkippedAdapter(id=a, error=e) for a, e in self.skipped],

@@ -64,7 +64,7 @@ class Engine:
         self.device = loaded.device
         # compiled only as the plan was proven (model/loader.py), and never the generic path that `fast=False` asks for
         self.runner = make_runner(loaded.model, loaded.plan.forward_path if fast else "generic",
-                                  compiled=fast and loaded.plan.compiled, native=fast and loaded.plan.native_attention)
+                                  compiled=fast and loaded.plan.compiled, native=fast and loaded.plan.native_kernels)
         self.max_position = loaded.plan.max_position
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)

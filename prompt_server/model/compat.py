@@ -45,7 +45,7 @@ class ServingPlan:
     max_position: int  # positions a sequence may use (prompt + soft prompt + generated)
     notes: tuple[str, ...] = ()  # limits imposed to stay exact, logged at start-up and shown in /info
     compiled: bool = False  # the lean path's layers compiled (model/compiled.py), proven like the path itself
-    native_attention: bool = False  # the lean path's decode attention by the CPU kernel (model/native.py), proven too
+    native_kernels: bool = False  # the lean path's CPU kernels (model/native.py), proven too
 
 
 def installed_transformers() -> tuple[int, int]:

@@ -53,10 +53,15 @@ class Runner(ABC, Generic[InputsT]):
         self.logit_scale = getattr(cfg, "logit_scale", None) if cfg.model_type.startswith("cohere") else None
         self.divide = getattr(cfg, "logits_scaling", None) if cfg.model_type.startswith("granite") else None
         self.packed_head = _packed_linear(self.lm_head)
+        self.head_kernel: Callable[..., torch.Tensor] | None = None  # model/native.py's projection, when proven
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] float32."""
-        if self.packed_head is not None:
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.head_kernel is not None and rows <= HEAD_ROWS and _kernel_fits(self.lm_head):
+            flat = hidden.reshape(rows, -1).contiguous()
+            logits = self.head_kernel(flat, self.lm_head.weight, self.lm_head.bias).view(*hidden.shape[:-1], -1)
+        elif self.packed_head is not None:
             logits = self.packed_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
         else:
             logits = self.lm_head(hidden)
@@ -128,6 +133,36 @@ def _linear_weight_first(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
     if linear.bias is not None:
         y += linear.bias[:, None]
     return y.t()
+
+
+# Rows up to which a step's projections run on the CPU kernel (model/native.py, kernels/linear.cpp) rather than MKL:
+# there each weight streams from memory once for all rows (the default model's 30 layers on an AVX2 EPYC, median of
+# 9, scripts/linear_ab.py: 1-8 rows 37-43 instead of 50-82 ms, 16 rows 60 instead of 84, 32-40 rows 6-15% faster);
+# at 48 rows the two are level.
+FEW_ROWS = 40
+# Rows up to which the vocabulary projection runs on the kernel rather than oneDNN's prepacked copy (the default
+# model's 576 x 49152: 8-27 instead of 10-32 ms at 1-32 rows, 34 instead of 42 at 48; level at 64).
+HEAD_ROWS = 48
+
+
+def _kernel_fits(linear: torch.nn.Module) -> bool:
+    return isinstance(linear, torch.nn.Linear) and linear.in_features % 8 == 0 and linear.weight.is_contiguous()
+
+
+def _kernel_linear(kernel: Callable[..., torch.Tensor]) -> Linear:
+    """A step's projections: by the kernel up to FEW_ROWS rows, by MKL (weight first) beyond."""
+    def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= FEW_ROWS and _kernel_fits(module):
+            return kernel(x.contiguous(), module.weight, module.bias)
+        return _linear_weight_first(module, x)
+
+    return linear
+
+
+def _kernel_rows(n: int) -> int:
+    """Rows a step's products run with the kernel: as many as there are up to FEW_ROWS (the kernel has no slow
+    counts), then as _cpu_rows."""
+    return n if n <= FEW_ROWS else _cpu_rows(n)
 
 
 def _cpu_rows(n: int) -> int:
@@ -234,13 +269,17 @@ class LlamaRunner(CausalRunner):
         self.attn_scale = attn.scaling
         self.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         cpu = model.device.type == "cpu"
-        self.linear = _linear_weight_first if cpu else _linear
+        self.linear: Linear = _linear_weight_first if cpu else _linear
         self.pad_rows = _cpu_rows if cpu else int
         self.decode_kernel = None
-        if native:  # model/native.py: decode attention over the cache by the server's own CPU kernel
+        if native:  # model/native.py: decode attention and few-row projections by the server's own CPU kernels
             from prompt_server.model.native import built
 
-            self.decode_kernel = built()
+            kernels = built()
+            self.decode_kernel = kernels.decode_attention
+            self.linear = _kernel_linear(kernels.linear)
+            self.pad_rows = _kernel_rows
+            self.head_kernel = kernels.linear
         self.compiled = None
         if compiled:  # model/compiled.py: the layers as one torch.compile graph, attention called back
             from prompt_server.model.compiled import MIN_ROWS, compiled_layers

@@ -100,13 +100,14 @@ def load_model(
     progress: bool = True,
     lean: bool = True,
     compile: bool = False,
-    native_attention: bool = True,
+    native_kernels: bool = True,
 ) -> LoadedModel:
     """Load a local causal LM or encoder classifier (None = the embedded default model) frozen, in eval mode.
 
     Nothing is served that transformers would compute differently: the config is checked, the forward path
     chosen (`lean=False` forces the generic one) and proven against the model's own forward. For the lean path,
-    `native_attention`: decode attention by the server's CPU kernel (model/native.py), and `compile`: the layers
+    `native_kernels`: decode attention and few-row projections by the server's CPU kernels (model/native.py), and
+    `compile`: the layers
     compiled (model/compiled.py), each where it can be and passes the same proof.
     """
     if path is None:
@@ -144,7 +145,7 @@ def load_model(
     else:
         serving = _verified_plan(path, model, tokenizer.pad_token_id, lean)
         spec = ModelSpec.from_config(model.config)
-    if native_attention:
+    if native_kernels:
         serving = _native_plan(model, tokenizer.pad_token_id, serving, cache_dir)
     if compile:
         serving = _compiled_plan(model, tokenizer.pad_token_id, serving)
@@ -199,7 +200,7 @@ def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
         started = time.monotonic()
         try:
             vocab = model.get_input_embeddings().weight.shape[0]
-            runner = make_runner(model, path, compiled=True, native=chosen.native_attention)
+            runner = make_runner(model, path, compiled=True, native=chosen.native_kernels)
             diff = check_runner(runner, model, vocab, pad_id, chosen.max_position)
             log.info("compiled the forward's layers in %.0f s (self-check: %.1e)", time.monotonic() - started, diff)
             return replace(chosen, compiled=True)
@@ -210,8 +211,8 @@ def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
 
 
 def _native_plan(model: Any, pad_id: int, chosen: ServingPlan, cache_dir: Path | None) -> ServingPlan:
-    """The plan with decode attention by the CPU kernel, once the kernel is built and the lean runner using it has
-    passed the self-check; otherwise torch's attention, with the reason logged."""
+    """The plan with the CPU kernels (decode attention, few-row projections), once they are built and the lean runner
+    using them has passed the self-check; otherwise torch's kernels, with the reason logged."""
     from prompt_server.config import default_cache_dir
     from prompt_server.model import native
     from prompt_server.model.forward import make_runner
@@ -222,13 +223,13 @@ def _native_plan(model: Any, pad_id: int, chosen: ServingPlan, cache_dir: Path |
     why = native.supported(model)
     if why is None:
         try:
-            native.decode_attention(cache_dir or default_cache_dir())
+            native.load(cache_dir or default_cache_dir())
             vocab = model.get_input_embeddings().weight.shape[0]
             check_runner(make_runner(model, "lean", native=True), model, vocab, pad_id, chosen.max_position)
-            return replace(chosen, native_attention=True)
+            return replace(chosen, native_kernels=True)
         except (RuntimeError, SelfCheckFailed) as exc:
             why = str(exc)
-    log.warning("decode attention runs on torch's kernels: %s", why)
+    log.warning("the lean forward runs on torch's kernels only: %s", why)
     return chosen
 
 

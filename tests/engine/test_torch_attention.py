@@ -16,7 +16,7 @@ def test_torch_attention_rows_match_peft(llama_world):
     log-probabilities for every kind, mixed in one batch, joining a running batch and beside a chunked prefill."""
     loaded = llama_world.loaded
     world: World = dataclasses.replace(
-        llama_world, loaded=dataclasses.replace(loaded, plan=dataclasses.replace(loaded.plan, native_attention=False)))
+        llama_world, loaded=dataclasses.replace(loaded, plan=dataclasses.replace(loaded.plan, native_kernels=False)))
     long = "Once upon a time there was a little cat who lived in a small house by the river, and it was glad."
     cases = [(a, "the cat sat on the mat") for a in (None, *VARIANTS)]
 

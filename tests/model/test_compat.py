@@ -169,6 +169,6 @@ def test_serve_refuses_a_misread_model_in_one_line(v5_dir, tmp_path):
 def test_plan_for_the_lean_families_keeps_the_whole_context(v5_dir):
     loaded = load_model(v5_dir, device="cpu", progress=False)
     # the loader adds the CPU attention kernel to the plan (model/native.py)
-    assert dataclasses.replace(plan(loaded.model), native_attention=True) == loaded.plan
+    assert dataclasses.replace(plan(loaded.model), native_kernels=True) == loaded.plan
     assert (loaded.plan.forward_path, loaded.plan.max_position, loaded.plan.notes) == ("lean", 512, ())
     assert plan(loaded.model, lean=False).forward_path == "generic"

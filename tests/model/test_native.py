@@ -1,8 +1,12 @@
-"""The decode attention kernel (model/native.py): the same outputs as softmax attention written out in float64, for
-the head shapes it specialises and any other, over kept and dropped columns, a subset of slots and an offset start;
-bad arguments are refused with the reason; the loader uses it only where it is built and proven, else says why.
-The engine's PEFT parity tests run through it (the lean path on the CPU in float32); the torch attention it replaces
-keeps its own, tests/engine/test_torch_attention.py."""
+"""The CPU kernels (model/native.py).
+
+Decode attention: the same outputs as softmax attention written out in float64, for the head shapes it specialises
+and any other, over kept and dropped columns, a subset of slots and an offset start. The few-row projection: the
+same as a float64 product for every tail of its 4-row and 3-column blocks, with and without bias. Both refuse bad
+arguments with the reason; the lean runner uses the projection up to FEW_ROWS rows (and the vocabulary projection up
+to HEAD_ROWS) and gives the hidden states and logits of torch's path; the loader uses the kernels only where they are
+built and proven, else says why. The engine's PEFT parity tests run through them (the lean path on the CPU in
+float32); torch's attention keeps its own, tests/engine/test_torch_attention.py."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import pytest
 import torch
 
 from prompt_server.config import default_cache_dir
-from prompt_server.model import native
+from prompt_server.model import forward, native
+from prompt_server.model.batch import PrefillRow, build_prefill
+from prompt_server.model.forward import DecodeInputs
 from prompt_server.model.loader import load_model
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -23,7 +29,12 @@ if shutil.which("c++") is None and shutil.which("g++") is None:
 
 @pytest.fixture(scope="module")
 def kernel():
-    return native.decode_attention(default_cache_dir())
+    return native.load(default_cache_dir()).decode_attention
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return native.load(default_cache_dir()).linear
 
 
 def reference(q, keys, values, rows, keep, start, scale):
@@ -110,26 +121,101 @@ def test_kernel_refuses_bad_arguments_with_the_reason(kernel, case, message):
 
 def test_loader_serves_the_kernel_where_it_is_built_and_proven(tiny_llama_dir, tiny_gpt2_dir):
     loaded = load_model(tiny_llama_dir, device="cpu", progress=False)
-    assert loaded.plan.forward_path == "lean" and loaded.plan.native_attention
-    assert not load_model(tiny_llama_dir, device="cpu", progress=False, native_attention=False).plan.native_attention
+    assert loaded.plan.forward_path == "lean" and loaded.plan.native_kernels
+    assert not load_model(tiny_llama_dir, device="cpu", progress=False, native_kernels=False).plan.native_kernels
     generic = load_model(tiny_gpt2_dir, device="cpu", progress=False)  # runs the model's own attention
-    assert generic.plan.forward_path == "generic" and not generic.plan.native_attention
+    assert generic.plan.forward_path == "generic" and not generic.plan.native_kernels
 
 
-def test_a_kernel_that_cannot_be_built_leaves_torch_attention_and_says_why(tiny_llama_dir, monkeypatch, caplog):
+def test_kernels_that_cannot_be_built_leave_torch_kernels_and_say_why(tiny_llama_dir, monkeypatch, caplog):
     def fail(cache_dir):
-        raise RuntimeError("the attention kernel could not be built: no compiler")
+        raise RuntimeError("the kernels could not be built: no compiler")
 
-    monkeypatch.setattr(native, "decode_attention", fail)
+    monkeypatch.setattr(native, "load", fail)
     with caplog.at_level(logging.WARNING, logger="prompt_server.model.loader"):
         loaded = load_model(tiny_llama_dir, device="cpu", progress=False)
-    assert loaded.plan.forward_path == "lean" and not loaded.plan.native_attention
-    assert "decode attention runs on torch's kernels: the attention kernel could not be built: no compiler" in caplog.text
+    assert loaded.plan.forward_path == "lean" and not loaded.plan.native_kernels
+    assert "the lean forward runs on torch's kernels only: the kernels could not be built: no compiler" in caplog.text
 
 
 def test_other_dtypes_are_not_served_by_the_kernel(tiny_llama_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="prompt_server.model.loader"):
         loaded = load_model(tiny_llama_dir, device="cpu", dtype="bfloat16", progress=False)
-    assert loaded.plan.forward_path == "lean" and not loaded.plan.native_attention
+    assert loaded.plan.forward_path == "lean" and not loaded.plan.native_kernels
     assert "float32 on the CPU, not torch.bfloat16" in caplog.text
 
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [8, 24, 576])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 192])
+def test_linear_matches_a_float64_product(linear, bias, k, n):
+    """Every row count up to past two 4-row blocks and beyond FEW_ROWS, every column tail of the 3-column tiles."""
+    gen = torch.Generator().manual_seed(k * 1000 + n)
+    w = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    b = torch.randn(n, generator=gen) if bias else None
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 24, 33]:
+        x = torch.randn(m, k, generator=gen)
+        y = linear(x, w, b)
+        want = x.double() @ w.double().t() + (0 if b is None else b.double())
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("half", "must be float32"),
+    ("inner", "multiple of 8"),
+    ("mismatch", "x has 16 columns but w has 24"),
+    ("strided", "must be contiguous"),
+    ("bias", "bias must be a contiguous float32"),
+    ("shape", "x must be"),
+])
+def test_linear_refuses_bad_arguments_with_the_reason(linear, case, message):
+    x, w, b = torch.randn(3, 16), torch.randn(5, 16), None
+    if case == "half":
+        x = x.half()
+    elif case == "inner":
+        x, w = torch.randn(3, 12), torch.randn(5, 12)
+    elif case == "mismatch":
+        w = torch.randn(5, 24)
+    elif case == "strided":
+        x = torch.randn(16, 3).t()
+    elif case == "bias":
+        b = torch.randn(4)
+    elif case == "shape":
+        x = torch.randn(3, 16, 1)
+    with pytest.raises(RuntimeError, match=message):
+        linear(x, w, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_the_runner_with_kernels_gives_torch_paths_hidden_states_and_logits(arch, tmp_path):
+    """Prefills of few and of more than FEW_ROWS tokens, then a decode step: the same hidden states, cache and
+    logits as the runner without kernels."""
+    from tests.tiny import save_tiny_arch
+
+    native.load(default_cache_dir())
+    loaded = load_model(save_tiny_arch(arch, tmp_path / arch), device="cpu", progress=False)
+    with_kernels = forward.make_runner(loaded.model, "lean", native=True)
+    plain = forward.make_runner(loaded.model, "lean")
+    assert with_kernels.head_kernel is not None and plain.head_kernel is None
+    for lengths in ([3], [5, 2], [forward.FEW_ROWS + 3, 9]):  # 3, 10 and 2 x 43 tokens
+        rows = [PrefillRow(ids=[(7 * i + j) % 90 + 3 for j in range(n)]) for i, n in enumerate(lengths)]
+        inputs = build_prefill(rows, 0, torch.device("cpu"))
+        outs = []
+        for runner in (with_kernels, plain):
+            with torch.inference_mode():
+                hidden, kv = runner.prefill(inputs, 2)
+                b = len(rows)
+                step = DecodeInputs(ids=torch.tensor([4] * b), kv=kv, mask=torch.cat(
+                    [inputs.mask, torch.ones(b, 1, dtype=torch.bool)], 1), positions=inputs.positions[:, -1] + 1)
+                decoded = runner.decode(step)
+                outs.append((hidden, runner.logits(hidden[:, -1]), kv, decoded, runner.logits(decoded)))
+        (h1, l1, kv1, d1, dl1), (h2, l2, kv2, d2, dl2) = outs
+        for a, b_ in [(h1, h2), (l1, l2), (d1, d2), (dl1, dl2), *zip(kv1.keys + kv1.values, kv2.keys + kv2.values)]:
+            torch.testing.assert_close(a, b_, rtol=0, atol=2e-5)
+
+
+def test_the_kernel_decides_by_row_count():
+    assert [forward._kernel_rows(n) for n in (1, 3, 5, forward.FEW_ROWS, forward.FEW_ROWS + 1)] == [
+        1, 3, 5, forward.FEW_ROWS, forward._cpu_rows(forward.FEW_ROWS + 1)]

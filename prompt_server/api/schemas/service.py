@@ -48,7 +48,7 @@ class Info(BaseModel):
     forward_path: Literal["lean", "generic", "encoder", "seq2seq"]
     forward_path_reason: str
     forward_compiled: bool
-    forward_native_attention: bool
+    forward_native_kernels: bool
     max_position: int
     serving_notes: list[str]
     version: str
