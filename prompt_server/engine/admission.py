@@ -66,19 +66,18 @@ class Layout:
         soft = iter(self.soft([s.adapter for s in seqs if s.partial is None]))
         prefix: torch.Tensor | None
         for s in seqs:
+            head = None
             if s.partial is not None:  # a later chunk: everything before it is keys/values already
                 virtual, prefix, start = None, s.partial, s.prefilled
             else:
                 virtual, prefix = next(soft)
                 start = 0
-                # a cached head stands in front of the prompt as keys/values (not when every prompt token's
-                # logprob is asked for, nor behind virtual tokens run inline)
+                # a cached head stands in front of the prompt as keys/values, after the soft prompt (not when every
+                # prompt token's logprob is asked for, nor behind virtual tokens run inline)
                 if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
                     start, head = self.prefix_cache.lookup(adapter_key(s.adapter), s.prompt_ids)
-                    if head is not None:
-                        prefix = head if prefix is None else torch.cat([prefix, head], dim=3)
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
-            rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix))
+            rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix, head=head))
             starts.append(start)
         return Prepared(seqs, rows, starts, self.build(rows, self.pad_id, self.device), spare_for(seqs))
 

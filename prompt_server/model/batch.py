@@ -26,10 +26,17 @@ class PrefillRow:
     ids: list[int]  # prompt token ids, at least one
     virtual: torch.Tensor | None = None  # [V, hidden]
     prefix: torch.Tensor | None = None  # [L, 2, kv_heads, P, head_dim]
+    # a cached head of the prompt, after the prefix: [L, 2, kv_heads, H, head_dim] (causal LMs; engine/prefix_cache.py)
+    head: torch.Tensor | None = None
+
+    @property
+    def pieces(self) -> list[torch.Tensor]:
+        """The keys/values in front of the row's tokens, in order."""
+        return [t for t in (self.prefix, self.head) if t is not None]
 
     @property
     def prefix_len(self) -> int:
-        return 0 if self.prefix is None else self.prefix.shape[3]
+        return sum(t.shape[3] for t in self.pieces)
 
     @property
     def embed_len(self) -> int:
@@ -41,13 +48,36 @@ class PrefillInputs:
     ids: torch.Tensor  # [n, S] token ids, pad where virtual tokens or padding sit
     virtual_mask: torch.Tensor | None  # [n, S] bool, True where a virtual token replaces the embedding
     virtual: torch.Tensor | None  # [sum V, hidden], in row order
-    past: list[torch.Tensor] | None  # per layer [2, n, kv_heads, Pmax, head_dim]; None when no row has a prefix
+    prefixes: list[list[torch.Tensor]]  # per row, the keys/values in front of its tokens (PrefillRow.pieces)
+    prefix_width: int  # Pmax: the widest row's prefix columns
     mask: torch.Tensor  # [n, Pmax + S] bool
     positions: torch.Tensor  # [n, S] long
 
-    @property
-    def prefix_width(self) -> int:
-        return 0 if self.past is None else self.past[0].shape[3]
+    def layer_cache(self, layer: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s keys and values for the rows, [2, n, kv_heads, columns, head_dim] with the dtype and device
+        of `like` [n, kv_heads, *, head_dim]: each row's prefix right-aligned in the first Pmax columns, the columns
+        left of a shorter prefix zeroed (the mask drops them, but attention must not meet NaN there); the columns
+        from Pmax on are the caller's to write. The pieces are copied straight in: no row's prefix is laid out
+        twice."""
+        n, kv_heads, _, head_dim = like.shape
+        out = like.new_empty(2, n, kv_heads, columns, head_dim)
+        pmax = self.prefix_width
+        for i, pieces in enumerate(self.prefixes):
+            at = pmax - sum(t.shape[3] for t in pieces)
+            if at:
+                out[:, i, :, :at] = 0
+            for t in pieces:
+                out[:, i, :, at : at + t.shape[3]] = t[layer]
+                at += t.shape[3]
+        return out
+
+    def past(self) -> list[torch.Tensor] | None:
+        """Per layer [2, n, kv_heads, Pmax, head_dim], the rows' prefixes laid out; None when no row has one."""
+        if not self.prefix_width:
+            return None
+        ref = next(t for pieces in self.prefixes for t in pieces)  # [L, 2, kv_heads, P, head_dim]
+        like = ref.new_empty(len(self.prefixes), ref.shape[2], 0, ref.shape[4])
+        return [self.layer_cache(layer, self.prefix_width, like) for layer in range(ref.shape[0])]
 
 
 def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> PrefillInputs:
@@ -68,21 +98,6 @@ def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> 
         positions[i, s - e :] = torch.arange(p, p + e)
         if r.virtual is not None and virtual_mask is not None:
             virtual_mask[i, s - e : s - t] = True
-    past = None
-    if pmax:
-        ref = next(r.prefix for r in rows if r.prefix is not None)
-        L, _, kvh, _, d = ref.shape
-        # one tensor per layer, each row's prefix right-aligned; only the columns left of a shorter prefix are zeroed
-        # (the mask drops them, but attention must not meet NaN there). Per layer, so that no allocation is large
-        # enough for the C library to map fresh pages for it on every prefill (model/memory.py).
-        past = [torch.empty(2, n, kvh, pmax, d, dtype=ref.dtype, device=ref.device) for _ in range(L)]
-        for i, r in enumerate(rows):
-            p = r.prefix_len
-            for layer, layer_past in enumerate(past):
-                if p < pmax:
-                    layer_past[:, i, :, : pmax - p] = 0
-                if r.prefix is not None:
-                    layer_past[:, i, :, pmax - p :] = r.prefix[layer]
     virtual = None
     if virtual_mask is not None:
         virtual = torch.cat([r.virtual for r in rows if r.virtual is not None])
@@ -91,7 +106,11 @@ def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> 
         ids=ids.to(device),
         virtual_mask=virtual_mask,
         virtual=virtual,
-        past=past,
+        # laid out by the runner, layer by layer, straight into the rows' new cache (PrefillInputs.layer_cache):
+        # per layer, so that no allocation is large enough for the C library to map fresh pages for it on every
+        # prefill (model/memory.py)
+        prefixes=[r.pieces for r in rows],
+        prefix_width=pmax,
         mask=mask.to(device),
         positions=positions.to(device),
     )

@@ -211,8 +211,9 @@ class HFRunner(CausalRunner):
 
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
         x = embed(inputs, self.embed_tokens)  # [n, S, hidden]
-        if inputs.past is not None:
-            cache = self._cache([p[0] for p in inputs.past], [p[1] for p in inputs.past])
+        past = inputs.past()
+        if past is not None:
+            cache = self._cache([p[0] for p in past], [p[1] for p in past])
         else:
             cache = DynamicCache()
         out = self.base(
@@ -464,15 +465,12 @@ class _PrefillPart(_Part):
         q = q.contiguous().view(n, s, r.n_heads, d).transpose(1, 2)  # [n, H, S, d]
         k = k.contiguous().view(n, s, r.n_kv, d).transpose(1, 2)  # [n, kv, S, d]
         q, k = r.apply_rotary(q, k, self.cos, self.sin)
-        # columns up to the width are all written below; only the spare ones are zeroed (a slot freed later keeps
-        # them, and torch's attention must meet no NaN in the columns it masks)
-        kc = k.new_empty(n, r.n_kv, self.width + self.spare, d)
-        vc = k.new_empty(n, r.n_kv, self.width + self.spare, d)
-        kc[:, :, self.width :] = 0
-        vc[:, :, self.width :] = 0
-        if self.inputs.past is not None:
-            kc[:, :, :pw] = self.inputs.past[layer][0]
-            vc[:, :, :pw] = self.inputs.past[layer][1]
+        # the rows' new cache, their prefixes already in front; the step's columns are written below, and only the
+        # spare ones are zeroed (a slot freed later keeps them, and torch's attention must meet no NaN in the columns
+        # it masks)
+        cache = self.inputs.layer_cache(layer, self.width + self.spare, k)
+        cache[:, :, :, self.width :] = 0
+        kc, vc = cache[0], cache[1]
         kc[:, :, pw : self.width] = k
         vc[:, :, pw : self.width] = v.reshape(n, s, r.n_kv, d).transpose(1, 2)
         self.keys.append(kc)

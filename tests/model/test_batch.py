@@ -29,7 +29,7 @@ def test_prefill_layout_right_aligns_every_kind():
     assert inp.positions[0, 1:].tolist() == [2, 3]
     assert inp.positions[1].tolist() == [0, 1, 2]
     assert inp.positions[2].tolist() == [0, 1, 2]
-    past = torch.stack(inp.past)  # per layer -> [L, 2, n, kv_heads, Pmax, head_dim]
+    past = torch.stack(inp.past())  # per layer -> [L, 2, n, kv_heads, Pmax, head_dim]
     assert past.shape == (L, 2, 3, KVH, 2, D)
     assert past[:, :, 0].eq(1.0).all() and past[:, :, 1:].eq(0).all()
 
@@ -37,9 +37,26 @@ def test_prefill_layout_right_aligns_every_kind():
 def test_prefix_shorter_than_the_widest_sits_right_aligned():
     rows = [PrefillRow(ids=[1], prefix=prefix(1, 2.0)), PrefillRow(ids=[1], prefix=prefix(3, 3.0))]
     inp = build_prefill(rows, pad_id=0, device=torch.device("cpu"))
-    assert inp.past[0][0, 0, 0, :, 0].tolist() == [0.0, 0.0, 2.0]
+    assert inp.past()[0][0, 0, 0, :, 0].tolist() == [0.0, 0.0, 2.0]
     assert inp.mask.int().tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
     assert inp.positions.tolist() == [[1], [3]]
+
+
+def test_a_cached_head_follows_the_prefix_in_the_rows_new_cache():
+    """A row's soft prompt, then its cached head, right-aligned; the columns after the prefix are left to the runner,
+    so nothing is laid out twice."""
+    rows = [PrefillRow(ids=[1], prefix=prefix(2, 2.0), head=prefix(1, 5.0)),
+            PrefillRow(ids=[1, 2], head=prefix(2, 7.0)), PrefillRow(ids=[3, 4])]
+    inp = build_prefill(rows, pad_id=0, device=torch.device("cpu"))
+    assert [r.prefix_len for r in rows] == [3, 2, 0] and inp.prefix_width == 3
+    assert inp.mask.int().tolist() == [[1, 1, 1, 0, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert inp.positions.tolist() == [[0, 3], [2, 3], [0, 1]]
+    like = torch.empty(3, KVH, 0, D)
+    for layer in range(L):
+        cache = inp.layer_cache(layer, 6, like)  # 3 prefix columns, then 3 for the runner
+        assert cache.shape == (2, 3, KVH, 6, D)
+        assert cache[:, :, 0, :3, 0].tolist() == [[[2.0, 2.0, 5.0], [0.0, 7.0, 7.0], [0.0, 0.0, 0.0]]] * 2
+    assert [t[:, :, 0, :, 0].tolist() for t in inp.past()] == [[[[2.0, 2.0, 5.0], [0.0, 7.0, 7.0], [0.0] * 3]] * 2] * L
 
 
 def kv_of(values: list[list[float]], capacity: int) -> KV:
