@@ -141,7 +141,7 @@ def _linear_weight_first(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
 # at 48 rows the two are level.
 FEW_ROWS = 40
 # Rows up to which the vocabulary projection runs on the kernel rather than oneDNN's prepacked copy (the default
-# model's 576 x 49152: 8-27 instead of 10-32 ms at 1-32 rows, 34 instead of 42 at 48; level at 64).
+# model's 576 x 49152: 8-22 instead of 10-29 ms at 1-32 rows, 34 instead of 42 at 48; level at 64).
 HEAD_ROWS = 48
 
 

@@ -7,7 +7,7 @@
   43 ms.
 - Projections of a few rows (kernels/linear.cpp) are a read of the weights, which MKL's products run at about half
   of memory speed; the kernel streams each weight once for all rows. The default model's 30 layers at 1-8 rows:
-  about 35-40 instead of 55-80 ms; its vocabulary projection at 1-32 rows 8-30 instead of 10-37 ms.
+  37-43 instead of 50-82 ms; its vocabulary projection at 1-32 rows 8-22 instead of 10-29 ms (scripts/linear_ab.py).
 
 The build takes about 20 s once per machine (g++ and ninja; the `ninja` package brings the latter) and is kept under
 the cache directory, keyed by the sources, the compiler flags and torch's version. Without a compiler, or if the
@@ -51,7 +51,7 @@ _FAILED: str | None = None
 
 
 def supported(model: Any) -> str | None:
-    """Why the kernel cannot serve this model's decode attention, or None."""
+    """Why the kernels cannot serve this model's lean forward, or None."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return f"the kernels are for float32 on the CPU, not {weight.dtype} on {weight.device.type}"
