@@ -49,6 +49,7 @@ class PrefillInputs:
     virtual_mask: torch.Tensor | None  # [n, S] bool, True where a virtual token replaces the embedding
     virtual: torch.Tensor | None  # [sum V, hidden], in row order
     prefixes: list[list[torch.Tensor]]  # per row, the keys/values in front of its tokens (PrefillRow.pieces)
+    prefix_lens: list[int]  # per row, their columns (PrefillRow.prefix_len)
     prefix_width: int  # Pmax: the widest row's prefix columns
     mask: torch.Tensor  # [n, Pmax + S] bool
     positions: torch.Tensor  # [n, S] long
@@ -62,8 +63,8 @@ class PrefillInputs:
         n, kv_heads, _, head_dim = like.shape
         out = like.new_empty(2, n, kv_heads, columns, head_dim)
         pmax = self.prefix_width
-        for i, pieces in enumerate(self.prefixes):
-            at = pmax - sum(t.shape[3] for t in pieces)
+        for i, (pieces, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
+            at = pmax - width
             if at:
                 out[:, i, :, :at] = 0
             for t in pieces:
@@ -110,6 +111,7 @@ def build_prefill(rows: list[PrefillRow], pad_id: int, device: torch.device) -> 
         # per layer, so that no allocation is large enough for the C library to map fresh pages for it on every
         # prefill (model/memory.py)
         prefixes=[r.pieces for r in rows],
+        prefix_lens=[r.prefix_len for r in rows],
         prefix_width=pmax,
         mask=mask.to(device),
         positions=positions.to(device),

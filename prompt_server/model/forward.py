@@ -58,7 +58,7 @@ class Runner(ABC, Generic[InputsT]):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] float32."""
         rows = hidden.numel() // hidden.shape[-1]
-        if self.head_kernel is not None and rows <= HEAD_ROWS and _kernel_fits(self.lm_head):
+        if self.head_kernel is not None and rows <= HEAD_ROWS:
             flat = hidden.reshape(rows, -1).contiguous()
             logits = self.head_kernel(flat, self.lm_head.weight, self.lm_head.bias).view(*hidden.shape[:-1], -1)
         elif self.packed_head is not None:
@@ -150,9 +150,10 @@ def _kernel_fits(linear: torch.nn.Module) -> bool:
 
 
 def _kernel_linear(kernel: Callable[..., torch.Tensor]) -> Linear:
-    """A step's projections: by the kernel up to FEW_ROWS rows, by MKL (weight first) beyond."""
+    """A step's projections: by the kernel up to FEW_ROWS rows, by MKL (weight first) beyond. For layers whose every
+    projection _kernel_fits (the runner checks once)."""
     def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= FEW_ROWS and _kernel_fits(module):
+        if x.shape[0] <= FEW_ROWS:
             return kernel(x.contiguous(), module.weight, module.bias)
         return _linear_weight_first(module, x)
 
@@ -278,9 +279,13 @@ class LlamaRunner(CausalRunner):
 
             kernels = built()
             self.decode_kernel = kernels.decode_attention
-            self.linear = _kernel_linear(kernels.linear)
-            self.pad_rows = _kernel_rows
-            self.head_kernel = kernels.linear
+            projections = [m for layer in self.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
+                           if isinstance(m, torch.nn.Linear)]
+            if all(_kernel_fits(m) for m in projections):  # else MKL serves them all, as without the kernels
+                self.linear = _kernel_linear(kernels.linear)
+                self.pad_rows = _kernel_rows
+            if _kernel_fits(self.lm_head):
+                self.head_kernel = kernels.linear
         self.compiled = None
         if compiled:  # model/compiled.py: the layers as one torch.compile graph, attention called back
             from prompt_server.model.compiled import MIN_ROWS, compiled_layers

@@ -219,3 +219,22 @@ def test_the_runner_with_kernels_gives_torch_paths_hidden_states_and_logits(arch
 def test_the_kernel_decides_by_row_count():
     assert [forward._kernel_rows(n) for n in (1, 3, 5, forward.FEW_ROWS, forward.FEW_ROWS + 1)] == [
         1, 3, 5, forward.FEW_ROWS, forward._cpu_rows(forward.FEW_ROWS + 1)]
+
+
+def test_layers_the_kernel_cannot_take_stay_on_mkl(tmp_path):
+    """An MLP of 100 columns (not a multiple of 8): the runner decides once that MKL serves every projection, the
+    vocabulary projection still runs on the kernel, and the step matches torch's path."""
+    from tests.tiny import save_tiny_arch
+
+    native.load(default_cache_dir())
+    loaded = load_model(save_tiny_arch("llama", tmp_path / "odd", intermediate_size=100), device="cpu",
+                        progress=False)
+    runner = forward.make_runner(loaded.model, "lean", native=True)
+    plain = forward.make_runner(loaded.model, "lean")
+    assert runner.linear is forward._linear_weight_first and runner.pad_rows is forward._cpu_rows
+    assert runner.head_kernel is not None and runner.decode_kernel is not None
+    inputs = build_prefill([PrefillRow(ids=[5, 6, 7])], 0, torch.device("cpu"))
+    with torch.inference_mode():
+        (h1, _), (h2, _) = runner.prefill(inputs, 1), plain.prefill(inputs, 1)
+        torch.testing.assert_close(runner.logits(h1[:, -1]), plain.logits(h2[:, -1]), rtol=0, atol=2e-5)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=2e-5)

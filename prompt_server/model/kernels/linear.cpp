@@ -2,7 +2,7 @@
 // decode step at low concurrency or a short prefill. Built with decode_attention.cpp by prompt_server/model/native.py.
 //
 // With few rows a projection is a read of its weight: each weight element meets M rows of x. MKL's products run
-// these shapes at about half of memory speed (the default model's 30 layers at 1-8 rows: 55-80 ms on an AVX2 EPYC,
+// these shapes at about half of memory speed (the default model's 30 layers at 1-8 rows: 50-82 ms on an AVX2 EPYC,
 // against about 30 ms to read their weights). Here each task takes 3 consecutive output rows of w, keeps them in
 // L1 while 4 rows of x at a time meet them (12 accumulators, 3 weight and 1 input vector: AVX2's 16 registers),
 // and prefetches the weight rows ahead, so the weights stream from memory once. Sums run in float32 in 8 lanes.
