@@ -73,12 +73,25 @@ void softmax_rows(float* scores, int64_t G, int64_t W, float* inv) {
   }
 }
 
+// How many columns ahead of the one being read to prefetch (2 KiB at head size 64). The keys, then the values, then
+// the next task's keys are one stream of prefetches, so that none starts cold: measured on an AVX2 EPYC, the kernel
+// went from 1.18-1.27x to 1.05-1.15x the time `sum` takes to read the same keys and values (4-12 columns ahead
+// measured alike).
+constexpr int64_t AHEAD = 8;
+
+template <int D>
+inline void prefetch_column(const float* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int b = 0; b < D * static_cast<int>(sizeof(float)); b += 64) __builtin_prefetch(c + b, 0, 0);
+}
+
 // One (row, KV head) with G and D known at compile time: the accumulators stay in registers.
 template <int G, int D>
 void attend_fixed(const float* q, const float* k, const float* v, const bool* keep, int64_t W, float scale,
-                  float* out, float* scores) {
+                  float* out, float* scores, const float* next) {
   constexpr int C = D / 8;
   for (int64_t w = 0; w < W; ++w) {
+    prefetch_column<D>(w + AHEAD < W ? k + (w + AHEAD) * D : v + (w + AHEAD - W) * D);
     if (!keep[w]) {
       for (int g = 0; g < G; ++g) scores[g * W + w] = -INFINITY;
       continue;
@@ -105,6 +118,10 @@ void attend_fixed(const float* q, const float* k, const float* v, const bool* ke
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < N; ++c) acc[g][c] = w0 ? load(out + g * D + 8 * (c0 + c)) : splat(0.f);
       for (int64_t w = w0; w < w1; ++w) {
+        if (c0 == 0) {
+          if (w + AHEAD < W) prefetch_column<D>(v + (w + AHEAD) * D);
+          else if (next != nullptr) prefetch_column<D>(next + (w + AHEAD - W) * D);
+        }
         if (!keep[w]) continue;
         const float* vr = v + w * D + 8 * c0;
         for (int c = 0; c < N; ++c) {
@@ -148,7 +165,8 @@ void attend_any(const float* q, const float* k, const float* v, const bool* keep
   }
 }
 
-using Fixed = void (*)(const float*, const float*, const float*, const bool*, int64_t, float, float*, float*);
+using Fixed = void (*)(const float*, const float*, const float*, const bool*, int64_t, float, float*, float*,
+                       const float*);
 
 Fixed fixed_for(int64_t G, int64_t D) {
 #define PS_FIXED(g, d) if (G == g && D == d) return attend_fixed<g, d>;
@@ -199,7 +217,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       const bool* keep_row = mp + s * ms0;
       float* ot = op + t * G * D;
       if (fixed != nullptr) {
-        fixed(qt, kt, vt, keep_row, W, sc, ot, scores.data());
+        const float* next = nullptr;
+        if (t + 1 < end) next = kp + slot[(t + 1) / KV] * ks0 + ((t + 1) % KV) * ks1 + start * D;
+        fixed(qt, kt, vt, keep_row, W, sc, ot, scores.data(), next);
       } else {
         attend_any(qt, kt, vt, keep_row, W, sc, ot, scores.data(), G, D);
       }
