@@ -13,7 +13,7 @@ import torch
 
 from prompt_server.adapters.types import FAMILY_NAMES, SEQ2SEQ, SoftPrompt
 from prompt_server.engine.admission import Layout, Prepared
-from prompt_server.engine.batch import RunningBatch, length_groups
+from prompt_server.engine.batch import RunningBatch, length_groups, spare_for
 from prompt_server.engine.classify import Classifier, ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache
@@ -41,7 +41,7 @@ from prompt_server.engine.validation import (
     check_seq2seq_classify,
     check_seq2seq_lengths,
 )
-from prompt_server.model.batch import PrefillRow, build_prefill
+from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
 from prompt_server.model.compat import UNBOUNDED_POSITIONS
 from prompt_server.model.forward import DecodeInputs, make_runner
 from prompt_server.model.sampling import RowSampler, choose, token_logprobs
@@ -344,6 +344,8 @@ class Engine:
                         log.exception("prefill failed")
                         self._fail_group([s], exc)
         batch = self._batch
+        if batch is not None and len(groups) == 1 and self.runner.prefills_with_room:
+            self._make_room(batch, groups[0])
         decode = None
         if batch is not None:
             batch.reserve(1)
@@ -386,12 +388,41 @@ class Engine:
             self._count("cache_relayouts", self._batch.relayouts)
             self._batch.relayouts = 0
 
+    def _make_room(self, batch: RunningBatch, group: Prepared) -> None:
+        """When newcomers do not fit the running batch's free slots, its cache would be laid out again and the
+        newcomers copied into it. Their prefill gets a cache with room for the running rows instead (free slots,
+        and lead columns when the running rows are wider), and the running rows join it after the step
+        (_admit_rows): the newcomers' keys/values (soft prompts, cached heads) are written once, where they stay.
+        Not when the running rows are much wider than the newcomers: the prefill would attend over their width."""
+        n = len(group.seqs)
+        if len(batch.rows) - len(batch) >= n or not isinstance(group.inputs, PrefillInputs):
+            return
+        own = group.inputs.prefix_width + group.inputs.ids.shape[1]
+        after = batch.kv.width - batch.start + 1  # the running rows' columns after this step's token
+        lead = max(0, after - own)
+        if lead > own:
+            return
+        spare = spare_for(batch.sequences() + group.seqs)
+        cap = min(self.settings.max_batch_size, self.settings.max_batch_tokens // (max(after, own) + spare))
+        group.inputs = group.inputs.with_room(max(len(batch) + n, min(2 * len(batch.rows), cap)), lead)
+        group.spare = spare
+
     def _admit_rows(self, part: RunningBatch) -> None:
-        """Newly prefilled rows join the running batch (written into its free slots)."""
-        if self._batch is None:
+        """Newly prefilled rows join the running batch (written into its free slots), or the running rows join
+        theirs when it was given room for them (_make_room) and the batch has none: the copy is of the fewer
+        columns, and the batch's cache is not laid out again."""
+        batch = self._batch
+        if batch is None:
             self._batch = part
             return
-        self._batch.admit(part, self.settings.max_batch_size, self.settings.max_batch_tokens)
+        limits = self.settings.max_batch_size, self.settings.max_batch_tokens
+        fits_batch = len(batch.rows) - len(batch) >= len(part) and part.kv.width - part.start <= batch.kv.width
+        fits_part = len(part.rows) - len(part) >= len(batch) and batch.kv.width - batch.start <= part.kv.width
+        if fits_part and not fits_batch and part.kv.cross is None:
+            part.relayouts += batch.relayouts
+            self._batch = part.admit(batch, *limits)
+        else:
+            batch.admit(part, *limits)
 
     def _step_apart(self, decode: DecodeInputs | None, groups: list[Prepared]):
         """The step again, one part at a time: a failing decode fails the running rows, a failing group its own."""
@@ -453,13 +484,18 @@ class Engine:
             s = seqs[i]
             if s.request.prefill_logprobs:
                 s.prefill = self._prefill_tokens(s, hidden[i, -len(s.prompt_ids) :])
-        slotted: list[Sequence | None] = list(seqs)
+        free = kv.batch_size - len(seqs)  # slots left free for running rows to join (_make_room)
+        slotted: list[Sequence | None] = list(seqs) + [None] * free
+        mask, positions = inputs.mask, inputs.positions[:, -1] + 1
+        if free:
+            mask = torch.cat([mask, mask.new_zeros(free, mask.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(free)])
         new = RunningBatch(
             rows=slotted,
             kv=kv,
-            mask=inputs.mask,
-            positions=inputs.positions[:, -1] + 1,
-            next_ids=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
+            mask=mask,
+            positions=positions,
+            next_ids=torch.zeros(len(slotted), dtype=torch.long, device=self.device),
         ).filter(done)  # the rows still prefilling stay out (filter keeps the batch as it is when all are done)
         assert new is not None  # `done` is not empty
         return self._emit(new, logits)

@@ -14,7 +14,7 @@ After the prefill every row's last token sits in the last column, and decoding a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,15 +53,29 @@ class PrefillInputs:
     prefix_width: int  # Pmax: the widest row's prefix columns
     mask: torch.Tensor  # [n, Pmax + S] bool
     positions: torch.Tensor  # [n, S] long
+    # slots of the rows' new cache: n, or more when rows running now are to join the newcomers' cache after the step
+    # (with_room); the slots past n are free
+    slots: int = 0
+
+    def with_room(self, slots: int, lead: int) -> PrefillInputs:
+        """The same rows with a cache of `slots` slots (at least n) and `lead` more prefix columns, empty, in front
+        of every row: room for running rows to join the newcomers' cache instead of the newcomers being copied into
+        theirs (engine/engine.py)."""
+        n = self.mask.shape[0]
+        assert slots >= n and lead >= 0
+        mask = torch.cat([self.mask.new_zeros(n, lead), self.mask], dim=1) if lead else self.mask
+        return replace(self, mask=mask, prefix_width=self.prefix_width + lead, slots=slots)
 
     def layer_cache(self, layer: int, columns: int, like: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s keys and values for the rows, [2, n, kv_heads, columns, head_dim] with the dtype and device
-        of `like` [n, kv_heads, *, head_dim]: each row's prefix right-aligned in the first Pmax columns, the columns
-        left of a shorter prefix zeroed (the mask drops them, but attention must not meet NaN there); the columns
-        from Pmax on are the caller's to write. The pieces are copied straight in: no row's prefix is laid out
-        twice."""
+        """Layer `layer`'s keys and values for the rows, [2, slots, kv_heads, columns, head_dim] with the dtype and
+        device of `like` [n, kv_heads, *, head_dim]: each row's prefix right-aligned in the first Pmax columns, the
+        columns left of a shorter prefix zeroed (the mask drops them, but attention must not meet NaN there); the
+        columns from Pmax on are the caller's to write; free slots past n are zeroed. The pieces are copied straight
+        in: no row's prefix is laid out twice."""
         n, kv_heads, _, head_dim = like.shape
-        out = like.new_empty(2, n, kv_heads, columns, head_dim)
+        out = like.new_empty(2, max(n, self.slots), kv_heads, columns, head_dim)
+        if self.slots > n:
+            out[:, n:] = 0
         pmax = self.prefix_width
         for i, (pieces, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
             at = pmax - width

@@ -41,6 +41,9 @@ class Runner(ABC, Generic[InputsT]):
     # generated token, and the last one a row may generate. Encoder-decoder models such as BART set them.
     forced_bos: int | None = None
     forced_eos: int | None = None
+    # Whether a prefill gives its rows a cache with the free slots and lead columns PrefillInputs.with_room asks
+    # for, so that the running rows can join the newcomers' cache (engine/engine.py) instead of the other way round.
+    prefills_with_room = False
 
     def __init__(self, model: HFModel):
         self.model = model
@@ -256,6 +259,8 @@ class LlamaRunner(CausalRunner):
     `step` runs the running rows' next tokens and any newcomers' prompts through the model together: norms,
     projections and MLPs see every token of the step at once (the weights are read once), attention runs per part.
     """
+
+    prefills_with_room = True
 
     def __init__(self, model: HFModel, compiled: bool = False, native: bool = False):
         super().__init__(model)
@@ -473,13 +478,13 @@ class _PrefillPart(_Part):
         # the rows' new cache, their prefixes already in front; the step's columns are written below, and only the
         # spare ones are zeroed (a slot freed later keeps them, and torch's attention must meet no NaN in the columns
         # it masks)
-        cache = self.inputs.layer_cache(layer, self.width + self.spare, k)
-        cache[:, :, :, self.width :] = 0
-        kc, vc = cache[0], cache[1]
+        cache = self.inputs.layer_cache(layer, self.width + self.spare, k)  # [2, slots, kv, columns, d]
+        cache[:, :n, :, self.width :] = 0
+        self.keys.append(cache[0])
+        self.values.append(cache[1])
+        kc, vc = cache[0, :n], cache[1, :n]  # the rows' own slots (free slots past them: with_room)
         kc[:, :, pw : self.width] = k
         vc[:, :, pw : self.width] = v.reshape(n, s, r.n_kv, d).transpose(1, 2)
-        self.keys.append(kc)
-        self.values.append(vc)
         out = F.scaled_dot_product_attention(
             q, kc[:, :, : self.width], vc[:, :, : self.width], attn_mask=self.mask, scale=r.attn_scale,
             enable_gqa=True,

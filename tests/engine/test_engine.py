@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
+from prompt_server.config import Settings
+from prompt_server.engine.engine import Engine
 from prompt_server.engine.types import (
     AdapterNotFound,
     EngineStopped,
@@ -89,6 +92,43 @@ def test_newcomers_take_freed_slots_without_copying_the_running_batch(llama_worl
     assert [[t.id for t in r.tokens] for r in short] == [world.oracle("prompt_tuning", prompt, 4)] * 3 + [
         world.oracle("prompt_tuning", prompt, 6)] * 3
     assert [t.id for t in wide.tokens] == world.oracle(None, PROMPTS[2] * 6, 3)
+
+
+def test_newcomers_the_free_slots_cannot_hold_take_the_running_row_into_their_cache(llama_world):
+    """A wave of newcomers with no free slots for them: their prefill gets a cache with room for the running row
+    (a free slot, and lead columns for its longer history), and the running row is copied into it after the step.
+    The newcomers' keys/values are written once, no cache is laid out again, and every row decodes what PEFT
+    decodes for it alone. The engine is stepped by hand, so that the wave arrives in one step."""
+    world = llama_world
+    engine = Engine(world.loaded, world.registry, Settings())
+    engine.ready = True  # no engine thread: the test steps it
+    cases = [("prompt_tuning", PROMPTS[1]), ("prefix", PROMPTS[0]), ("p_tuning_mlp", PROMPTS[3]), (None, PROMPTS[1])]
+
+    async def go():
+        first = engine.submit(greedy(PROMPTS[0], "prompt_tuning", n=10))
+        with torch.inference_mode():
+            for _ in range(6):
+                engine._step()
+            running = engine._batch
+            assert len(running) == 1 and len(running.rows) == 1  # one slot, no room for the wave
+            width = running.kv.width - running.start
+            late = [engine.submit(greedy(p, a, n=6)) for a, p in cases]
+            engine._step()
+            batch = engine._batch
+            assert batch is not running  # the newcomers' cache became the batch's
+            assert batch.sequences()[-1] is running.sequences()[0]  # the running row joined last, in the free slot
+            assert len(batch) == len(batch.rows) == 5 and batch.kv.batch_size == 5
+            assert batch.kv.width - batch.start == width + 1  # its history and this step's token, right-aligned
+            assert not batch.mask[:4, batch.start].any()  # the newcomers are shorter: lead columns in front of them
+            assert engine.stats()["cache_relayouts"] == 0
+            while engine._batch is not None:
+                engine._step()
+        return await first.result(), [await h.result() for h in late]
+
+    first, late = asyncio.run(go())
+    assert [t.id for t in first.tokens] == world.oracle("prompt_tuning", PROMPTS[0], 10)
+    assert [[t.id for t in r.tokens] for r in late] == [world.oracle(a, p, 6) for a, p in cases]
+    assert engine.stats()["cache_relayouts"] == 0
 
 
 def test_same_seed_same_text_whatever_the_batch(world):

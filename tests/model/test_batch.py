@@ -59,6 +59,27 @@ def test_a_cached_head_follows_the_prefix_in_the_rows_new_cache():
     assert [t[:, :, 0, :, 0].tolist() for t in inp.past()] == [[[[2.0, 2.0, 5.0], [0.0, 7.0, 7.0], [0.0] * 3]] * 2] * L
 
 
+def test_room_adds_free_slots_and_empty_lead_columns_to_the_rows_new_cache():
+    """with_room: the cache gets free slots past the rows and empty columns in front of every row's prefix, for
+    running rows to join it; the rows' own layout, positions and tokens stay as they were."""
+    rows = [PrefillRow(ids=[1], prefix=prefix(2, 2.0), head=prefix(1, 5.0)), PrefillRow(ids=[3, 4])]
+    plain = build_prefill(rows, pad_id=0, device=torch.device("cpu"))
+    inp = plain.with_room(slots=4, lead=2)
+    assert (inp.prefix_width, inp.slots) == (5, 4)
+    assert inp.mask.int().tolist() == [[0, 0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1, 1]]
+    assert inp.positions.tolist() == plain.positions.tolist() and inp.ids.tolist() == plain.ids.tolist()
+    like = torch.empty(2, KVH, 0, D)
+    garbage = torch.full((2, 4, KVH, 8, D), float("nan"))
+    for layer in range(L):
+        del garbage  # memory the allocator hands out again: the cache must not keep its NaNs
+        cache = inp.layer_cache(layer, 8, like)
+        garbage = torch.full((2, 4, KVH, 8, D), float("nan"))
+        assert cache.shape == (2, 4, KVH, 8, D)
+        assert cache[:, :2, 0, :5, 0].tolist() == [[[0.0, 0.0, 2.0, 2.0, 5.0], [0.0] * 5]] * 2
+        assert cache[:, 2:].eq(0).all()  # the free slots: finite for attention over them, until rows join
+    assert plain.with_room(slots=2, lead=0).mask is plain.mask
+
+
 def kv_of(values: list[list[float]], capacity: int) -> KV:
     # one layer, one head, head_dim 1: row r column c holds values[r][c]
     t = torch.zeros(len(values), 1, capacity, 1)

@@ -42,3 +42,23 @@ def test_padding_rows_changes_no_hidden_state(arch, tmp_path):
     torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
     for a, b in zip(kv_padded.keys + kv_padded.values, kv_plain.keys + kv_plain.values):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_prefill_with_room_computes_what_one_without_does(tmp_path):
+    """PrefillInputs.with_room: free slots after the rows and empty lead columns in front of them change no hidden
+    state and none of the rows' keys/values; the free slots and the lead columns stay zero."""
+    loaded = load_model(save_tiny_arch("llama", tmp_path / "llama"), device="cpu", progress=False)
+    runner = forward.make_runner(loaded.model, "lean")
+    assert runner.prefills_with_room
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.randn(2, 2, 2, 3, 16, generator=gen)  # a prefix of 3 columns: [layers, k/v, kv heads, P, head dim]
+    rows = [PrefillRow(ids=[5, 6, 7], prefix=soft), PrefillRow(ids=[11, 12])]
+    plain_inputs = build_prefill(rows, 0, torch.device("cpu"))
+    with torch.inference_mode():
+        plain, kv_plain = runner.prefill(plain_inputs, 2)
+        roomy, kv_roomy = runner.prefill(plain_inputs.with_room(slots=5, lead=4), 2)
+    torch.testing.assert_close(roomy, plain, rtol=0, atol=1e-6)
+    assert kv_roomy.batch_size == 5 and kv_roomy.width == kv_plain.width + 4
+    for a, b in zip(kv_roomy.keys + kv_roomy.values, kv_plain.keys + kv_plain.values):
+        torch.testing.assert_close(a[:2, :, 4:], b, rtol=0, atol=1e-6)
+        assert a[:2, :, :4].eq(0).all() and a[2:].eq(0).all()
