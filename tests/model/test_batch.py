@@ -69,11 +69,9 @@ def test_room_adds_free_slots_and_empty_lead_columns_to_the_rows_new_cache():
     assert inp.mask.int().tolist() == [[0, 0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1, 1]]
     assert inp.positions.tolist() == plain.positions.tolist() and inp.ids.tolist() == plain.ids.tolist()
     like = torch.empty(2, KVH, 0, D)
-    garbage = torch.full((2, 4, KVH, 8, D), float("nan"))
     for layer in range(L):
-        del garbage  # memory the allocator hands out again: the cache must not keep its NaNs
+        torch.full((2, 4, KVH, 8, D), float("nan"))  # freed at once: memory the cache may get, NaNs and all
         cache = inp.layer_cache(layer, 8, like)
-        garbage = torch.full((2, 4, KVH, 8, D), float("nan"))
         assert cache.shape == (2, 4, KVH, 8, D)
         assert cache[:, :2, 0, :5, 0].tolist() == [[[0.0, 0.0, 2.0, 2.0, 5.0], [0.0] * 5]] * 2
         assert cache[:, 2:].eq(0).all()  # the free slots: finite for attention over them, until rows join
