@@ -467,6 +467,7 @@ class _PrefillPart(_Part):
         mask[:, :, :, self.pw :] &= torch.ones(s, s, dtype=torch.bool, device=dev).tril()
         mask[:, :, :, self.pw :] |= torch.eye(s, dtype=torch.bool, device=dev)
         self.mask = mask
+        self.rows = torch.arange(self.n, device=dev)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -485,6 +486,11 @@ class _PrefillPart(_Part):
         kc, vc = cache[0, :n], cache[1, :n]  # the rows' own slots (free slots past them: with_room)
         kc[:, :, pw : self.width] = k
         vc[:, :, pw : self.width] = v.reshape(n, s, r.n_kv, d).transpose(1, 2)
+        if s == 1 and r.decode_kernel is not None:
+            # one token per row (its prompt's head cached, say): the attention is a decode step's, and the kernel
+            # reads only the columns each row's mask keeps
+            qg = q.reshape(n, r.n_kv, r.n_heads // r.n_kv, d).contiguous()
+            return r.decode_kernel(qg, kc, vc, self.rows, self.inputs.mask, 0, r.attn_scale).reshape(n, -1)
         out = F.scaled_dot_product_attention(
             q, kc[:, :, : self.width], vc[:, :, : self.width], attn_mask=self.mask, scale=r.attn_scale,
             enable_gqa=True,

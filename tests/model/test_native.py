@@ -190,7 +190,8 @@ def test_linear_refuses_bad_arguments_with_the_reason(linear, case, message):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
 def test_the_runner_with_kernels_gives_torch_paths_hidden_states_and_logits(arch, tmp_path):
-    """Prefills of few and of more than FEW_ROWS tokens, then a decode step: the same hidden states, cache and
+    """Prefills of few and of more than FEW_ROWS tokens, and of one token per row behind soft prompts and cached
+    heads of different widths (a decode step's attention), then a decode step: the same hidden states, cache and
     logits as the runner without kernels."""
     from tests.tiny import save_tiny_arch
 
@@ -199,8 +200,16 @@ def test_the_runner_with_kernels_gives_torch_paths_hidden_states_and_logits(arch
     with_kernels = forward.make_runner(loaded.model, "lean", native=True)
     plain = forward.make_runner(loaded.model, "lean")
     assert with_kernels.head_kernel is not None and plain.head_kernel is None
-    for lengths in ([3], [5, 2], [forward.FEW_ROWS + 3, 9]):  # 3, 10 and 2 x 43 tokens
-        rows = [PrefillRow(ids=[(7 * i + j) % 90 + 3 for j in range(n)]) for i, n in enumerate(lengths)]
+    gen = torch.Generator().manual_seed(0)
+
+    def kv_of(columns: int) -> torch.Tensor:  # [layers, k/v, kv heads, columns, head dim] of the tiny model
+        return torch.randn(2, 2, 2, columns, 16, generator=gen)
+
+    behind = [PrefillRow(ids=[9], prefix=kv_of(3)), PrefillRow(ids=[11], prefix=kv_of(5), head=kv_of(2)),
+              PrefillRow(ids=[12])]
+    for lengths in ([3], [5, 2], [forward.FEW_ROWS + 3, 9], behind):  # 3, 10, 2 x 43 tokens; 1 token per row
+        rows = behind if lengths is behind else [
+            PrefillRow(ids=[(7 * i + j) % 90 + 3 for j in range(n)]) for i, n in enumerate(lengths)]
         inputs = build_prefill(rows, 0, torch.device("cpu"))
         outs = []
         for runner in (with_kernels, plain):
