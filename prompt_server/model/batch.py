@@ -14,9 +14,13 @@ After the prefill every row's last token sits in the last column, and decoding a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+
+# The native layout (model/native.py): (out, pieces, rows, columns, fill, layer), as PrefillInputs.layer_cache does
+Place = Callable[[torch.Tensor, list[torch.Tensor], list[int], list[int], list[int], int], None]
 
 
 @dataclass
@@ -66,17 +70,32 @@ class PrefillInputs:
         mask = torch.cat([self.mask.new_zeros(n, lead), self.mask], dim=1) if lead else self.mask
         return replace(self, mask=mask, prefix_width=self.prefix_width + lead, slots=slots)
 
-    def layer_cache(self, layer: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    def layer_cache(self, layer: int, columns: int, like: torch.Tensor, place: Place | None = None) -> torch.Tensor:
         """Layer `layer`'s keys and values for the rows, [2, slots, kv_heads, columns, head_dim] with the dtype and
         device of `like` [n, kv_heads, *, head_dim]: each row's prefix right-aligned in the first Pmax columns, the
         columns left of a shorter prefix zeroed (the mask drops them, but attention must not meet NaN there); the
         columns from Pmax on are the caller's to write; free slots past n are zeroed. The pieces are copied straight
-        in: no row's prefix is laid out twice."""
+        in: no row's prefix is laid out twice. `place`: the native layout (model/native.py), which copies them all
+        in one call, where it can take them."""
         n, kv_heads, _, head_dim = like.shape
         out = like.new_empty(2, max(n, self.slots), kv_heads, columns, head_dim)
         if self.slots > n:
             out[:, n:] = 0
         pmax = self.prefix_width
+        if place is not None and out.device.type == "cpu" and all(
+            t.dtype == out.dtype and t.device.type == "cpu" and t.stride(4) == 1 and t.stride(3) == head_dim
+            for pieces in self.prefixes for t in pieces
+        ):
+            rows, cols, pieces = [], [], []
+            for i, (row, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
+                at = pmax - width
+                for t in row:
+                    rows.append(i)
+                    cols.append(at)
+                    pieces.append(t)
+                    at += t.shape[3]
+            place(out, pieces, rows, cols, [pmax - width for width in self.prefix_lens], layer)
+            return out
         for i, (pieces, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
             at = pmax - width
             if at:

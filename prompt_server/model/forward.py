@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from prompt_server.model.batch import KV, PrefillInputs, PrefillRow, build_prefill, embed
+from prompt_server.model.batch import KV, Place, PrefillInputs, PrefillRow, build_prefill, embed
 
 # A transformers PreTrainedModel. Typed loosely: its submodules and config fields depend on its architecture, and the
 # start-up self-check, not the type checker, proves a runner reads them right.
@@ -279,11 +279,13 @@ class LlamaRunner(CausalRunner):
         self.linear: Linear = _linear_weight_first if cpu else _linear
         self.pad_rows = _cpu_rows if cpu else int
         self.decode_kernel = None
-        if native:  # model/native.py: decode attention and few-row projections by the server's own CPU kernels
-            from prompt_server.model.native import built
+        self.place: Place | None = None
+        if native:  # model/native.py: decode attention, few-row projections and prefix layout by the server's own
+            from prompt_server.model.native import built  # CPU kernels
 
             kernels = built()
             self.decode_kernel = kernels.decode_attention
+            self.place = kernels.layout
             projections = [m for layer in self.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
                            if isinstance(m, torch.nn.Linear)]
             if all(_kernel_fits(m) for m in projections):  # else MKL serves them all, as without the kernels
@@ -479,7 +481,7 @@ class _PrefillPart(_Part):
         # the rows' new cache, their prefixes already in front; the step's columns are written below, and only the
         # spare ones are zeroed (a slot freed later keeps them, and torch's attention must meet no NaN in the columns
         # it masks)
-        cache = self.inputs.layer_cache(layer, self.width + self.spare, k)  # [2, slots, kv, columns, d]
+        cache = self.inputs.layer_cache(layer, self.width + self.spare, k, r.place)  # [2, slots, kv, columns, d]
         cache[:, :n, :, self.width :] = 0
         self.keys.append(cache[0])
         self.values.append(cache[1])

@@ -2,8 +2,8 @@
 
 Decode attention: the same outputs as softmax attention written out in float64, for the head shapes it specialises
 and any other, over kept and dropped columns, a subset of slots and an offset start. The few-row projection: the
-same as a float64 product for every tail of its 4-row and 3-column blocks, with and without bias. Both refuse bad
-arguments with the reason; the lean runner uses the projection up to FEW_ROWS rows (and the vocabulary projection up
+same as a float64 product for every tail of its 4-row and 3-column blocks, with and without bias. The prefix
+layout: the same columns as torch's indexed copies. All refuse bad arguments with the reason; the lean runner uses the projection up to FEW_ROWS rows (and the vocabulary projection up
 to HEAD_ROWS) and gives the hidden states and logits of torch's path; the loader uses the kernels only where they are
 built and proven, else says why. The engine's PEFT parity tests run through them (the lean path on the CPU in
 float32); torch's attention keeps its own, tests/engine/test_torch_attention.py."""
@@ -186,6 +186,58 @@ def test_linear_refuses_bad_arguments_with_the_reason(linear, case, message):
         x = torch.randn(3, 16, 1)
     with pytest.raises(RuntimeError, match=message):
         linear(x, w, b)
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return native.load(default_cache_dir()).layout
+
+
+def test_layout_places_every_piece_as_torch_does(layout):
+    """Soft prompts and cached heads of different widths, a row without either, free slots and lead columns: the
+    native layout writes every prefix column torch's indexed copies write, and zeroes the same ones."""
+    gen = torch.Generator().manual_seed(3)
+    layers, kvh, d = 3, 2, 16
+
+    def piece(columns):
+        return torch.randn(layers, 2, kvh, columns, d, generator=gen)
+
+    rows = [PrefillRow(ids=[1, 2], prefix=piece(5), head=piece(3)), PrefillRow(ids=[4], prefix=piece(2)),
+            PrefillRow(ids=[5, 6, 7]), PrefillRow(ids=[8], head=piece(4))]
+    inputs = build_prefill(rows, 0, torch.device("cpu")).with_room(slots=6, lead=2)
+    like = torch.empty(len(rows), kvh, 0, d)
+    pmax = inputs.prefix_width
+    assert pmax == 10
+    for layer in range(layers):
+        torch.full((2, 6, kvh, pmax + 4, d), float("nan"))  # freed at once: memory the cache may get, NaNs and all
+        ours = inputs.layer_cache(layer, pmax + 4, like, layout)
+        theirs = inputs.layer_cache(layer, pmax + 4, like)
+        assert ours.shape == theirs.shape == (2, 6, kvh, pmax + 4, d)
+        assert torch.equal(ours[:, :, :, :pmax], theirs[:, :, :, :pmax])
+        assert ours[:, 4:].eq(0).all() and ours[:, 2, :, :pmax].eq(0).all()  # free slots; the row without a prefix
+        assert torch.equal(ours[:, 0, :, 2:7], rows[0].prefix[layer]) and torch.equal(ours[:, 3, :, 6:10],
+                                                                                      rows[3].head[layer])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("wide", "does not fit"),
+    ("dtype", "of out's dtype"),
+    ("strided", "blocks must be contiguous"),
+    ("fill", "cannot have 9 zeroed columns"),
+])
+def test_layout_refuses_bad_arguments_with_the_reason(layout, case, message):
+    out, piece, fill = torch.empty(2, 2, 1, 8, 4), torch.randn(2, 2, 1, 3, 4), [0, 0]
+    column = 0
+    if case == "wide":
+        column = 6
+    elif case == "dtype":
+        piece = piece.double()
+    elif case == "strided":
+        piece = torch.randn(2, 2, 1, 4, 3).transpose(3, 4)
+    elif case == "fill":
+        fill = [9, 0]
+    with pytest.raises(RuntimeError, match=message):
+        layout(out, [piece], [0], [column], fill, 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
