@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -79,10 +80,13 @@ void softmax_rows(float* scores, int64_t G, int64_t W, float* inv) {
 // measured alike).
 constexpr int64_t AHEAD = 8;
 
+// Column `col` of the [*, D] block at p, which may lie past the block's end (prefetches never fault; the address is
+// computed as an integer, not as a pointer past its object).
 template <int D>
-inline void prefetch_column(const float* p) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int b = 0; b < D * static_cast<int>(sizeof(float)); b += 64) __builtin_prefetch(c + b, 0, 0);
+inline void prefetch_column(const float* p, int64_t col) {
+  constexpr std::uintptr_t bytes = D * sizeof(float);
+  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(col) * bytes;
+  for (std::uintptr_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + b), 0, 0);
 }
 
 // One (row, KV head) with G and D known at compile time: the accumulators stay in registers.
@@ -91,7 +95,8 @@ void attend_fixed(const float* q, const float* k, const float* v, const bool* ke
                   float* out, float* scores, const float* next) {
   constexpr int C = D / 8;
   for (int64_t w = 0; w < W; ++w) {
-    prefetch_column<D>(w + AHEAD < W ? k + (w + AHEAD) * D : v + (w + AHEAD - W) * D);
+    if (w + AHEAD < W) prefetch_column<D>(k, w + AHEAD);
+    else prefetch_column<D>(v, w + AHEAD - W);
     if (!keep[w]) {
       for (int g = 0; g < G; ++g) scores[g * W + w] = -INFINITY;
       continue;
@@ -119,8 +124,8 @@ void attend_fixed(const float* q, const float* k, const float* v, const bool* ke
         for (int c = 0; c < N; ++c) acc[g][c] = w0 ? load(out + g * D + 8 * (c0 + c)) : splat(0.f);
       for (int64_t w = w0; w < w1; ++w) {
         if (c0 == 0) {
-          if (w + AHEAD < W) prefetch_column<D>(v + (w + AHEAD) * D);
-          else if (next != nullptr) prefetch_column<D>(next + (w + AHEAD - W) * D);
+          if (w + AHEAD < W) prefetch_column<D>(v, w + AHEAD);
+          else if (next != nullptr) prefetch_column<D>(next, w + AHEAD - W);
         }
         if (!keep[w]) continue;
         const float* vr = v + w * D + 8 * c0;

@@ -57,7 +57,8 @@ void layout(const at::Tensor& out, at::TensorList pieces, at::IntArrayRef rows, 
     if (fill[r] == 0) continue;
     for (int64_t kv = 0; kv < 2; ++kv)
       for (int64_t h = 0; h < KV; ++h)
-        blocks.push_back({nullptr, base + (kv * sk + static_cast<int64_t>(r) * sr + h * sh) * item, fill[r] * D * item});
+        blocks.push_back(
+            {nullptr, base + (kv * sk + static_cast<int64_t>(r) * sr + h * sh) * item, fill[r] * D * item});
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t a, int64_t b) {
     for (int64_t j = a; j < b; ++j) {
