@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -82,19 +83,11 @@ class PrefillInputs:
         if self.slots > n:
             out[:, n:] = 0
         pmax = self.prefix_width
-        if place is not None and out.device.type == "cpu" and all(
-            t.dtype == out.dtype and t.device.type == "cpu" and t.stride(4) == 1 and t.stride(3) == head_dim
-            for pieces in self.prefixes for t in pieces
+        placed = self._placed
+        if place is not None and placed is not None and out.device.type == "cpu" and all(
+            t.dtype == out.dtype for t in placed[0][:1]
         ):
-            rows, cols, pieces = [], [], []
-            for i, (row, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
-                at = pmax - width
-                for t in row:
-                    rows.append(i)
-                    cols.append(at)
-                    pieces.append(t)
-                    at += t.shape[3]
-            place(out, pieces, rows, cols, [pmax - width for width in self.prefix_lens], layer)
+            place(out, *placed, layer)
             return out
         for i, (pieces, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
             at = pmax - width
@@ -104,6 +97,26 @@ class PrefillInputs:
                 out[:, i, :, at : at + t.shape[3]] = t[layer]
                 at += t.shape[3]
         return out
+
+    @cached_property
+    def _placed(self) -> tuple[list[torch.Tensor], list[int], list[int], list[int]] | None:
+        """The native layout's arguments but the layer, the same for every layer: each piece with its row and first
+        column, and each row's columns to zero; None when a piece is one it cannot take (on another device or of
+        another dtype than the first, or with [P, head_dim] blocks that are not contiguous)."""
+        pieces = [t for row in self.prefixes for t in row]
+        if not all(
+            t.device.type == "cpu" and t.dtype == pieces[0].dtype and t.stride(4) == 1 and t.stride(3) == t.shape[4]
+            for t in pieces
+        ):
+            return None
+        rows, cols = [], []
+        for i, (row, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
+            at = self.prefix_width - width
+            for t in row:
+                rows.append(i)
+                cols.append(at)
+                at += t.shape[3]
+        return pieces, rows, cols, [self.prefix_width - width for width in self.prefix_lens]
 
     def past(self) -> list[torch.Tensor] | None:
         """Per layer [2, n, kv_heads, Pmax, head_dim], the rows' prefixes laid out; None when no row has one."""

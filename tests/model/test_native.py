@@ -217,6 +217,11 @@ def test_layout_places_every_piece_as_torch_does(layout):
         assert ours[:, 4:].eq(0).all() and ours[:, 2, :, :pmax].eq(0).all()  # free slots; the row without a prefix
         assert torch.equal(ours[:, 0, :, 2:7], rows[0].prefix[layer]) and torch.equal(ours[:, 3, :, 6:10],
                                                                                       rows[3].head[layer])
+    # no row with a prefix, but lead columns in front of them all: only zeroes to write
+    bare = build_prefill([PrefillRow(ids=[1]), PrefillRow(ids=[2, 3])], 0, torch.device("cpu")).with_room(3, 2)
+    for layer in range(layers):
+        torch.full((2, 3, kvh, 5, d), float("nan"))
+        assert bare.layer_cache(layer, 5, like[:2], layout)[:, :, :, :2].eq(0).all()
 
 
 @pytest.mark.parametrize("case,message", [
