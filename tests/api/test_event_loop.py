@@ -25,12 +25,12 @@ def served(serve, tiny_llama_dir, tmp_path_factory):
         yield client
 
 
-def _slowed(obj, name: str):
-    """Make obj.name take SLOW seconds longer; -> a function that undoes it."""
+def _slowed(obj, name: str, seconds: float = SLOW):
+    """Make obj.name take `seconds` longer; -> a function that undoes it."""
     original = getattr(obj, name)
 
     def slow(*args, **kwargs):
-        time.sleep(SLOW)
+        time.sleep(seconds)
         return original(*args, **kwargs)
 
     setattr(obj, name, slow)
@@ -94,6 +94,9 @@ def test_a_slow_tokenizer_does_not_stall_a_running_stream(served):
         with client.stream("POST", "/generate_stream", json=body) as s:
             arrivals.extend(time.monotonic() for line in s.iter_lines() if line.startswith("data:"))
 
+    # the tiny model decodes its 500 tokens in well under SLOW on a fast machine: steps paced to at least 8 ms each
+    # keep the stream running past the slow request
+    unpace = _slowed(engine, "_step", 0.008)
     thread = threading.Thread(target=stream, args=(served,))
     thread.start()
     time.sleep(0.2)  # the stream is running
@@ -104,7 +107,8 @@ def test_a_slow_tokenizer_does_not_stall_a_running_stream(served):
         end = time.monotonic()
     finally:
         undo()
-    thread.join()
+        thread.join()
+        unpace()
     assert r.status_code == 200 and end - start >= SLOW
     assert len(arrivals) == 500 and arrivals[-1] > end, "the stream ended before the slow request: nothing shown"
     during = [t for t in arrivals if start <= t <= end]
