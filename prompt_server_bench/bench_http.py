@@ -20,7 +20,8 @@ Loads, per endpoint (streamed /v1/completions and streamed /v1/chat/completions)
   - open loop: requests arriving as a Poisson process at R requests/s (R from --rates), as `vllm bench serve` does.
 
 With --rounds N, every series on a server runs N times, in reversed order every other round, and each point is
-pooled over the rounds (a machine whose speed drifts weighs on every series alike). The servers' caches stay warm
+pooled over the rounds (a machine whose speed drifts weighs on every series alike); the ratios between series of
+one server are also given round by round, with their median. The servers' caches stay warm
 from point to point, as in a running server: every adapter is used once before the
 first point, and prompts repeat across points (prefix caching sees their shared head). Reported per point: output
 tokens/s (generated tokens as each response's usage counts them, over the wall time from
@@ -37,6 +38,7 @@ import json
 import os
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +78,7 @@ class Point:
     errors: int = 0
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
+    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round pooled into this point
 
     @property
     def rate(self) -> float:
@@ -86,7 +89,8 @@ class Point:
                 "requests": self.requests, "errors": self.errors, "tokens": self.tokens,
                 "tokens_per_request": self.tokens / self.requests if self.requests else 0.0, "wall_s": self.wall,
                 "tokens_per_s": self.rate, "ttft_p50_s": pct(self.ttfts, 0.5), "ttft_p99_s": pct(self.ttfts, 0.99),
-                "itl_p50_s": pct(self.itls, 0.5), "itl_p99_s": pct(self.itls, 0.99)}
+                "itl_p50_s": pct(self.itls, 0.5), "itl_p99_s": pct(self.itls, 0.99),
+                "tokens_per_s_rounds": self.round_rates or [self.rate]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -239,6 +243,7 @@ def pooled(points: list[Point]) -> list[Point]:
         q.errors += p.errors
         q.ttfts += p.ttfts
         q.itls += p.itls
+        q.round_rates.append(p.rate)
     return list(out.values())
 
 
@@ -316,10 +321,21 @@ def table(points: list[dict]) -> str:
             other = by_key.get((against, p["endpoint"], "closed", p["level"]))
             if other and other is not p and other["tokens_per_s"]:
                 ratios.append(f"| {PATHS[p['endpoint']]} | {_load(p)} | {p['series']} / {against} | "
-                              f"{p['tokens_per_s'] / other['tokens_per_s']:.2f} |")
+                              f"{p['tokens_per_s'] / other['tokens_per_s']:.2f} | {_per_round(p, other)} |")
     if ratios:
-        lines += ["", "| endpoint | load | ratio of tokens/s | |", "|---|---|---|---:|", *ratios]
+        lines += ["", "| endpoint | load | ratio of tokens/s | pooled | per round (median) |",
+                  "|---|---|---|---:|---|", *ratios]
     return "\n".join(lines)
+
+
+def _per_round(p: dict, other: dict) -> str:
+    """The ratio in each round, where both series ran on one server in the same rounds (next to each other in time):
+    how much of the pooled ratio the machine's drift could move. Blank for one round or series of two servers."""
+    a, b = p.get("tokens_per_s_rounds", []), other.get("tokens_per_s_rounds", [])
+    if TRANSFORMERS in (p["series"], other["series"]) or len(a) < 2 or len(a) != len(b) or not all(b):
+        return ""
+    each = [x / y for x, y in zip(a, b)]
+    return ", ".join(f"{r:.2f}" for r in each) + f" ({statistics.median(each):.2f})"
 
 
 def plot(points: list[dict], path: Path) -> None:

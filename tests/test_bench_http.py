@@ -59,6 +59,25 @@ def test_rounds_alternate_the_series_order_and_pool_each_point(monkeypatch):
     assert (a.series, a.requests, a.tokens, a.wall, a.ttfts) == ("A", 6, 10 + 40 + 50, 1 + 4 + 5, [1, 4, 5])
     assert (b.series, b.requests, b.tokens, b.wall, b.ttfts) == ("B", 6, 20 + 30 + 60, 2 + 3 + 6, [2, 3, 6])
     assert a.rate == 100 / 10 and b.itls == [0.2, 0.3, 0.6]
+    assert a.round_rates == [10.0, 10.0, 10.0] and b.summary()["tokens_per_s_rounds"] == [10.0, 10.0, 10.0]
+
+
+def test_ratios_of_one_servers_series_are_also_given_round_by_round():
+    """Pooled ratios for every closed-loop point; per-round ratios and their median only between series that ran
+    in the same rounds on one server (not against transformers serve, not for one round)."""
+
+    def point(series, rates):
+        tokens = [100.0 * r for r in rates]  # 100 s per round
+        return Point(series, "completions", "closed", 32, requests=64, tokens=int(sum(tokens)),
+                     wall=100.0 * len(rates), round_rates=list(rates)).summary()
+
+    ours, base = ours_adapters(100), OURS_BASE
+    text = bench_http.table([point(ours, [9.0, 8.0, 10.0]), point(base, [10.0, 10.0, 10.0]),
+                             point(TRANSFORMERS, [4.0])])
+    assert f"| /v1/completions | 32 clients | {ours} / {base} | 0.90 | 0.90, 0.80, 1.00 (0.90) |" in text
+    assert f"| /v1/completions | 32 clients | {ours} / {TRANSFORMERS} | 2.25 |  |" in text
+    one = bench_http.table([point(ours, [9.0]), point(base, [10.0])])
+    assert f"| {ours} / {base} | 0.90 |  |" in one
 
 
 @pytest.mark.skipif(not TRANSFORMERS_CMD.exists(), reason="the transformers command is not installed")
