@@ -131,6 +131,37 @@ def test_newcomers_the_free_slots_cannot_hold_take_the_running_row_into_their_ca
     assert engine.stats()["cache_relayouts"] == 0
 
 
+def test_newcomers_much_shorter_than_the_running_row_join_its_batch_as_before(llama_world):
+    """Running rows more than twice as wide as the newcomers: the newcomers' prefill would attend over that width,
+    so no room is made; the batch's cache is laid out again for more slots (one copy) and the newcomers are written
+    into it. Every row still decodes what PEFT decodes for it alone."""
+    world = llama_world
+    engine = Engine(world.loaded, world.registry, Settings())
+    engine.ready = True  # no engine thread: the test steps it
+    long_prompt = PROMPTS[2] * 6
+    cases = [(None, PROMPTS[3]), ("prefix", PROMPTS[3])]
+
+    async def go():
+        first = engine.submit(greedy(long_prompt, None, n=8))
+        with torch.inference_mode():
+            for _ in range(2):
+                engine._step()
+            running = engine._batch
+            assert len(running) == len(running.rows) == 1
+            late = [engine.submit(greedy(p, a, n=5)) for a, p in cases]
+            engine._step()
+            assert engine._batch is running  # the newcomers joined the running batch
+            assert len(running) == 3 and running.sequences()[0] is not None
+            assert engine.stats()["cache_relayouts"] == 1  # its cache laid out again for more slots
+            while engine._batch is not None:
+                engine._step()
+        return await first.result(), [await h.result() for h in late]
+
+    first, late = asyncio.run(go())
+    assert [t.id for t in first.tokens] == world.oracle(None, long_prompt, 8)
+    assert [[t.id for t in r.tokens] for r in late] == [world.oracle(a, p, 5) for a, p in cases]
+
+
 def test_same_seed_same_text_whatever_the_batch(world):
     params = SamplingParams(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=1234)
     req = GenerateRequest(prompt=PROMPTS[0], adapter_id="p_tuning_mlp", max_new_tokens=12, sampling=params,
