@@ -17,6 +17,13 @@ def spare_for(rows: list[Sequence]) -> int:
     return min(MAX_SPARE, max((r.remaining for r in rows), default=1))
 
 
+def grown_slots(rows: int, slots: int, columns: int, max_rows: int, max_tokens: int) -> int:
+    """Slots for a cache that must hold `rows` rows and has `slots`: doubled, up to `max_rows` and to what
+    `max_tokens` cache columns in all allow at `columns` per slot (never fewer than the rows need: the scheduler
+    admitted them within that budget)."""
+    return max(rows, min(2 * slots, max_rows, max_tokens // columns))
+
+
 class RunningBatch:
     """The running rows, each in a slot (a row index) of one cache that outlives them.
 
@@ -95,10 +102,9 @@ class RunningBatch:
         width = max(self.kv.width - self.start, new.kv.width - new.start)
         free = [i for i, r in enumerate(self.rows) if r is None]
         if len(free) < n or new.kv.width - new.start > self.kv.width:
-            rows = len(self.alive) + n
             spare = spare_for(self.sequences() + new.sequences())
-            cap = min(max_rows, max_tokens // (width + spare))
-            self._relayout(max(rows, min(2 * len(self.rows), cap)), width, spare)
+            self._relayout(grown_slots(len(self.alive) + n, len(self.rows), width + spare, max_rows, max_tokens),
+                           width, spare)
             free = [i for i, r in enumerate(self.rows) if r is None]
         slots = torch.tensor(free[:n], dtype=torch.long, device=self.mask.device)
         w, col = new.kv.width - new.start, self.kv.width
@@ -115,6 +121,18 @@ class RunningBatch:
             self.rows[slot] = seq
         self._changed()
         return self
+
+    def join(self, part: RunningBatch, max_rows: int, max_tokens: int) -> RunningBatch:
+        """The batch holding this one's rows and `part`'s: `part` written into this one's free slots (admit), or,
+        when this one has no room for it and `part` has room for this one (a prefill given room,
+        PrefillInputs.with_room), this one's rows written into `part`'s, which copies the fewer columns and lays no
+        cache out again."""
+        fits_self = len(self.rows) - len(self) >= len(part) and part.kv.width - part.start <= self.kv.width
+        fits_part = len(part.rows) - len(part) >= len(self) and self.kv.width - self.start <= part.kv.width
+        if fits_part and not fits_self and part.kv.cross is None:
+            part.relayouts += self.relayouts
+            return part.admit(self, max_rows, max_tokens)
+        return self.admit(part, max_rows, max_tokens)
 
     def reserve(self, columns: int) -> None:
         """Room for `columns` more columns right of the shared one; a full cache is laid out again without the

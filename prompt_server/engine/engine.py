@@ -13,7 +13,7 @@ import torch
 
 from prompt_server.adapters.types import FAMILY_NAMES, SEQ2SEQ, SoftPrompt
 from prompt_server.engine.admission import Layout, Prepared
-from prompt_server.engine.batch import RunningBatch, length_groups, spare_for
+from prompt_server.engine.batch import RunningBatch, grown_slots, length_groups, spare_for
 from prompt_server.engine.classify import Classifier, ClassifyJob, plan_labels
 from prompt_server.engine.prefix_cache import PrefixCache
 from prompt_server.engine.prompt_kv import PromptKVCache
@@ -403,26 +403,18 @@ class Engine:
         if lead > own:
             return
         spare = spare_for(batch.sequences() + group.seqs)
-        cap = min(self.settings.max_batch_size, self.settings.max_batch_tokens // (max(after, own) + spare))
-        group.inputs = group.inputs.with_room(max(len(batch) + n, min(2 * len(batch.rows), cap)), lead)
+        slots = grown_slots(len(batch) + n, len(batch.rows), max(after, own) + spare, self.settings.max_batch_size,
+                            self.settings.max_batch_tokens)
+        group.inputs = group.inputs.with_room(slots, lead)
         group.spare = spare
 
     def _admit_rows(self, part: RunningBatch) -> None:
-        """Newly prefilled rows join the running batch (written into its free slots), or the running rows join
-        theirs when it was given room for them (_make_room) and the batch has none: the copy is of the fewer
-        columns, and the batch's cache is not laid out again."""
-        batch = self._batch
-        if batch is None:
+        """Newly prefilled rows join the running batch: into its free slots, or the running rows into theirs when
+        the prefill was given room for them (_make_room; RunningBatch.join)."""
+        if self._batch is None:
             self._batch = part
             return
-        limits = self.settings.max_batch_size, self.settings.max_batch_tokens
-        fits_batch = len(batch.rows) - len(batch) >= len(part) and part.kv.width - part.start <= batch.kv.width
-        fits_part = len(part.rows) - len(part) >= len(batch) and batch.kv.width - batch.start <= part.kv.width
-        if fits_part and not fits_batch and part.kv.cross is None:
-            part.relayouts += batch.relayouts
-            self._batch = part.admit(batch, *limits)
-        else:
-            batch.admit(part, *limits)
+        self._batch = self._batch.join(part, self.settings.max_batch_size, self.settings.max_batch_tokens)
 
     def _step_apart(self, decode: DecodeInputs | None, groups: list[Prepared]):
         """The step again, one part at a time: a failing decode fails the running rows, a failing group its own."""

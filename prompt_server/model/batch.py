@@ -82,41 +82,39 @@ class PrefillInputs:
         out = like.new_empty(2, max(n, self.slots), kv_heads, columns, head_dim)
         if self.slots > n:
             out[:, n:] = 0
-        pmax = self.prefix_width
-        placed = self._placed
-        if place is not None and placed is not None and out.device.type == "cpu" and all(
-            t.dtype == out.dtype for t in placed[0][:1]
-        ):
-            place(out, *placed, layer)
+        pieces, rows, cols, fill = self._plan
+        if place is not None and out.device.type == "cpu" and self._native_dtypes in (set(), {out.dtype}):
+            place(out, pieces, rows, cols, fill, layer)
             return out
-        for i, (pieces, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
-            at = pmax - width
+        for i, at in enumerate(fill):
             if at:
                 out[:, i, :, :at] = 0
-            for t in pieces:
-                out[:, i, :, at : at + t.shape[3]] = t[layer]
-                at += t.shape[3]
+        for t, i, at in zip(pieces, rows, cols):
+            out[:, i, :, at : at + t.shape[3]] = t[layer]
         return out
 
     @cached_property
-    def _placed(self) -> tuple[list[torch.Tensor], list[int], list[int], list[int]] | None:
-        """The native layout's arguments but the layer, the same for every layer: each piece with its row and first
-        column, and each row's columns to zero; None when a piece is one it cannot take (on another device or of
-        another dtype than the first, or with [P, head_dim] blocks that are not contiguous)."""
-        pieces = [t for row in self.prefixes for t in row]
-        if not all(
-            t.device.type == "cpu" and t.dtype == pieces[0].dtype and t.stride(4) == 1 and t.stride(3) == t.shape[4]
-            for t in pieces
-        ):
-            return None
-        rows, cols = [], []
+    def _plan(self) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
+        """Where every piece goes, the same for every layer: (pieces, each one's row, each one's first column, each
+        row's columns left of its prefix, to zero)."""
+        pieces, rows, cols = [], [], []
         for i, (row, width) in enumerate(zip(self.prefixes, self.prefix_lens)):
             at = self.prefix_width - width
             for t in row:
+                pieces.append(t)
                 rows.append(i)
                 cols.append(at)
                 at += t.shape[3]
         return pieces, rows, cols, [self.prefix_width - width for width in self.prefix_lens]
+
+    @cached_property
+    def _native_dtypes(self) -> set[torch.dtype] | None:
+        """The pieces' dtypes, where the native layout can take every piece (on the CPU, [P, head_dim] blocks
+        contiguous); None where it cannot. Checked once per prefill, not per layer."""
+        pieces = self._plan[0]
+        if not all(t.device.type == "cpu" and t.stride(4) == 1 and t.stride(3) == t.shape[4] for t in pieces):
+            return None
+        return {t.dtype for t in pieces}
 
     def past(self) -> list[torch.Tensor] | None:
         """Per layer [2, n, kv_heads, Pmax, head_dim], the rows' prefixes laid out; None when no row has one."""

@@ -143,6 +143,26 @@ def test_admit_writes_newcomers_into_free_slots_right_aligned():
     assert b.positions.tolist() == [10, 50, 12] and b.next_ids.tolist() == [100, 500, 102]
 
 
+def test_join_writes_the_running_rows_into_a_part_with_room_for_them():
+    """A running batch with no free slot and a prefilled part with one (PrefillInputs.with_room): the running row
+    goes into the part's free slot, right-aligned, and the part's cache becomes the batch's; nothing is laid out
+    again. Without room in the part, the part joins the batch as admit does."""
+    running = batch_of([[6, 7, 8]], [[1, 1, 1]], capacity=4)
+    part = batch_of([[0, 1, 2, 3], [0, 4, 5, 6]], [[0, 1, 1, 1], [0, 0, 1, 1]])
+    part.rows[1] = None  # a free slot (the room)
+    part.mask[1] = False
+    part._changed()
+    storage = part.kv.keys[0].data_ptr()
+    joined = running.join(part, max_rows=8, max_tokens=10**6)
+    assert joined is part and part.kv.keys[0].data_ptr() == storage and part.relayouts == 0
+    assert cols(part)[1][1:] == [6, 7, 8] and part.mask.int().tolist() == [[0, 1, 1, 1], [0, 1, 1, 1]]
+    assert part.positions.tolist() == [10, 10] and part.next_ids.tolist() == [100, 100]
+    no_room = batch_of([[6, 7]], [[1, 1]])
+    newcomer = batch_of([[1, 2]], [[1, 1]])
+    assert no_room.join(newcomer, max_rows=8, max_tokens=10**6) is no_room and len(no_room) == 2
+    assert no_room.relayouts == 1
+
+
 def test_admit_lays_the_cache_out_again_only_when_it_must_grow():
     b = batch_of([[1, 2], [3, 4]], [[1, 1], [0, 1]], capacity=4)
     wide = batch_of([[5, 6, 7]], [[1, 1, 1]])
