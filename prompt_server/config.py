@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         True, description="The server's C++ kernels on the lean path (CPU, float32): decode attention and the projections "
                           "of steps with few tokens; built once per machine at start (about 20 s; needs a C++ compiler, "
                           "else torch's kernels serve)")
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, the lean path's decode steps recorded as CUDA graphs (one per batch slot count and "
+                          "width bucket of 64 columns) and replayed with one launch; steps with newcomers run eagerly")
 
     # adapters
     adapters: Path | None = Field(None, description="Adapter store directory: loaded at start, uploads persist here")

@@ -30,7 +30,8 @@ def build_service(settings: Settings) -> Service:
     if keep_freed_memory():  # model/memory.py: large tensors reuse freed memory instead of fresh pages
         log.debug("the C library's allocator keeps freed memory for reuse")
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
-                        compile=settings.compile, native_kernels=settings.native_kernels)
+                        compile=settings.compile, native_kernels=settings.native_kernels,
+                        cuda_graphs=settings.cuda_graphs)
     registry = AdapterRegistry(
         loaded.spec,
         device=loaded.device,
@@ -57,14 +58,16 @@ def build_service(settings: Settings) -> Service:
         forward_path_reason=plan.reason,
         forward_compiled=plan.compiled,
         forward_native_kernels=plan.native_kernels,
+        forward_cuda_graphs=plan.cuda_graphs,
         max_position=plan.max_position,
         serving_notes=plan.notes,
         family=loaded.spec.family,
         tasks=FAMILY_TASKS[loaded.spec.family],
     )
-    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s%s", info.model_id, info.architecture,
+    log.info("serving %s (%s) on %s (%s) with %d adapters; %s forward%s%s%s%s", info.model_id, info.architecture,
              info.device, info.dtype, len(registry), plan.forward_path, f" ({plan.reason})" if plan.reason else "",
-             ", compiled" if plan.compiled else "", ", native kernels" if plan.native_kernels else "")
+             ", compiled" if plan.compiled else "", ", native kernels" if plan.native_kernels else "",
+             ", CUDA graphs" if plan.cuda_graphs else "")
     for note in plan.notes:
         log.info("exactness: %s", note)
     return Service(engine, registry, settings, info, skipped)

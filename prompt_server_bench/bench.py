@@ -341,7 +341,7 @@ def _load_as_served(args, model_dir):
     keep_freed_memory()
     settings = Settings()
     return load_model(model_dir, device=args.device, dtype=args.dtype, compile=settings.compile,
-                      native_kernels=settings.native_kernels)
+                      native_kernels=settings.native_kernels, cuda_graphs=settings.cuda_graphs)
 
 
 def _main_ttft(args) -> int:

@@ -47,6 +47,7 @@ class ModelInfo:
     tasks: tuple[str, ...] = ("CAUSAL_LM", "SEQ_CLS")  # the PEFT task types its adapters may have
     forward_compiled: bool = False  # the lean path's layers compiled (settings.compile, model/compiled.py)
     forward_native_kernels: bool = False  # decode attention and few-row projections by the CPU kernels (model/native.py)
+    forward_cuda_graphs: bool = False  # decode steps replayed as CUDA graphs (settings.cuda_graphs, model/graphs.py)
 
 
 class ClientGone(Exception):
@@ -230,6 +231,7 @@ class Service:
             family=i.family, tasks=list(i.tasks), forward_path=i.forward_path, forward_path_reason=i.forward_path_reason,
             forward_compiled=i.forward_compiled,
             forward_native_kernels=i.forward_native_kernels,
+            forward_cuda_graphs=i.forward_cuda_graphs,
             max_position=i.max_position, serving_notes=list(i.serving_notes), version=__version__,
             adapters_loaded=await self.adapter_count(),
             adapters_skipped=[SkippedAdapter(id=a, error=e) for a, e in self.skipped],

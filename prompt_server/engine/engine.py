@@ -64,7 +64,8 @@ class Engine:
         self.device = loaded.device
         # compiled only as the plan was proven (model/loader.py), and never the generic path that `fast=False` asks for
         self.runner = make_runner(loaded.model, loaded.plan.forward_path if fast else "generic",
-                                  compiled=fast and loaded.plan.compiled, native=fast and loaded.plan.native_kernels)
+                                  compiled=fast and loaded.plan.compiled, native=fast and loaded.plan.native_kernels,
+                                  graphs=fast and loaded.plan.cuda_graphs)
         self.max_position = loaded.plan.max_position
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(loaded)
@@ -276,6 +277,9 @@ class Engine:
         batch = self._batch
         running = (0 if batch is None else len(batch)) + len(self._prefilling)
         out = {"queue_depth": waiting, "running": running, **counters}
+        graphs = getattr(self.runner, "graphs", None)
+        if graphs is not None:  # model/graphs.py: decode steps replayed, and graphs recorded
+            out.update(decode_graph_steps=graphs.replays, decode_graph_captures=graphs.captures)
         if self.prompt_kv is not None:
             kv = self.prompt_kv
             out.update(prompt_kv_hits=kv.stats.hits, prompt_kv_misses=kv.stats.misses,

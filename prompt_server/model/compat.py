@@ -46,6 +46,7 @@ class ServingPlan:
     notes: tuple[str, ...] = ()  # limits imposed to stay exact, logged at start-up and shown in /info
     compiled: bool = False  # the lean path's layers compiled (model/compiled.py), proven like the path itself
     native_kernels: bool = False  # the lean path's CPU kernels (model/native.py), proven too
+    cuda_graphs: bool = False  # the lean path's decode steps replayed as CUDA graphs (model/graphs.py), proven too
 
 
 def installed_transformers() -> tuple[int, int]:

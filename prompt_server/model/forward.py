@@ -12,13 +12,16 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from prompt_server.model.batch import KV, Place, PrefillInputs, PrefillRow, build_prefill, embed
+
+if TYPE_CHECKING:
+    from prompt_server.model.graphs import DecodeGraphs
 
 # A transformers PreTrainedModel. Typed loosely: its submodules and config fields depend on its architecture, and the
 # start-up self-check, not the type checker, proves a runner reads them right.
@@ -179,10 +182,12 @@ def _cpu_rows(n: int) -> int:
     return 4 if n <= 4 else -(-n // 8) * 8
 
 
-def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = False, native: bool = False):
+def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = False, native: bool = False,
+                graphs: bool = False):
     """The runner for a serving plan's forward path: "lean" or "generic" (causal LMs), "encoder" (classifiers),
     "seq2seq" (encoder-decoder LMs). For the lean path, `compiled`: its layers compiled (model/compiled.py);
-    `native`: decode attention by the server's CPU kernel (model/native.py, built by the loader)."""
+    `native`: decode attention by the server's CPU kernel (model/native.py, built by the loader); `graphs`: decode
+    steps replayed as CUDA graphs (model/graphs.py) where the runner supports them."""
     if forward_path == "encoder":
         from prompt_server.model.encoder import EncoderRunner
 
@@ -191,7 +196,7 @@ def make_runner(model: HFModel, forward_path: str = "lean", compiled: bool = Fal
         from prompt_server.model.seq2seq_models import make_seq2seq_runner
 
         return make_seq2seq_runner(model)
-    return LlamaRunner(model, compiled, native) if forward_path == "lean" else HFRunner(model)
+    return LlamaRunner(model, compiled, native, graphs) if forward_path == "lean" else HFRunner(model)
 
 
 class CausalRunner(Runner[PrefillInputs]):
@@ -262,7 +267,7 @@ class LlamaRunner(CausalRunner):
 
     prefills_with_room = True
 
-    def __init__(self, model: HFModel, compiled: bool = False, native: bool = False):
+    def __init__(self, model: HFModel, compiled: bool = False, native: bool = False, graphs: bool = False):
         super().__init__(model)
         inner = model.model
         self.layers = inner.layers
@@ -299,6 +304,12 @@ class LlamaRunner(CausalRunner):
 
             self.compiled = compiled_layers(model)
             self.pad_rows = lambda n: max(n, MIN_ROWS)
+        self.graphs: DecodeGraphs | None = None
+        if graphs:  # model/graphs.py: on a GPU, decode steps without newcomers replayed as CUDA graphs
+            from prompt_server.model import graphs as cuda_graphs
+
+            if cuda_graphs.supported(self) is None:
+                self.graphs = cuda_graphs.DecodeGraphs(self)
 
     def prefill(self, inputs: PrefillInputs, spare: int) -> tuple[torch.Tensor, KV]:
         _, [(hidden, kv)] = self.step(None, [(inputs, spare)])
@@ -309,6 +320,10 @@ class LlamaRunner(CausalRunner):
         return hidden
 
     def step(self, decode: DecodeInputs | None, groups: list[tuple[PrefillInputs, int]]):
+        if decode is not None and not groups and self.graphs is not None:
+            hidden = self.graphs.decode(decode)
+            if hidden is not None:
+                return hidden, []
         parts: list[_Part] = []
         if decode is not None:
             parts.append(_DecodePart(self, decode))

@@ -101,6 +101,7 @@ def load_model(
     lean: bool = True,
     compile: bool = False,
     native_kernels: bool = True,
+    cuda_graphs: bool = True,
 ) -> LoadedModel:
     """Load a local causal LM or encoder classifier (None = the embedded default model) frozen, in eval mode.
 
@@ -108,7 +109,8 @@ def load_model(
     chosen (`lean=False` forces the generic one) and proven against the model's own forward. For the lean path,
     `native_kernels`: decode attention and few-row projections by the server's CPU kernels (model/native.py), and
     `compile`: the layers
-    compiled (model/compiled.py), each where it can be and passes the same proof.
+    compiled (model/compiled.py), `cuda_graphs`: decode steps replayed as CUDA graphs (model/graphs.py), each where it
+    can be and passes the same proof.
     """
     if path is None:
         from prompt_server.model.default import DefaultModelError, ensure_default_model
@@ -149,6 +151,8 @@ def load_model(
         serving = _native_plan(model, tokenizer.pad_token_id, serving, cache_dir)
     if compile:
         serving = _compiled_plan(model, tokenizer.pad_token_id, serving)
+    if cuda_graphs and torch_device.type == "cuda":
+        serving = _graphs_plan(model, tokenizer.pad_token_id, serving)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -207,6 +211,34 @@ def _compiled_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
         except Exception as exc:  # noqa: BLE001 -- a compiler failure must not keep the model from being served
             why = f"{type(exc).__name__}: {exc}"
     log.warning("serving the %s forward uncompiled: %s", path, why)
+    return chosen
+
+
+def _graphs_plan(model: Any, pad_id: int, chosen: ServingPlan) -> ServingPlan:
+    """The plan with decode steps replayed as CUDA graphs, once the self-check's decode steps, captured and replayed,
+    agree with the model's own forward; otherwise eager steps, with the reason logged."""
+    from prompt_server.model import graphs
+    from prompt_server.model.forward import LlamaRunner, make_runner
+    from prompt_server.model.selfcheck import DECODE_STEPS, SelfCheckFailed, check_runner
+
+    if chosen.forward_path != "lean":
+        return chosen  # the other paths run their models' own forward
+    runner = make_runner(model, "lean", compiled=chosen.compiled, native=chosen.native_kernels)
+    assert isinstance(runner, LlamaRunner)
+    why = graphs.supported(runner)
+    if why is None:
+        runner.graphs = graphs.DecodeGraphs(runner, after=0)  # every decode step of the check through a graph
+        try:
+            vocab = model.get_input_embeddings().weight.shape[0]
+            check_runner(runner, model, vocab, pad_id, chosen.max_position)
+            why = runner.graphs.off
+            if why is None and runner.graphs.replays != DECODE_STEPS:
+                why = f"{runner.graphs.replays} of the self-check's {DECODE_STEPS} decode steps ran as graphs"
+            if why is None:
+                return replace(chosen, cuda_graphs=True)
+        except (RuntimeError, SelfCheckFailed) as exc:
+            why = str(exc)
+    log.warning("decode steps run without CUDA graphs: %s", why)
     return chosen
 
 

@@ -27,6 +27,7 @@ def test_health_and_info(client):
     assert (info["architecture"], info["model_type"]) == ("LlamaForCausalLM", "llama")
     assert (info["forward_path"], info["forward_path_reason"], info["forward_compiled"]) == ("lean", "", False)
     assert info["forward_native_kernels"] is True  # float32 on the CPU: decode attention by the built kernel
+    assert info["forward_cuda_graphs"] is False  # no GPU
     assert info["max_position"] == 512 and info["serving_notes"] == []
 
 

@@ -92,3 +92,36 @@ def test_an_encoder_decoder_model_in_float32_on_cuda_matches_peft(model_type, tm
         expected = out[0, 1:].tolist()
         got = [t.id for t in result.tokens]
         assert got[: len(expected)] == expected, (adapter_id, prompt)
+
+
+def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path):
+    """model/graphs.py on the GPU: the loader proves the recorded decode step against the model's own forward, and
+    the engine then replays graphs for its decode steps (rows joining and leaving, width buckets passed), with
+    PEFT's tokens; the same load with graphs off gives the same tokens."""
+    from prompt_server.model.loader import load_model
+
+    model_dir = save_tiny_arch("llama", tmp_path / "m")
+    world = build_world(model_dir, tmp_path / "a", device="cuda")
+    assert world.loaded.plan.cuda_graphs
+    assert not load_model(model_dir, device="cuda", dtype="float32", progress=False,
+                          cuda_graphs=False).plan.cuda_graphs
+    long = 70  # past the first width bucket (64 columns)
+
+    async def go(engine):
+        assert engine.runner.graphs is not None
+        first = engine.submit(GenerateRequest(prompt=PROMPTS[0], adapter_id="prefix", max_new_tokens=long,
+                                              ignore_eos=True))
+        late, seen = [], 0
+        async for _ in first:
+            seen += 1
+            if seen == 4:
+                late = [engine.submit(GenerateRequest(prompt=p, adapter_id=a, max_new_tokens=NEW_TOKENS + i,
+                                                      ignore_eos=True)) for i, (a, p) in enumerate(CASES)]
+        return await first.result(), [await h.result() for h in late], engine.stats()
+
+    first, late, stats = run_engine(world, go)
+    assert [t.id for t in first.tokens] == world.oracle("prefix", PROMPTS[0], long)
+    for i, ((adapter_id, prompt), result) in enumerate(zip(CASES, late)):
+        assert [t.id for t in result.tokens] == world.oracle(adapter_id, prompt, NEW_TOKENS + i), adapter_id
+    assert stats["decode_graph_captures"] >= 2  # at least two width buckets
+    assert stats["decode_graph_steps"] > stats["steps"] / 2

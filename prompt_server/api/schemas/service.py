@@ -49,6 +49,7 @@ class Info(BaseModel):
     forward_path_reason: str
     forward_compiled: bool
     forward_native_kernels: bool
+    forward_cuda_graphs: bool
     max_position: int
     serving_notes: list[str]
     version: str
