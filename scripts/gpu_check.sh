@@ -37,3 +37,6 @@ timeout 200 python3 -m prompt_server_bench --model "$model" --device cuda --dtyp
     2>&1 | grep -v "Loading\|Writing\|warn" | tail -14
 timeout 150 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef --rounds 2 \
     --virtual-tokens 100 2>&1 | grep -v "Loading\|Writing\|warn" | tail -12
+echo "== bench, cuda bfloat16, 32 requests x 32 tokens, 8 virtual tokens: CUDA graphs off (PROMPT_SERVER_CUDA_GRAPHS=0)"
+PROMPT_SERVER_CUDA_GRAPHS=0 timeout 150 python3 -m prompt_server_bench --model "$model" --device cuda \
+    --dtype bfloat16 --modes de --rounds 2 2>&1 | grep -v "Loading\|Writing\|warn" | tail -8
