@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from prompt_server.model.forward import run_layers
 
@@ -58,28 +59,44 @@ def supported(runner: LlamaRunner) -> str | None:
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if runner.compiled is not None or runner.decode_kernel is not None:
         return "the compiled layers and the CPU kernels run their own decode step"
-    if "dynamic" in str(getattr(runner.rotary, "rope_type", "")):
-        return "dynamic rotary scaling reads the positions on the host every step"
+    rope = str(getattr(runner.rotary, "rope_type", ""))
+    if "dynamic" in rope or "longrope" in rope:
+        return f"{rope} rotary scaling may read the positions on the host every step"
     return None
 
 
 def cuda_capture() -> Capture:
-    """Recording on the GPU: one run on a side stream (lazy initialisation, cuBLAS workspaces) outside the graph, then
-    the recording into a memory pool of its own, shared by the graphs this capture records (one cache's: they never
-    run at once, and each one's output is kept with it); the pool is freed with the last of them."""
+    """Recording on the GPU, on a stream of its own: one run there first (lazy initialisation, cuBLAS's workspace for
+    that stream) outside the graph, then the recording, into a memory pool shared by the graphs this capture records
+    (one cache's: they never run at once, and each one's output is kept with it); the pool is freed with the last of
+    them. A recording that fails leaves the allocator and the thread's current stream as they were."""
     pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    device = torch.cuda.current_device()
 
     def capture(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             step()
+            # CUDAGraph's own calls rather than torch.cuda.graph, which synchronizes and empties the allocator's cache
+            # before every recording (one per cache and width bucket here) and, when the recording fails, stops before
+            # handing back the pool and the thread's stream. thread_local: the API threads' own CUDA work (an adapter
+            # upload moving its tensors to the GPU) neither fails nor breaks the recording; it runs on other streams.
+            try:
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            except RuntimeError:
+                _end_pool(device, pool)
+                raise
+            try:
+                out = step()
+            finally:
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    _end_pool(device, pool)
+                    raise
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the API threads' own CUDA work (an adapter upload moving its tensors to the GPU) neither
-        # fails nor breaks the recording; it runs on other streams than the one recorded
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = step()
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -88,6 +105,18 @@ def cuda_capture() -> Capture:
         return replay
 
     return capture
+
+
+def _end_pool(device: int, pool: tuple[int, int]) -> None:
+    """After a recording whose begin or end failed: stop routing allocations to its pool and drop its hold on it (a
+    graph whose capture did not end never releases its pool). Where the begin or end got part of the way, the
+    allocator refuses the half already done, which is fine. Not after an end that succeeded: the graph releases its
+    pool itself when it goes, and a second release would break the allocator's count."""
+    for undo in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+        try:
+            undo(device, pool)
+        except RuntimeError:
+            pass
 
 
 def uncaptured(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -110,6 +139,9 @@ class DecodeGraphs:
         self._steps = 0  # decode steps that cache has served
         self._graphs: dict[int, Callable[[], torch.Tensor]] = {}  # attended width -> replay
         self._buffers: _Buffers | None = None
+        # the eager step's attention on the same device (_DecodePart): torch's fused kernel on a GPU, written out on
+        # the CPU (where the tests run this step)
+        self.fused = runner.embed_tokens.weight.device.type != "cpu"
 
     def decode(self, inputs: DecodeInputs) -> torch.Tensor | None:
         """The running rows' hidden states [n, hidden] after a replayed graph, or None: run this step eagerly."""
@@ -125,10 +157,10 @@ class DecodeGraphs:
         if self._steps <= self.after:
             return None
         width = min(kv.capacity, -(-(kv.width + 1) // WIDTH_BUCKET) * WIDTH_BUCKET)
-        if self._buffers is None:
-            self._buffers = _Buffers(kv, self.runner.embed_tokens.weight.device)
-        bufs = self._buffers
         try:
+            if self._buffers is None:
+                self._buffers = _Buffers(kv, self.runner.embed_tokens.weight.device)
+            bufs = self._buffers
             bufs.load(inputs)
             replay = self._graphs.get(width)
             if replay is None:
@@ -136,6 +168,8 @@ class DecodeGraphs:
                 self._graphs[width] = replay
                 self.captures += 1
             out = replay()
+            n = inputs.ids.shape[0]
+            hidden = out[:n].clone() if inputs.slots is None else out[inputs.slots]
         except Exception as exc:  # noqa: BLE001 -- the eager step is exact: it writes the step's column again
             self.off = f"{type(exc).__name__}: {exc}"
             log.warning("decode steps run without CUDA graphs from now on: a graph failed (%s)", self.off)
@@ -143,8 +177,7 @@ class DecodeGraphs:
             return None
         self.replays += 1
         kv.width += 1
-        n = inputs.ids.shape[0]
-        return out[:n].clone() if inputs.slots is None else out[inputs.slots]
+        return hidden
 
     def _same_cache(self, kv: KV) -> bool:
         tensors = kv.keys + kv.values
@@ -156,7 +189,8 @@ class DecodeGraphs:
             if self._cache_capture is None:
                 self._cache_capture = cuda_capture()
             capture = self._cache_capture
-        return capture(lambda: _static_step(self.runner, kv, bufs, width))
+        fused = self.fused
+        return capture(lambda: _static_step(self.runner, kv, bufs, width, fused))
 
 
 class _Buffers:
@@ -182,7 +216,7 @@ class _Buffers:
         self.column.fill_(col)
 
 
-def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int) -> torch.Tensor:
+def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int, fused: bool) -> torch.Tensor:
     """One token for every slot -> hidden [slots, hidden]; shapes depend only on the cache and `width`, and nothing
     is read back to the host."""
     r, d = runner, runner.head_dim
@@ -190,7 +224,9 @@ def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int) -> tor
     slots = x.shape[0]
     cos, sin = r.rotary(x, bufs.positions[:, None])  # [S, 1, d]
     mask = bufs.mask[:, None, None, :width]  # [S, 1, 1, width]
-    bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+    bias = None
+    if not fused:
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q = q.view(slots, 1, r.n_heads, d).transpose(1, 2)  # [S, H, 1, d]
@@ -200,8 +236,12 @@ def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int) -> tor
         keys.index_copy_(2, bufs.column, k)
         values.index_copy_(2, bufs.column, v.reshape(slots, r.n_kv, 1, d))
         qg = q.reshape(slots, r.n_kv, r.n_heads // r.n_kv, d)  # [S, kv, g, d]: the heads that share a KV head
-        scores = torch.matmul(qg, keys[:, :, :width].transpose(-1, -2)).mul_(r.attn_scale).add_(bias)
-        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(qg.dtype), values[:, :, :width])
+        keys, values = keys[:, :, :width], values[:, :, :width]
+        if bias is not None:
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(r.attn_scale).add_(bias)
+            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(qg.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=r.attn_scale)
         return out.reshape(slots, -1)
 
     return run_layers(r.layers, r.norm, x, attend, r.linear)

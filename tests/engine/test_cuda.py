@@ -95,9 +95,9 @@ def test_an_encoder_decoder_model_in_float32_on_cuda_matches_peft(model_type, tm
 
 
 def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path):
-    """model/graphs.py on the GPU: the loader proves the recorded decode step against the model's own forward, and
-    the engine then replays graphs for its decode steps (rows joining and leaving, width buckets passed), with
-    PEFT's tokens; the same load with graphs off gives the same tokens."""
+    """model/graphs.py on the GPU: the loader proves the recorded decode step against the model's own forward (and
+    leaves it out when told to), and the engine then replays graphs for its decode steps, rows joining and leaving,
+    one cache recorded for two width buckets, with PEFT's tokens."""
     from prompt_server.model.loader import load_model
 
     model_dir = save_tiny_arch("llama", tmp_path / "m")
@@ -106,9 +106,20 @@ def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path)
     assert not load_model(model_dir, device="cuda", dtype="float32", progress=False,
                           cuda_graphs=False).plan.cuda_graphs
     long = 70  # past the first width bucket (64 columns)
+    widths: dict[int, set[int]] = {}  # per cache (its first keys tensor's id) the widths recorded
+    held = []  # the caches, so that no id is reused while the test runs
 
     async def go(engine):
-        assert engine.runner.graphs is not None
+        dg = engine.runner.graphs
+        assert dg is not None
+        capture_for = dg._capture_for
+
+        def recording(kv, bufs, width):
+            held.append(kv.keys[0])
+            widths.setdefault(id(kv.keys[0]), set()).add(width)
+            return capture_for(kv, bufs, width)
+
+        dg._capture_for = recording
         first = engine.submit(GenerateRequest(prompt=PROMPTS[0], adapter_id="prefix", max_new_tokens=long,
                                               ignore_eos=True))
         late, seen = [], 0
@@ -117,11 +128,57 @@ def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path)
             if seen == 4:
                 late = [engine.submit(GenerateRequest(prompt=p, adapter_id=a, max_new_tokens=NEW_TOKENS + i,
                                                       ignore_eos=True)) for i, (a, p) in enumerate(CASES)]
-        return await first.result(), [await h.result() for h in late], engine.stats()
+        return await first.result(), [await h.result() for h in late], engine.stats(), dg.off
 
-    first, late, stats = run_engine(world, go)
+    first, late, stats, off = run_engine(world, go)
+    assert off is None
     assert [t.id for t in first.tokens] == world.oracle("prefix", PROMPTS[0], long)
     for i, ((adapter_id, prompt), result) in enumerate(zip(CASES, late)):
         assert [t.id for t in result.tokens] == world.oracle(adapter_id, prompt, NEW_TOKENS + i), adapter_id
-    assert stats["decode_graph_captures"] >= 2  # at least two width buckets
+    assert max(len(w) for w in widths.values()) >= 2  # one cache recorded again past its first bucket
+    assert stats["decode_graph_captures"] == sum(len(w) for w in widths.values())
     assert stats["decode_graph_steps"] > stats["steps"] / 2
+
+
+def test_a_recording_that_fails_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """A recorded step that reads a value back to the host fails its recording: graphs go off, the thread is back
+    on its stream, the allocator still frees and records, eager steps give the eager result, and a fresh recording
+    afterwards replays what the eager step computes."""
+    from prompt_server.model import graphs
+    from prompt_server.model.forward import make_runner
+    from prompt_server.model.loader import load_model
+    from tests.model.test_graphs import _copy, _running, _step
+
+    loaded = load_model(save_tiny_arch("llama", tmp_path / "m"), device="cuda", dtype="float32", progress=False,
+                        cuda_graphs=False)
+    runner = make_runner(loaded.model, "lean", graphs=True)
+    assert runner.graphs is not None
+    stream = torch.cuda.current_stream()
+    kv, mask, ids, positions = _running(runner, slots=4)
+    eager_kv = _copy(kv)
+    step = graphs._static_step
+
+    def host_read(*args):
+        int(args[2].column)  # illegal while recording
+        return step(*args)
+
+    monkeypatch.setattr(graphs, "_static_step", host_read)
+    runner.graphs = dg = graphs.DecodeGraphs(runner, after=0)
+    got = _step(runner, kv, mask, ids, positions, None)
+    assert dg.off is not None and dg.replays == 0
+    assert torch.cuda.current_stream() == stream
+    torch.cuda.empty_cache()
+    runner.graphs = None
+    want = _step(runner, eager_kv, mask, ids, positions, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    monkeypatch.setattr(graphs, "_static_step", step)
+    runner.graphs = dg = graphs.DecodeGraphs(runner, after=0)
+    mask = torch.cat([mask, torch.tensor([True, True, True, False], device="cuda")[:, None]], dim=1)
+    got = _step(runner, kv, mask, ids, positions + 1, None)
+    assert dg.off is None and (dg.captures, dg.replays) == (1, 1)
+    runner.graphs = None
+    want = _step(runner, eager_kv, mask, ids, positions + 1, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
