@@ -36,8 +36,8 @@ class Settings(BaseSettings):
                           "of steps with few tokens; built once per machine at start (about 20 s; needs a C++ compiler, "
                           "else torch's kernels serve)")
     cuda_graphs: bool = Field(
-        True, description="On a GPU, the lean path's decode steps recorded as CUDA graphs (one per batch slot count and "
-                          "width bucket of 64 columns) and replayed with one launch; steps with newcomers run eagerly")
+        True, description="On a GPU, the lean path's decode steps recorded as CUDA graphs (one per batch cache and "
+                          "bucket of 64 attended columns) and replayed with one launch; steps with newcomers run eagerly")
 
     # adapters
     adapters: Path | None = Field(None, description="Adapter store directory: loaded at start, uploads persist here")

@@ -1,4 +1,4 @@
-"""The lean path's decode step as a CUDA graph, on a GPU: static shapes per cache and width bucket.
+"""The lean path's decode step as a CUDA graph, on a GPU: static shapes per cache and bucket of columns.
 
 On a GPU a small model's decode step is bound by launching its kernels (about 20 per layer), not by running them. A
 CUDA graph records one step's kernels once and replays them with a single launch. A graph fixes every shape and
@@ -7,8 +7,9 @@ address it was recorded with, so the step it records is written for that:
 - every slot of the running batch's cache takes part (free slots see only the column they write, so they stay
   finite; their outputs are dropped), so the shapes are the cache's slot count, which grows by doubling
   (engine/batch.py grown_slots): that is the batch-size bucket;
-- attention runs over the cache's first columns, rounded up to a multiple of WIDTH_BUCKET, under the step's mask;
-  a row's columns beyond its own are masked, so a graph serves every step until the width passes its bucket;
+- attention runs over the columns from the first one a row uses to the step's, each end rounded out to a multiple
+  of WIDTH_BUCKET, under the step's mask (a row's columns outside its own are masked), so a graph serves every step
+  until the width passes its bucket or the rows that used the first columns have left;
 - the step's token ids, positions, mask and column are copied into buffers the graph reads, and the new keys and
   values are written at that column by index (`index_copy_` with a tensor index), so nothing about a step is baked
   into the graph but the cache it writes.
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Attended columns are rounded up to a multiple of this: one graph per bucket of widths. Larger buckets capture less
+# The attended columns' ends are rounded out to multiples of this: one graph per bucket. Larger buckets capture less
 # often (every WIDTH_BUCKET steps of a long generation) and attend over more masked columns.
 WIDTH_BUCKET = 64
 # Eager decode steps a cache serves before its steps are captured: a capture costs an eager run and the recording.
@@ -125,7 +126,8 @@ def uncaptured(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 
 class DecodeGraphs:
-    """Decode steps by graphs captured per (cache, width bucket); `decode` returns None when a step runs eagerly."""
+    """Decode steps by graphs captured per (cache, bucket of columns); `decode` returns None when a step runs
+    eagerly."""
 
     def __init__(self, runner: LlamaRunner, capture: Capture | None = None, after: int = DECODE_STEPS_BEFORE_CAPTURE):
         self.runner = runner
@@ -137,7 +139,7 @@ class DecodeGraphs:
         self.replays = 0
         self._cache: list[weakref.ref] = []  # the cache the graphs below were captured on, layer by layer
         self._steps = 0  # decode steps that cache has served
-        self._graphs: dict[int, Callable[[], torch.Tensor]] = {}  # attended width -> replay
+        self._graphs: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}  # attended columns -> replay
         self._buffers: _Buffers | None = None
         # the eager step's attention on the same device (_DecodePart): torch's fused kernel on a GPU, written out on
         # the CPU (where the tests run this step)
@@ -156,16 +158,17 @@ class DecodeGraphs:
         self._steps += 1
         if self._steps <= self.after:
             return None
-        width = min(kv.capacity, -(-(kv.width + 1) // WIDTH_BUCKET) * WIDTH_BUCKET)
+        cols = (inputs.start // WIDTH_BUCKET * WIDTH_BUCKET,
+                min(kv.capacity, -(-(kv.width + 1) // WIDTH_BUCKET) * WIDTH_BUCKET))
         try:
             if self._buffers is None:
                 self._buffers = _Buffers(kv, self.runner.embed_tokens.weight.device)
             bufs = self._buffers
             bufs.load(inputs)
-            replay = self._graphs.get(width)
+            replay = self._graphs.get(cols)
             if replay is None:
-                replay = self._capture_for(kv, bufs, width)
-                self._graphs[width] = replay
+                replay = self._capture_for(kv, bufs, cols)
+                self._graphs[cols] = replay
                 self.captures += 1
             out = replay()
             n = inputs.ids.shape[0]
@@ -183,14 +186,14 @@ class DecodeGraphs:
         tensors = kv.keys + kv.values
         return len(tensors) == len(self._cache) and all(ref() is t for ref, t in zip(self._cache, tensors))
 
-    def _capture_for(self, kv: KV, bufs: _Buffers, width: int) -> Callable[[], torch.Tensor]:
+    def _capture_for(self, kv: KV, bufs: _Buffers, cols: tuple[int, int]) -> Callable[[], torch.Tensor]:
         capture = self._capture
         if capture is None:
             if self._cache_capture is None:
                 self._cache_capture = cuda_capture()
             capture = self._cache_capture
         fused = self.fused
-        return capture(lambda: _static_step(self.runner, kv, bufs, width, fused))
+        return capture(lambda: _static_step(self.runner, kv, bufs, cols, fused))
 
 
 class _Buffers:
@@ -216,14 +219,15 @@ class _Buffers:
         self.column.fill_(col)
 
 
-def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int, fused: bool) -> torch.Tensor:
-    """One token for every slot -> hidden [slots, hidden]; shapes depend only on the cache and `width`, and nothing
-    is read back to the host."""
+def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, cols: tuple[int, int], fused: bool) -> torch.Tensor:
+    """One token for every slot -> hidden [slots, hidden], attending over columns [lo, hi) of `cols`; shapes depend
+    only on the cache and `cols`, and nothing is read back to the host."""
     r, d = runner, runner.head_dim
     x = r.embed_tokens(bufs.ids)  # [S, hidden]
     slots = x.shape[0]
     cos, sin = r.rotary(x, bufs.positions[:, None])  # [S, 1, d]
-    mask = bufs.mask[:, None, None, :width]  # [S, 1, 1, width]
+    lo, hi = cols
+    mask = bufs.mask[:, None, None, lo:hi]  # [S, 1, 1, hi - lo]
     bias = None
     if not fused:
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
@@ -236,7 +240,7 @@ def _static_step(runner: LlamaRunner, kv: KV, bufs: _Buffers, width: int, fused:
         keys.index_copy_(2, bufs.column, k)
         values.index_copy_(2, bufs.column, v.reshape(slots, r.n_kv, 1, d))
         qg = q.reshape(slots, r.n_kv, r.n_heads // r.n_kv, d)  # [S, kv, g, d]: the heads that share a KV head
-        keys, values = keys[:, :, :width], values[:, :, :width]
+        keys, values = keys[:, :, lo:hi], values[:, :, lo:hi]
         if bias is not None:
             scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(r.attn_scale).add_(bias)
             out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(qg.dtype), values)

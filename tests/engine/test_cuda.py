@@ -106,7 +106,7 @@ def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path)
     assert not load_model(model_dir, device="cuda", dtype="float32", progress=False,
                           cuda_graphs=False).plan.cuda_graphs
     long = 70  # past the first width bucket (64 columns)
-    widths: dict[int, set[int]] = {}  # per cache (its first keys tensor's id) the widths recorded
+    widths: dict[int, set[tuple[int, int]]] = {}  # per cache (its first keys tensor's id) the columns recorded
     held = []  # the caches, so that no id is reused while the test runs
 
     async def go(engine):
@@ -114,10 +114,10 @@ def test_decode_steps_replay_cuda_graphs_proven_at_load_and_match_peft(tmp_path)
         assert dg is not None
         capture_for = dg._capture_for
 
-        def recording(kv, bufs, width):
+        def recording(kv, bufs, cols):
             held.append(kv.keys[0])
-            widths.setdefault(id(kv.keys[0]), set()).add(width)
-            return capture_for(kv, bufs, width)
+            widths.setdefault(id(kv.keys[0]), set()).add(cols)
+            return capture_for(kv, bufs, cols)
 
         dg._capture_for = recording
         first = engine.submit(GenerateRequest(prompt=PROMPTS[0], adapter_id="prefix", max_new_tokens=long,

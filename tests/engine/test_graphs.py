@@ -20,15 +20,15 @@ def test_rows_decoded_by_the_static_step_match_peft(llama_world, monkeypatch):
     long = "Once upon a time there was a little cat who lived in a small house by the river, and it was glad."
     cases = [(a, "the cat sat on the mat", 6 + 2 * i) for i, a in enumerate((None, *VARIANTS))]
     cases.append(("p_tuning_lstm", long, 6))
-    captured: list[tuple[object, int]] = []
+    captured: list[tuple[object, tuple[int, int]]] = []
 
     async def go(engine):
         dg = graphs.DecodeGraphs(engine.runner, capture=graphs.uncaptured, after=1)
         capture_for = dg._capture_for
 
-        def recording(kv, bufs, width):
-            captured.append((kv.keys[0], width))
-            return capture_for(kv, bufs, width)
+        def recording(kv, bufs, cols):
+            captured.append((kv.keys[0], cols))
+            return capture_for(kv, bufs, cols)
 
         dg._capture_for = recording
         engine.runner.graphs = dg

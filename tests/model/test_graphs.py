@@ -28,14 +28,15 @@ def runner(tmp_path_factory) -> LlamaRunner:
     return r
 
 
-def _running(runner: LlamaRunner, slots: int):
+def _running(runner: LlamaRunner, slots: int, lead: int = 0):
     """Three rows of different lengths, one behind a prefix, prefilled into a cache of `slots` slots with 4 spare
-    columns, on the runner's device: -> (kv, mask [slots, W] bool, next ids [3], positions [3])."""
+    columns and `lead` columns no row uses in front, on the runner's device: -> (kv, mask [slots, W] bool, next ids
+    [3], positions [3])."""
     device = runner.embed_tokens.weight.device
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randn(2, 2, 2, 3, 16, generator=gen).to(device, runner.embed_tokens.weight.dtype)
     rows = [PrefillRow(ids=[5, 6, 7, 8, 9, 10]), PrefillRow(ids=[11, 12], prefix=prefix), PrefillRow(ids=[13, 14, 15])]
-    inputs = build_prefill(rows, 0, device).with_room(slots=slots, lead=0)
+    inputs = build_prefill(rows, 0, device).with_room(slots=slots, lead=lead)
     with torch.inference_mode():
         _, kv = runner.prefill(inputs, 4)
     mask = torch.zeros(slots, kv.width, dtype=torch.bool, device=device)
@@ -67,21 +68,24 @@ def _copy(kv: KV) -> KV:
     return KV([k.clone() for k in kv.keys], [v.clone() for v in kv.values], kv.width)
 
 
-def _step(runner: LlamaRunner, kv: KV, mask: torch.Tensor, ids, positions, slots) -> torch.Tensor:
+def _step(runner: LlamaRunner, kv: KV, mask: torch.Tensor, ids, positions, slots, start: int = 0) -> torch.Tensor:
     new = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
     new[slots if slots is not None else slice(0, len(ids))] = True
     with torch.inference_mode():
-        return runner.decode(DecodeInputs(ids, kv, torch.cat([mask, new], dim=1), positions, slots=slots))
+        return runner.decode(DecodeInputs(ids, kv, torch.cat([mask, new], dim=1), positions, slots=slots,
+                                          start=start))
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("free_slot_between", [False, True])
-def test_the_static_step_computes_what_the_eager_step_does(runner, free_slot_between, fused):
+@pytest.mark.parametrize(("free_slot_between", "lead"), [(False, 0), (True, 0), (True, 9)])
+def test_the_static_step_computes_what_the_eager_step_does(runner, free_slot_between, lead, fused, monkeypatch):
     """Rows of three lengths (so leading masked columns), one behind a prefix, in a cache with free slots after them
-    and, in one case, a free slot between them: the same hidden states and written keys/values as the eager step;
-    a free slot's columns change only in the column the step writes, and stay finite. `fused`: the attention a GPU
-    records (torch's fused kernel under the boolean mask), here on the CPU against the eager step written out."""
-    kv, mask, ids, positions = _running(runner, slots=5)
+    and, in some cases, a free slot between them and columns no row uses in front (the step attends from the bucket
+    they start: here 8 of them are skipped): the same hidden states and written keys/values as the eager step; a free
+    slot's columns change only in the column the step writes, and stay finite. `fused`: the attention a GPU records
+    (torch's fused kernel under the boolean mask), here on the CPU against the eager step written out."""
+    monkeypatch.setattr(graphs, "WIDTH_BUCKET", 8)
+    kv, mask, ids, positions = _running(runner, slots=5, lead=lead)
     slots = None
     if free_slot_between:  # the rows in slots 0, 2, 3; slot 1 freed
         with torch.inference_mode():
@@ -91,14 +95,19 @@ def test_the_static_step_computes_what_the_eager_step_does(runner, free_slot_bet
         mask[[0, 2, 3]] = mask[[0, 1, 2]].clone()
         mask[1] = False
         slots = torch.tensor([0, 2, 3])
+    if lead:  # columns before the bucket the rows start in are not attended: NaN there would show
+        with torch.inference_mode():
+            for t in kv.keys + kv.values:
+                t[:, :, :8] = float("nan")
     eager_kv = _copy(kv)
-    eager = _step(runner, eager_kv, mask, ids, positions, slots)
+    eager = _step(runner, eager_kv, mask, ids, positions, slots, start=lead)
     before = _copy(kv)
     runner.graphs = graphs.DecodeGraphs(runner, capture=_no_host_reads, after=0)
     runner.graphs.fused = fused
     try:
-        static = _step(runner, kv, mask, ids, positions, slots)
+        static = _step(runner, kv, mask, ids, positions, slots, start=lead)
         assert runner.graphs.replays == 1 and runner.graphs.captures == 1
+        assert list(runner.graphs._graphs) == [(8 if lead else 0, min(kv.capacity, 8 * -(-kv.width // 8)))]
     finally:
         runner.graphs = None
     torch.testing.assert_close(static, eager, rtol=0, atol=1e-5)
@@ -107,9 +116,10 @@ def test_the_static_step_computes_what_the_eager_step_does(runner, free_slot_bet
     used = [0, 1, 2] if slots is None else slots.tolist()
     free = [s for s in range(5) if s not in used]
     for got, want, old in zip(kv.keys + kv.values, eager_kv.keys + eager_kv.values, before.keys + before.values):
-        torch.testing.assert_close(got[used, :, : col + 1], want[used, :, : col + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[used, :, : col + 1], want[used, :, : col + 1], rtol=0, atol=1e-5,
+                                   equal_nan=True)
         others = [c for c in range(got.shape[2]) if c != col]
-        torch.testing.assert_close(got[free][:, :, others], old[free][:, :, others], rtol=0, atol=0)
+        torch.testing.assert_close(got[free][:, :, others], old[free][:, :, others], rtol=0, atol=0, equal_nan=True)
         assert torch.isfinite(got[free, :, col]).all()
 
 
@@ -132,7 +142,7 @@ def test_graphs_are_captured_once_per_cache_and_width_bucket_after_its_first_ste
             mask = torch.cat([mask, torch.tensor([True, True, True, False])[:, None]], dim=1)
             positions = positions + 1
         assert (dg.replays, dg.captures) == (3, 1)  # step 1 eager; one graph (bucket 16 capped at 13 columns)
-        assert list(dg._graphs) == [13]
+        assert list(dg._graphs) == [(0, 13)]
 
         kv, mask, ids, positions = _running(runner, slots=4)  # a new cache: counted afresh, old graphs dropped
         kv.reserve(10)  # capacity 19 (a new cache again), width 9
@@ -145,7 +155,7 @@ def test_graphs_are_captured_once_per_cache_and_width_bucket_after_its_first_ste
         # step 1 eager (width 9 -> 10); steps 2-7 write columns 10..15 (bucket 16); steps 8-9 columns 16, 17 (19)
         assert widths == list(range(10, 19))
         assert (dg.replays, dg.captures) == (3 + 8, 1 + 2)
-        assert sorted(dg._graphs) == [16, 19]
+        assert sorted(dg._graphs) == [(0, 16), (0, 19)]
     finally:
         runner.graphs = None
     assert len(recorded) == 3
