@@ -76,6 +76,7 @@ class Layout:
                 # prompt token's logprob is asked for, nor behind virtual tokens run inline)
                 if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
                     start, head = self.prefix_cache.lookup(adapter_key(s.adapter), s.prompt_ids)
+                s.shared = [t for t in (prefix, head) if t is not None]
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
             rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix, head=head))
             starts.append(start)

@@ -363,6 +363,7 @@ class Engine:
                 positions=batch.positions[slots],
                 slots=None if batch.dense else slots,
                 start=batch.start,
+                pieces=[s.shared for s in batch.sequences()] if self.runner.reads_pieces else None,
             )
         if decode is None and not groups:
             return

@@ -562,3 +562,43 @@ def test_a_soft_prompt_that_cannot_be_computed_fails_only_its_own_requests(llama
     results = run_engine(world, go)
     for adapter_id, result in zip(("p_tuning_mlp", "prefix", None), results):
         assert [t.id for t in result.tokens] == world.oracle(adapter_id, PROMPTS[0], 6), adapter_id
+
+
+def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied_from(llama_world, monkeypatch):
+    """Rows that share their adapter's soft prompt or prefix, or a cached prompt head, decode reading them from the
+    one tensor they were copied from (model/forward.py _redirects, the CPU decode kernel): both pieces, the soft
+    prompt alone, the head alone (behind a soft prompt no other row has); every row's tokens and log-probabilities
+    are PEFT's."""
+    from prompt_server.model import forward
+
+    tables = []
+    redirects = forward._redirects
+
+    def spy(pieces, mask, rows):
+        shared, table = redirects(pieces, mask, rows)
+        if table is not None:
+            tables.append(table.clone())
+        return shared, table
+
+    monkeypatch.setattr(forward, "_redirects", spy)
+    head = "once upon a time there was a little cat who"
+    cases = [("prefix", head + " sat"), ("prefix", head + " ran"), ("prefix", "the cat sat on the mat"),
+             ("prompt_tuning", PROMPTS[0]), ("prompt_tuning", PROMPTS[1]), (None, head + " slept"),
+             (None, head + " woke"), ("p_tuning_mlp", head + " sang")]
+
+    async def go(engine):
+        assert engine.runner.reads_pieces
+        for a in ("prefix", None, "p_tuning_mlp"):  # the head, cached under each of them
+            await engine.submit(greedy(head + " ate", a, n=2)).result()
+        tables.clear()
+        handles = [engine.submit(greedy(p, a, n=8)) for a, p in cases]
+        return [await h.result() for h in handles]
+
+    results = run_engine(llama_world, go)
+    for (adapter_id, prompt), result in zip(cases, results):
+        llama_world.check_logprobs(adapter_id, prompt, result)
+    assert tables, "no decode step read a shared piece"
+    entries = {tuple(int(x) > -1 for x in row[1::2]) for table in tables for row in table}
+    # a row reading its soft prompt and its head (prefix rows on the cached head), one reading one piece (the
+    # prompt-tuning rows' soft prompt; the rows without adapter on the cached head), and one reading none
+    assert {(True, True), (True, False), (False, False)} <= entries

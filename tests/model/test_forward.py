@@ -62,3 +62,31 @@ def test_a_prefill_with_room_computes_what_one_without_does(tmp_path):
     for a, b in zip(kv_roomy.keys + kv_roomy.values, kv_plain.keys + kv_plain.values):
         torch.testing.assert_close(a[:2, :, 4:], b, rtol=0, atol=1e-6)
         assert a[:2, :, :4].eq(0).all() and a[2:].eq(0).all()
+
+
+def test_only_pieces_two_rows_share_are_redirected_with_the_column_they_start_at():
+    """_redirects: per row (its first redirected piece's column, piece, columns, piece, columns); a piece only one row
+    has is read from the row's copy, so a row may start at its second piece; rows without shared pieces get -1; two
+    views of the same keys/values are one piece."""
+    def piece(p):
+        return torch.zeros(2, 2, 1, p, 8)
+
+    soft, head, own, own2 = piece(3), piece(2), piece(5), piece(6)
+    cached = piece(9)  # a cached head: each lookup hands out its own view of the same keys/values
+    head2, head2_again = cached[:, :, :, :4], cached[:, :, :, :4]
+    pieces = [[soft, head], [soft, head2], [own2, head2_again], [own], []]
+    mask = torch.zeros(6, 20, dtype=torch.bool)
+    for slot, first in zip([0, 1, 2, 4, 5], [2, 0, 1, 3, 7]):
+        mask[slot, first:] = True
+    rows = torch.tensor([0, 1, 2, 4, 5])  # slot 3 is free
+    shared, table = forward._redirects(pieces, mask, rows)
+    assert [id(t) for t in shared] == [id(soft), id(head2)]
+    assert table.tolist() == [
+        [2, 0, 3, -1, -1],  # soft shared, its own head not
+        [0, 0, 3, 1, 4],  # soft, then head2
+        [1 + 6, 1, 4, -1, -1],  # its own piece read from its copy; head2 after it
+        [3, -1, -1, -1, -1],
+        [7, -1, -1, -1, -1],
+    ]
+    assert forward._redirects([[own], [own2], []], mask[:3], torch.arange(3)) == ([], None)
+    assert forward._redirects(None, mask, rows) == ([], None)

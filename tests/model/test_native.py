@@ -73,10 +73,83 @@ def test_kernel_matches_softmax_attention(kernel, kv, g, d, width):
         keys[slot, :, start:start + width][:, dropped[i]] = float("nan")
         values[slot, :, start:start + width][:, dropped[i]] = float("nan")
     scale = 1 / math.sqrt(d)
-    out = kernel(q, keys, values, rows, keep, start, scale)
+    out = kernel(q, keys, values, rows, keep, start, scale, [], None, 0)
     assert out.shape == q.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), reference(q, keys, values, rows, keep, start, scale), atol=2e-6,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (1, 3, 24)])  # a specialised shape and the generic loop
+def test_kernel_reads_shared_pieces_where_the_rows_columns_were_copied_from(kernel, kv, g, d):
+    """Rows whose first kept columns are copies of shared pieces (a soft prompt, then a cached head; one piece; none;
+    two rows on the same pieces): given the pieces, the kernel reads those columns there, bit for bit the result of
+    reading the copies, and with the copies overwritten by garbage still the result for the pieces' values."""
+    gen = torch.Generator().manual_seed(11)
+    layers, layer, slots, start, width = 3, 1, 6, 2, 40
+    soft = torch.randn(layers, 2, kv, 9, d, generator=gen)  # [L, 2, KV, P, D]
+    head = torch.randn(layers, 2, kv, 5, d, generator=gen)
+    other = torch.randn(layers, 2, kv, 4, d, generator=gen)
+    keys = torch.randn(slots, kv, start + width + 3, d, generator=gen)
+    values = torch.randn(slots, kv, start + width + 3, d, generator=gen)
+    keep = torch.rand(slots, width, generator=gen) > 0.3
+    keep[:, -1] = True
+    rows = torch.tensor([0, 1, 3, 4, 5])
+    plan = {0: ([soft, head], 4), 1: ([soft, head], 2), 3: ([other], 0), 4: ([], 0), 5: ([soft], 11)}
+    shared, index = [soft, head, other], {id(soft): 0, id(head): 1, id(other): 2}
+    redirect = torch.full((len(rows), 5), -1, dtype=torch.long)
+    for i, slot in enumerate(rows.tolist()):
+        pieces, first = plan[slot]
+        keep[slot, :first] = False
+        at = start + first
+        redirect[i, 0] = at
+        for j, t in enumerate(pieces):
+            p = t.shape[3]
+            keys[slot, :, at : at + p] = t[layer, 0]
+            values[slot, :, at : at + p] = t[layer, 1]
+            keep[slot, at - start : at - start + p] = True
+            redirect[i, 1 + 2 * j], redirect[i, 2 + 2 * j] = index[id(t)], p
+            at += p
+    q = torch.randn(len(rows), kv, g, d, generator=gen)
+    scale = 1 / math.sqrt(d)
+    copies = kernel(q, keys, values, rows, keep, start, scale, [], None, 0)
+    shared_out = kernel(q, keys, values, rows, keep, start, scale, shared, redirect, layer)
+    assert torch.equal(shared_out, copies)
+    expected = reference(q, keys, values, rows, keep, start, scale)
+    for i, slot in enumerate(rows.tolist()):  # the copies overwritten: only the pieces hold the values now
+        pieces, first = plan[slot]
+        p = sum(t.shape[3] for t in pieces)
+        keys[slot, :, start + first : start + first + p] = 1e4
+        values[slot, :, start + first : start + first + p] = float("nan")
+    got = kernel(q, keys, values, rows, keep, start, scale, shared, redirect, layer)
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("index", "names piece 3"),
+    ("columns", "names piece 0 for 10 columns"),
+    ("window", "leave the window"),
+    ("layer", "holding layer 2"),
+    ("shape", "redirect: long"),
+])
+def test_kernel_refuses_bad_pieces_with_the_reason(kernel, case, message):
+    q = torch.randn(2, 1, 2, 16)
+    keys = values = torch.randn(2, 1, 12, 16)
+    rows, keep = torch.arange(2), torch.ones(2, 8, dtype=torch.bool)
+    pieces = [torch.randn(2, 2, 1, 6, 16)]
+    redirect = torch.tensor([[1, 0, 6, -1, 0], [1, -1, 0, -1, 0]])
+    layer = 1
+    if case == "index":
+        redirect[0, 1] = 3
+    elif case == "columns":
+        redirect[0, 2] = 10
+    elif case == "window":
+        redirect[0, 0] = 5  # columns 5..10 of a window of 1..8
+    elif case == "layer":
+        layer = 2
+    elif case == "shape":
+        redirect = redirect[:, :4].contiguous()
+    with pytest.raises(RuntimeError, match=message):
+        kernel(q, keys, values, rows, keep, 1, 0.25, pieces, redirect, layer)
 
 
 def test_kernel_reads_the_cache_through_views(kernel):
@@ -89,7 +162,7 @@ def test_kernel_reads_the_cache_through_views(kernel):
     mask = torch.ones(5, 30, dtype=torch.bool)
     keep = mask[:, 4:]  # a view with a row stride of 30
     rows = torch.arange(5)
-    out = kernel(q, keys, values, rows, keep, 4, 0.125)
+    out = kernel(q, keys, values, rows, keep, 4, 0.125, [], None, 0)
     torch.testing.assert_close(out.double(), reference(q, keys, values, rows, keep, 4, 0.125), atol=2e-6, rtol=1e-5)
 
 
@@ -116,7 +189,7 @@ def test_kernel_refuses_bad_arguments_with_the_reason(kernel, case, message):
     elif case == "rows":
         rows = rows.int()
     with pytest.raises(RuntimeError, match=message):
-        kernel(q, keys, values, rows, keep, start, 0.25)
+        kernel(q, keys, values, rows, keep, start, 0.25, [], None, 0)
 
 
 def test_loader_serves_the_kernel_where_it_is_built_and_proven(tiny_llama_dir, tiny_gpt2_dir):

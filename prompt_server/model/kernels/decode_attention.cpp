@@ -6,6 +6,11 @@
 // value is read once for all G queries, where the batched products of torch's own path run a tiny matrix product
 // per (row, KV head) at about half of memory speed. The vectors are GCC/Clang vector extensions, so the same source
 // builds for AVX2 and for any other target; the sums run in float32 like transformers' eager attention.
+//
+// Shared pieces: a row's first kept columns hold copies of the keys and values in front of its tokens (its soft
+// prompt's or prefix's, a cached prompt head), which rows of one adapter or one head have alike. Given the tensors
+// they were copied from, the kernel reads those columns there instead: the same values in the same order (so the
+// same result, bit for bit), from one place for every row that shares them, where they stay in cache.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -74,34 +80,70 @@ void softmax_rows(float* scores, int64_t G, int64_t W, float* inv) {
   }
 }
 
+// Where a task reads column w (0 .. W-1 of its window) from: columns [b0, e0) from piece 0, [e0, e1) from piece 1
+// (the keys/values the row's copies were made from), every other column from the row's slot. No pieces: b0 = e0 =
+// e1 = 0.
+struct Redirect {
+  int64_t b0 = 0, e0 = 0, e1 = 0;
+  const float *k0 = nullptr, *v0 = nullptr, *k1 = nullptr, *v1 = nullptr;
+};
+
+// The address of each of the task's W columns (keys or values), into `at`: filled once per task, so the loops below
+// read through it with no branch. Integers, not pointers, so that no pointer is formed past an object.
+inline void column_addresses(std::uintptr_t* at, const float* slot, const float* piece0, const float* piece1,
+                             const Redirect& r, int64_t W, int64_t D) {
+  const std::uintptr_t bytes = static_cast<std::uintptr_t>(D) * sizeof(float);
+  const std::uintptr_t s = reinterpret_cast<std::uintptr_t>(slot);
+  for (int64_t w = 0; w < W; ++w) at[w] = s + static_cast<std::uintptr_t>(w) * bytes;
+  const std::uintptr_t p0 = reinterpret_cast<std::uintptr_t>(piece0), p1 = reinterpret_cast<std::uintptr_t>(piece1);
+  for (int64_t w = r.b0; w < r.e0; ++w) at[w] = p0 + static_cast<std::uintptr_t>(w - r.b0) * bytes;
+  for (int64_t w = r.e0; w < r.e1; ++w) at[w] = p1 + static_cast<std::uintptr_t>(w - r.e0) * bytes;
+}
+
+// How the loops below find column w: in the task's slot (every column there, as without pieces), or through the
+// addresses column_addresses filled.
+template <std::uintptr_t BYTES>
+struct InSlot {
+  std::uintptr_t base;
+  std::uintptr_t operator[](int64_t w) const { return base + static_cast<std::uintptr_t>(w) * BYTES; }
+};
+
+struct Listed {
+  const std::uintptr_t* at;
+  std::uintptr_t operator[](int64_t w) const { return at[w]; }
+};
+
+template <typename Cols>
+inline const float* column(const Cols& cols, int64_t w) { return reinterpret_cast<const float*>(cols[w]); }
+
 // How many columns ahead of the one being read to prefetch (2 KiB at head size 64). The keys, then the values, then
 // the next task's keys are one stream of prefetches, so that none starts cold: measured on an AVX2 EPYC, the kernel
 // went from 1.18-1.27x to 1.05-1.15x the time `sum` takes to read the same keys and values (4-12 columns ahead
 // measured alike).
 constexpr int64_t AHEAD = 8;
 
-// Column `col` of the [*, D] block at p, which may lie past the block's end (prefetches never fault; the address is
-// computed as an integer, not as a pointer past its object).
+// The column of D floats at `at`, which may lie past its block's end (prefetches never fault).
 template <int D>
-inline void prefetch_column(const float* p, int64_t col) {
+inline void prefetch_at(std::uintptr_t at) {
   constexpr std::uintptr_t bytes = D * sizeof(float);
-  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(col) * bytes;
   for (std::uintptr_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + b), 0, 0);
 }
 
-// One (row, KV head) with G and D known at compile time: the accumulators stay in registers.
-template <int G, int D>
-void attend_fixed(const float* q, const float* k, const float* v, const bool* keep, int64_t W, float scale,
-                  float* out, float* scores, const float* next) {
+// One (row, KV head) with G and D known at compile time: the accumulators stay in registers. ka, va: the address of
+// each column's key and value (column_addresses); next: the next task's first key column, to prefetch.
+template <int G, int D, typename Cols>
+void attend_fixed(const float* q, Cols ka, Cols va, const bool* keep, int64_t W, float scale, float* out,
+                  float* scores, const float* next) {
   constexpr int C = D / 8;
+  constexpr std::uintptr_t bytes = D * sizeof(float);
   for (int64_t w = 0; w < W; ++w) {
-    if (w + AHEAD < W) prefetch_column<D>(k, w + AHEAD);
-    else prefetch_column<D>(v, w + AHEAD - W);
+    if (w + AHEAD < W) prefetch_at<D>(ka[w + AHEAD]);
+    else if (w + AHEAD - W < W) prefetch_at<D>(va[w + AHEAD - W]);
     if (!keep[w]) {
       for (int g = 0; g < G; ++g) scores[g * W + w] = -INFINITY;
       continue;
     }
-    const float* kr = k + w * D;
+    const float* kr = column(ka, w);
     v8 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = splat(0.f);
     for (int c = 0; c < C; ++c) {
@@ -124,11 +166,12 @@ void attend_fixed(const float* q, const float* k, const float* v, const bool* ke
         for (int c = 0; c < N; ++c) acc[g][c] = w0 ? load(out + g * D + 8 * (c0 + c)) : splat(0.f);
       for (int64_t w = w0; w < w1; ++w) {
         if (c0 == 0) {
-          if (w + AHEAD < W) prefetch_column<D>(v, w + AHEAD);
-          else if (next != nullptr) prefetch_column<D>(next, w + AHEAD - W);
+          if (w + AHEAD < W) prefetch_at<D>(va[w + AHEAD]);
+          else if (next != nullptr) prefetch_at<D>(reinterpret_cast<std::uintptr_t>(next) +
+                                                   static_cast<std::uintptr_t>(w + AHEAD - W) * bytes);
         }
         if (!keep[w]) continue;
-        const float* vr = v + w * D + 8 * c0;
+        const float* vr = column(va, w) + 8 * c0;
         for (int c = 0; c < N; ++c) {
           const v8 vc = load(vr + 8 * c);
           for (int g = 0; g < G; ++g) acc[g][c] += splat(scores[g * W + w]) * vc;
@@ -143,16 +186,16 @@ void attend_fixed(const float* q, const float* k, const float* v, const bool* ke
 }
 
 // Any G and any D that is a multiple of 8.
-void attend_any(const float* q, const float* k, const float* v, const bool* keep, int64_t W, float scale,
-                float* out, float* scores, int64_t G, int64_t D) {
+void attend_any(const float* q, const std::uintptr_t* ka, const std::uintptr_t* va, const bool* keep, int64_t W,
+                float scale, float* out, float* scores, int64_t G, int64_t D) {
   const int64_t C = D / 8;
   for (int64_t w = 0; w < W; ++w) {
-    const float* kr = k + w * D;
     for (int64_t g = 0; g < G; ++g) {
       if (!keep[w]) {
         scores[g * W + w] = -INFINITY;
         continue;
       }
+      const float* kr = column(ka, w);
       v8 acc = splat(0.f);
       for (int64_t c = 0; c < C; ++c) acc += load(q + g * D + 8 * c) * load(kr + 8 * c);
       scores[g * W + w] = hsum(acc) * scale;
@@ -164,29 +207,44 @@ void attend_any(const float* q, const float* k, const float* v, const bool* keep
     for (int64_t c = 0; c < C; ++c) {
       v8 acc = splat(0.f);
       for (int64_t w = 0; w < W; ++w)
-        if (keep[w]) acc += splat(scores[g * W + w]) * load(v + w * D + 8 * c);
+        if (keep[w]) acc += splat(scores[g * W + w]) * load(column(va, w) + 8 * c);
       store(out + g * D + 8 * c, acc * splat(inv[g]));
     }
   }
 }
 
-using Fixed = void (*)(const float*, const float*, const float*, const bool*, int64_t, float, float*, float*,
-                       const float*);
+// attend_fixed for one shape: reading the slot, and reading listed columns
+struct Fixed {
+  void (*in_slot)(const float*, std::uintptr_t, std::uintptr_t, const bool*, int64_t, float, float*, float*,
+                  const float*) = nullptr;
+  void (*listed)(const float*, Listed, Listed, const bool*, int64_t, float, float*, float*, const float*) = nullptr;
+};
+
+template <int G, int D>
+void attend_in_slot(const float* q, std::uintptr_t k, std::uintptr_t v, const bool* keep, int64_t W, float scale,
+                    float* out, float* scores, const float* next) {
+  constexpr std::uintptr_t B = D * sizeof(float);
+  attend_fixed<G, D>(q, InSlot<B>{k}, InSlot<B>{v}, keep, W, scale, out, scores, next);
+}
 
 Fixed fixed_for(int64_t G, int64_t D) {
-#define PS_FIXED(g, d) if (G == g && D == d) return attend_fixed<g, d>;
+#define PS_FIXED(g, d) if (G == g && D == d) return Fixed{attend_in_slot<g, d>, attend_fixed<g, d, Listed>};
   PS_FIXED(1, 64) PS_FIXED(2, 64) PS_FIXED(3, 64) PS_FIXED(4, 64) PS_FIXED(5, 64) PS_FIXED(6, 64) PS_FIXED(8, 64)
   PS_FIXED(1, 128) PS_FIXED(2, 128) PS_FIXED(3, 128) PS_FIXED(4, 128) PS_FIXED(5, 128) PS_FIXED(6, 128)
   PS_FIXED(7, 128) PS_FIXED(8, 128)
 #undef PS_FIXED
-  return nullptr;
+  return Fixed{};
 }
 
 // q [n, KV, G, D] (row order); keys, values [slots, KV, capacity, D], each head's [capacity, D] contiguous;
 // rows [n] the rows' slots; keep [slots', W] with unit column stride: which of columns start..start+W-1 each slot
-// attends. -> [n, KV, G, D].
+// attends. Shared pieces (optional): pieces, each [L, 2, KV, P, D] float32 with [P, D] blocks contiguous, and
+// redirect [n, 5] long per row: (its first kept column, piece index or -1, columns, piece index or -1, columns):
+// the row's kept columns from its first on are read from those pieces' layer `layer`, in order, instead of from its
+// slot (they must hold the same values: the slot's columns are copies of them). -> [n, KV, G, D].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& rows, const at::Tensor& keep, int64_t start, double scale) {
+                            const at::Tensor& rows, const at::Tensor& keep, int64_t start, double scale,
+                            at::TensorList pieces, const std::optional<at::Tensor>& redirect, int64_t layer) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.scalar_type() == at::kFloat, "q: contiguous float32 [n, KV, G, D]");
   const int64_t n = q.size(0), KV = q.size(1), G = q.size(2), D = q.size(3), W = keep.size(1);
   TORCH_CHECK(D % 8 == 0, "head size must be a multiple of 8");
@@ -203,6 +261,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(slot[i] >= 0 && slot[i] < keep.size(0) && slot[i] < keys.size(0) && slot[i] < values.size(0),
                 "rows: slot out of range");
+  for (const at::Tensor& p : pieces) {
+    TORCH_CHECK(p.dim() == 5 && p.scalar_type() == at::kFloat && p.size(1) == 2 && p.size(2) == KV &&
+                    p.size(4) == D && p.stride(4) == 1 && p.stride(3) == D && layer >= 0 && layer < p.size(0),
+                "pieces: float32 [L, 2, KV, P, D] with [P, D] contiguous, holding layer ", layer);
+  }
+  // each row's redirect, checked once: its pieces' columns lie in the window
+  std::vector<Redirect> redirects(n);
+  if (redirect.has_value()) {
+    const at::Tensor& rd = *redirect;
+    TORCH_CHECK(rd.dim() == 2 && rd.size(0) == n && rd.size(1) == 5 && rd.scalar_type() == at::kLong &&
+                    rd.is_contiguous(), "redirect: long [n, 5]");
+    const int64_t* rp = rd.data_ptr<int64_t>();
+    const int64_t count = static_cast<int64_t>(pieces.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* e = rp + 5 * i;
+      const int64_t idx[2] = {e[1], e[3]}, len[2] = {e[1] < 0 ? 0 : e[2], e[3] < 0 || e[1] < 0 ? 0 : e[4]};
+      for (int j = 0; j < 2; ++j)
+        TORCH_CHECK(idx[j] < count && len[j] >= 0 && (idx[j] < 0 || len[j] <= pieces[idx[j]].size(3)),
+                    "redirect: row ", i, " names piece ", idx[j], " for ", len[j], " columns");
+      Redirect& r = redirects[i];
+      r.b0 = e[0] - start;
+      r.e0 = r.b0 + len[0];
+      r.e1 = r.e0 + len[1];
+      TORCH_CHECK(len[0] == 0 || (r.b0 >= 0 && r.e1 <= W), "redirect: row ", i, "'s pieces leave the window");
+      if (len[0] == 0) r.b0 = r.e0 = r.e1 = 0;
+    }
+  }
   const float* qp = q.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
@@ -212,21 +297,57 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t ms0 = keep.stride(0);
   const float sc = static_cast<float>(scale);
   const Fixed fixed = fixed_for(G, D);
+  const int64_t* rp = redirect.has_value() ? redirect->data_ptr<int64_t>() : nullptr;
+  // piece j's keys (kv = 0) or values (kv = 1) of KV head h in layer `layer`
+  auto piece_at = [&](int64_t j, int64_t kv, int64_t h) -> const float* {
+    const at::Tensor& p = pieces[j];
+    return p.data_ptr<float>() + layer * p.stride(0) + kv * p.stride(1) + h * p.stride(2);
+  };
   at::parallel_for(0, n * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * W);
+    std::vector<std::uintptr_t> ka(W), va(W);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = slot[t / KV], h = t % KV;
+      const int64_t i = t / KV, s = slot[i], h = t % KV;
       const float* qt = qp + t * G * D;
       const float* kt = kp + s * ks0 + h * ks1 + start * D;
       const float* vt = vp + s * vs0 + h * vs1 + start * D;
       const bool* keep_row = mp + s * ms0;
       float* ot = op + t * G * D;
-      if (fixed != nullptr) {
-        const float* next = nullptr;
-        if (t + 1 < end) next = kp + slot[(t + 1) / KV] * ks0 + ((t + 1) % KV) * ks1 + start * D;
-        fixed(qt, kt, vt, keep_row, W, sc, ot, scores.data(), next);
+      Redirect r = redirects[i];
+      if (r.e1 > r.b0) {
+        const int64_t* e = rp + 5 * i;
+        r.k0 = piece_at(e[1], 0, h);
+        r.v0 = piece_at(e[1], 1, h);
+        if (r.e1 > r.e0) {
+          r.k1 = piece_at(e[3], 0, h);
+          r.v1 = piece_at(e[3], 1, h);
+        }
+      }
+      const bool listed = r.e1 > r.b0;
+      if (listed) {
+        column_addresses(ka.data(), kt, r.k0, r.k1, r, W, D);
+        column_addresses(va.data(), vt, r.v0, r.v1, r, W, D);
+      }
+      if (fixed.in_slot != nullptr) {
+        const float* next = nullptr;  // the next task's first key column: its slot's, or its first piece's
+        if (t + 1 < end) {
+          const int64_t i1 = (t + 1) / KV, h1 = (t + 1) % KV;
+          const Redirect& r1 = redirects[i1];
+          next = r1.b0 == 0 && r1.e1 > 0 ? piece_at(rp[5 * i1 + 1], 0, h1)
+                                         : kp + slot[i1] * ks0 + h1 * ks1 + start * D;
+        }
+        if (listed) {
+          fixed.listed(qt, Listed{ka.data()}, Listed{va.data()}, keep_row, W, sc, ot, scores.data(), next);
+        } else {
+          fixed.in_slot(qt, reinterpret_cast<std::uintptr_t>(kt), reinterpret_cast<std::uintptr_t>(vt), keep_row,
+                        W, sc, ot, scores.data(), next);
+        }
       } else {
-        attend_any(qt, kt, vt, keep_row, W, sc, ot, scores.data(), G, D);
+        if (!listed) {
+          column_addresses(ka.data(), kt, nullptr, nullptr, r, W, D);
+          column_addresses(va.data(), vt, nullptr, nullptr, r, W, D);
+        }
+        attend_any(qt, ka.data(), va.data(), keep_row, W, sc, ot, scores.data(), G, D);
       }
     }
   });
@@ -236,7 +357,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 }  // namespace
 
 TORCH_LIBRARY(prompt_server_native, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor rows, Tensor keep, int start, float scale) "
-        "-> Tensor",
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor rows, Tensor keep, int start, float scale, "
+        "Tensor[] pieces, Tensor? redirect, int layer) -> Tensor",
         decode_attention);
 }
