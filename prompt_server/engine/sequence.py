@@ -119,7 +119,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already prefilled in earlier chunks
     partial: torch.Tensor | None = None  # their keys/values, soft prompt first: [L, 2, kv_heads, columns, head_dim]
     # the shared keys/values in front of its tokens (its adapter's soft prompt or prefix, a cached prompt head), in
-    # order: its first cache columns are copies of them, which the CPU decode kernel reads here instead
+    # order: its first cache columns are copies of them, which the CPU decode kernel reads here instead (held until
+    # the row ends, also when their cache has evicted them meanwhile)
     shared: list[torch.Tensor] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
