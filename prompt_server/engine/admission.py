@@ -7,6 +7,7 @@ After the step, finished prompts leave their heads in the prefix cache.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,13 @@ class Layout:
     """Soft prompts, cached heads and chunks in front of each row's tokens."""
 
     def __init__(self, prompt_kv: PromptKVCache | None, prefix_cache: PrefixCache | None, pad_id: int,
-                 device: torch.device, build=build_prefill):
+                 device: torch.device, build=build_prefill, keep_pieces: bool = False):
         self.prompt_kv = prompt_kv
         self.prefix_cache = prefix_cache
         self.pad_id = pad_id
         self.device = device
         self.build = build  # the runner's layout of newcomer rows (model/batch.py's, or an encoder-decoder's)
+        self.keep_pieces = keep_pieces  # Sequence.shared, for a runner that reads them (Runner.reads_pieces)
 
     def soft(self, adapters: list[SoftPrompt | None]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """(virtual tokens, prefix keys/values) per row; virtual tokens become their cached keys/values when the
@@ -74,9 +76,16 @@ class Layout:
                 start = 0
                 # a cached head stands in front of the prompt as keys/values, after the soft prompt (not when every
                 # prompt token's logprob is asked for, nor behind virtual tokens run inline)
+                held: list[tuple[weakref.ref, int]] = []
+                if prefix is not None:
+                    held.append((weakref.ref(prefix), prefix.shape[3]))
                 if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
-                    start, head = self.prefix_cache.lookup(adapter_key(s.adapter), s.prompt_ids)
-                s.shared = [t for t in (prefix, head) if t is not None]
+                    start, entry = self.prefix_cache.lookup_entry(adapter_key(s.adapter), s.prompt_ids)
+                    if entry is not None:
+                        head = entry.kv[:, :, :, :start]
+                        held.append((weakref.ref(entry.kv), start))
+                if self.keep_pieces:
+                    s.shared = held
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
             rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix, head=head))
             starts.append(start)

@@ -62,6 +62,11 @@ class PrefixCache:
 
         -> (tokens reused, their keys/values [L, 2, kv_heads, n, head_dim]) or (0, None).
         """
+        n, entry = self.lookup_entry(adapter, prompt)
+        return (n, entry.kv[:, :, :, :n]) if entry is not None else (0, None)
+
+    def lookup_entry(self, adapter: AdapterKey, prompt: list[int]) -> tuple[int, Entry | None]:
+        """lookup's answer as (tokens reused, the entry whose first ones they are) or (0, None)."""
         limit = len(prompt) - 1
         best, best_id = 0, None
         for entry_id in self._index.get((adapter, prompt[0]), ()):
@@ -74,7 +79,7 @@ class PrefixCache:
         self._entries.move_to_end(best_id)
         self.stats.hits += 1
         self.stats.reused_tokens += best
-        return best, self._entries[best_id].kv[:, :, :, :best]
+        return best, self._entries[best_id]
 
     def store(self, adapter: AdapterKey, tokens: list[int], kv: torch.Tensor) -> None:
         """Keep `tokens`' keys/values [L, 2, kv_heads, len(tokens), head_dim] under `adapter`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -119,9 +120,10 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already prefilled in earlier chunks
     partial: torch.Tensor | None = None  # their keys/values, soft prompt first: [L, 2, kv_heads, columns, head_dim]
     # the shared keys/values in front of its tokens (its adapter's soft prompt or prefix, a cached prompt head), in
-    # order: its first cache columns are copies of them, which the CPU decode kernel reads here instead (held until
-    # the row ends, also when their cache has evicted them meanwhile)
-    shared: list[torch.Tensor] = field(default_factory=list)
+    # order, as (weak reference to the tensor its cache or adapter holds, columns used): its first cache columns are
+    # copies of them, which the CPU decode kernel reads there instead while they are held (a cache that evicts one
+    # frees it; the row then reads its copy). Kept only where the runner reads them (Runner.reads_pieces).
+    shared: list[tuple[weakref.ref, int]] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     admitted_at: float = 0.0

@@ -387,9 +387,10 @@ class DecodeInputs:
     positions: torch.Tensor  # [n]
     slots: torch.Tensor | None = None  # [n] the rows' slots, ascending; None: slots 0..n-1
     start: int = 0  # columns before it are used by no row
-    # per row, the keys/values its first kept columns were copied from, in order (Sequence.shared), each
-    # [L, 2, kv_heads, P, head_dim]; read there by the CPU decode kernel (Runner.reads_pieces)
-    pieces: list[list[torch.Tensor]] | None = None
+    # per row, the keys/values its first kept columns were copied from, in order, as (tensor [L, 2, kv_heads, P,
+    # head_dim] or None where its cache let it go, columns used) (Sequence.shared); read there by the CPU decode
+    # kernel (Runner.reads_pieces)
+    pieces: list[list[tuple[torch.Tensor | None, int]]] | None = None
 
 
 class _Part(ABC):
@@ -428,7 +429,8 @@ class _DecodePart(_Part):
             # the kernel reads each row's kept columns from its slot; free slots are not visited
             self.keep = inputs.mask[:, self.start :]
             self.rows = inputs.slots if inputs.slots is not None else torch.arange(self.b)
-            self.shared, self.redirect = _redirects(inputs.pieces, inputs.mask, self.rows)
+            self.shared, self.redirect = _redirects(inputs.pieces, inputs.mask, self.rows, self.kv.keys[0],
+                                                    len(self.kv.keys))
             return
         mask = inputs.mask[: self.span, self.start :]
         if self.slots is not None:
@@ -474,50 +476,72 @@ class _DecodePart(_Part):
         return hidden  # [n, hidden]
 
 
-def _redirects(pieces: list[list[torch.Tensor]] | None, mask: torch.Tensor,
-               rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _redirects(pieces: list[list[tuple[torch.Tensor | None, int]]] | None, mask: torch.Tensor, rows: torch.Tensor,
+               like: torch.Tensor, layers: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The decode kernel's shared pieces: (the distinct tensors, [n, 5] long per row: the column its first redirected
     piece starts at, then up to two (piece index, columns)), or ([], None) when no row has any.
 
-    A row's pieces are the originals of its first kept columns, in order (model/batch.py lays them out there, and
-    every later copy keeps the columns in order). Only pieces that two or more rows of the step share are read there:
-    they stay in cache from one row to the next (30 layers x 32 rows on one 100-token adapter: 12.5-13.7 instead of
-    15.9-17.6 ms, scripts/decode_attention_ab.py --shared 100), where a piece only one row reads is read as fast from
-    its copy. Rows whose pieces the kernel cannot read ([P, head_dim] not contiguous, not float32) read their slot."""
-    if not pieces or not any(pieces):
+    `pieces`: per row, (the tensor its first kept columns were copied from, or None where its cache has let it go;
+    the columns used), in order (model/batch.py lays them out there, and every later copy keeps the columns in
+    order). Only pieces that two or more rows of the step share are read there (the same tensor, whatever columns of
+    it each row uses): they stay in cache from one row to the next (30 layers x 32 rows on one 100-token adapter:
+    12.5-13.7 instead of 15.9-17.6 ms, scripts/decode_attention_ab.py --shared 100), where a piece only one row reads
+    is read as fast from its copy. A row reads its slot where a piece does not fit the kernel (not float32 on the CPU
+    with [P, head_dim] contiguous, or not `layers` layers of the heads of `like`, a layer's keys [slots, kv_heads,
+    C, d]) or its mask does not keep every column the pieces would stand for."""
+    if not pieces or not any(t is not None for row in pieces for t, _ in row):
         return [], None
-    def key(t: torch.Tensor) -> tuple:  # the same keys/values, also through another view (a cached head's slice)
-        return t.data_ptr(), t.shape, t.stride()
+
+    def key(t: torch.Tensor) -> tuple:  # the same keys/values, through whichever object holds them
+        return t.data_ptr(), t.stride(), t.dtype
+
+    def fits(t: torch.Tensor | None, n: int) -> bool:
+        return (t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 5
+                and t.stride(4) == 1 and t.stride(3) == t.shape[4] and t.shape[1] == 2
+                and t.shape[0] == layers and t.shape[2] == like.shape[1] and t.shape[4] == like.shape[3]
+                and 0 < n <= t.shape[3])
 
     uses: dict[tuple, int] = {}
     for row in pieces:
-        for t in row:
-            uses[key(t)] = uses.get(key(t), 0) + 1
+        for t, n in row:
+            if t is not None:
+                uses[key(t)] = uses.get(key(t), 0) + 1
     shared: list[torch.Tensor] = []
     index: dict[tuple, int] = {}
     table = torch.full((len(pieces), 5), -1, dtype=torch.long)
     offsets = torch.zeros(len(pieces), dtype=torch.long)
+    spans: list[tuple[int, int, int]] = []  # (row, offset of its first redirected column, columns) where redirected
     for i, row in enumerate(pieces):
-        if len(row) > 2 or not all(t.dtype == torch.float32 and t.stride(4) == 1 and t.stride(3) == t.shape[4]
-                                   for t in row):
+        if len(row) > 2:
             continue
-        at, j = 0, 0
-        for t in row:  # the shared ones among a row's (at most two) pieces are consecutive columns
-            if uses[key(t)] >= 2:
+        at, j, total = 0, 0, 0
+        for t, n in row:  # the shared ones among a row's (at most two) pieces are consecutive columns
+            if t is not None and uses[key(t)] >= 2 and fits(t, n):
                 if key(t) not in index:
                     index[key(t)] = len(shared)
                     shared.append(t)
+                elif t.shape[3] > shared[index[key(t)]].shape[3]:  # two views of one tensor: the longer serves both
+                    shared[index[key(t)]] = t
                 if j == 0:
                     offsets[i] = at
                 table[i, 1 + 2 * j] = index[key(t)]
-                table[i, 2 + 2 * j] = t.shape[3]
+                table[i, 2 + 2 * j] = n
                 j += 1
+                total += n
             elif j:
                 break
-            at += t.shape[3]
+            at += n
+        if j:
+            spans.append((i, int(offsets[i]), total))
     if not shared:
         return [], None
-    table[:, 0] = mask[rows].to(torch.int8).argmax(1) + offsets  # each row's first kept column, then its pieces'
+    kept = mask[rows]
+    first = kept.to(torch.int8).argmax(1)  # each row's first kept column
+    for i, off, n in spans:  # the columns the pieces stand for must all be the row's own
+        a = int(first[i]) + off
+        if not bool(kept[i, a : a + n].all()):
+            table[i, 1:] = -1
+    table[:, 0] = first + offsets
     return shared, table
 
 

@@ -66,27 +66,34 @@ def test_a_prefill_with_room_computes_what_one_without_does(tmp_path):
 
 def test_only_pieces_two_rows_share_are_redirected_with_the_column_they_start_at():
     """_redirects: per row (its first redirected piece's column, piece, columns, piece, columns); a piece only one row
-    has is read from the row's copy, so a row may start at its second piece; rows without shared pieces get -1; two
-    views of the same keys/values are one piece."""
-    def piece(p):
-        return torch.zeros(2, 2, 1, p, 8)
+    has is read from the row's copy, so a row may start at its second piece; one cached head shared by rows that use
+    different lengths of it is one piece; rows without shared pieces, with a piece their cache let go (None), with a
+    piece of another shape, or whose mask does not keep the pieces' columns get -1."""
+    def piece(p, heads=1):
+        return torch.zeros(2, 2, heads, p, 8)
 
-    soft, head, own, own2 = piece(3), piece(2), piece(5), piece(6)
-    cached = piece(9)  # a cached head: each lookup hands out its own view of the same keys/values
-    head2, head2_again = cached[:, :, :, :4], cached[:, :, :, :4]
-    pieces = [[soft, head], [soft, head2], [own2, head2_again], [own], []]
-    mask = torch.zeros(6, 20, dtype=torch.bool)
-    for slot, first in zip([0, 1, 2, 4, 5], [2, 0, 1, 3, 7]):
+    soft, head, own, own2, cached, wrong = piece(3), piece(2), piece(5), piece(6), piece(9), piece(4, heads=2)
+    pieces = [[(soft, 3), (head, 2)], [(soft, 3), (cached, 4)], [(own2, 6), (cached, 7)], [(own, 5)], [],
+              [(None, 3), (cached, 4)], [(wrong, 4)], [(wrong, 4)], [(soft, 3)]]
+    mask = torch.zeros(10, 24, dtype=torch.bool)
+    rows = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9])  # slot 3 is free
+    for slot, first in zip(rows.tolist(), [2, 0, 1, 3, 7, 0, 0, 0, 4]):
         mask[slot, first:] = True
-    rows = torch.tensor([0, 1, 2, 4, 5])  # slot 3 is free
-    shared, table = forward._redirects(pieces, mask, rows)
-    assert [id(t) for t in shared] == [id(soft), id(head2)]
+    mask[9, 5] = False  # a hole inside the columns its soft prompt would stand for
+    like = torch.zeros(10, 1, 24, 8)  # a layer's keys: 1 KV head of 8
+    shared, table = forward._redirects(pieces, mask, rows, like, 2)
+    assert [id(t) for t in shared] == [id(soft), id(cached)]
     assert table.tolist() == [
         [2, 0, 3, -1, -1],  # soft shared, its own head not
-        [0, 0, 3, 1, 4],  # soft, then head2
-        [1 + 6, 1, 4, -1, -1],  # its own piece read from its copy; head2 after it
+        [0, 0, 3, 1, 4],  # soft, then 4 columns of the cached head
+        [1 + 6, 1, 7, -1, -1],  # its own piece read from its copy; 7 columns of the cached head after it
         [3, -1, -1, -1, -1],
         [7, -1, -1, -1, -1],
+        [0 + 3, 1, 4, -1, -1],  # its soft prompt evicted: read from its copy; the head after it
+        [0, -1, -1, -1, -1],  # another model's shape: never redirected
+        [0, -1, -1, -1, -1],
+        [4, -1, -1, -1, -1],  # the mask does not keep all of its soft prompt's columns
     ]
-    assert forward._redirects([[own], [own2], []], mask[:3], torch.arange(3)) == ([], None)
-    assert forward._redirects(None, mask, rows) == ([], None)
+    assert forward._redirects([[(own, 5)], [(own2, 6)], []], mask[:3], torch.arange(3), like, 2) == ([], None)
+    assert forward._redirects([[(None, 3)], [(None, 3)]], mask[:2], torch.arange(2), like, 2) == ([], None)
+    assert forward._redirects(None, mask, rows, like, 2) == ([], None)

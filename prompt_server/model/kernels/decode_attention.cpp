@@ -262,9 +262,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     TORCH_CHECK(slot[i] >= 0 && slot[i] < keep.size(0) && slot[i] < keys.size(0) && slot[i] < values.size(0),
                 "rows: slot out of range");
   for (const at::Tensor& p : pieces) {
-    TORCH_CHECK(p.dim() == 5 && p.scalar_type() == at::kFloat && p.size(1) == 2 && p.size(2) == KV &&
+    TORCH_CHECK(p.dim() == 5 && p.device().is_cpu() && p.scalar_type() == at::kFloat && p.size(1) == 2 && p.size(2) == KV &&
                     p.size(4) == D && p.stride(4) == 1 && p.stride(3) == D && layer >= 0 && layer < p.size(0),
-                "pieces: float32 [L, 2, KV, P, D] with [P, D] contiguous, holding layer ", layer);
+                "pieces: float32 [L, 2, KV, P, D] on the CPU with [P, D] contiguous, holding layer ", layer);
   }
   // each row's redirect, checked once: its pieces' columns lie in the window
   std::vector<Redirect> redirects(n);
