@@ -82,8 +82,10 @@ class Engine:
                                            pinned)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if causal and settings.prefix_cache_bytes else None
         build = self.runner.build_prefill if self.runner.generates else build_prefill  # classifiers never prefill
+        # classifiers' runners decode nothing and have no such flag
+        self.reads_pieces = bool(getattr(self.runner, "reads_pieces", False))
         self.layout = Layout(self.prompt_kv, self.prefix_cache, self.pad_id, self.device, build,
-                             keep_pieces=self.runner.reads_pieces)
+                             keep_pieces=self.reads_pieces)
         # encoder-decoder models: the prompt goes to the encoder whole, labels are scored by the decoder
         self.seq2seq = self.family == SEQ2SEQ
         self.classifier = Classifier(self.runner, self.layout, self.pad_id, self.device, self._count)
@@ -365,7 +367,7 @@ class Engine:
                 slots=None if batch.dense else slots,
                 start=batch.start,
                 pieces=[[(ref(), n) for ref, n in s.shared] for s in batch.sequences()]
-                if self.runner.reads_pieces else None,
+                if self.reads_pieces and self.runner.reads_pieces else None,
             )
         if decode is None and not groups:
             return
