@@ -74,11 +74,12 @@ class Layout:
             else:
                 virtual, prefix = next(soft)
                 start = 0
-                # a cached head stands in front of the prompt as keys/values, after the soft prompt (not when every
-                # prompt token's logprob is asked for, nor behind virtual tokens run inline)
+                # what the row's first columns will be copies of, for a runner that reads them there
                 held: list[tuple[weakref.ref, int]] = []
                 if prefix is not None:
                     held.append((weakref.ref(prefix), prefix.shape[3]))
+                # a cached head stands in front of the prompt as keys/values, after the soft prompt (not when every
+                # prompt token's logprob is asked for, nor behind virtual tokens run inline)
                 if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
                     start, entry = self.prefix_cache.lookup_entry(adapter_key(s.adapter), s.prompt_ids)
                     if entry is not None:

@@ -366,6 +366,7 @@ class Engine:
                 positions=batch.positions[slots],
                 slots=None if batch.dense else slots,
                 start=batch.start,
+                # Layout keeps them for a runner that reads them; the runner may be told not to (an A/B)
                 pieces=[[(ref(), n) for ref, n in s.shared] for s in batch.sequences()]
                 if self.reads_pieces and self.runner.reads_pieces else None,
             )
