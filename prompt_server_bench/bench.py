@@ -107,6 +107,16 @@ def write_adapters(model, root: Path, n: int, n_virtual: int, prefix: str = "") 
     return made
 
 
+def registry_of(loaded, root: Path, adapters: list[tuple[str, str]], n_virtual: int):
+    """An adapter registry for `loaded`'s model holding `adapters` (write_adapters' ids, saved under `root`)."""
+    from prompt_server.adapters.registry import AdapterRegistry
+
+    registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
+                               max_virtual_tokens=max(128, n_virtual))
+    for adapter_id, _ in adapters:
+        registry.put(adapter_id, {f.name: f.read_bytes() for f in (root / adapter_id).iterdir() if f.is_file()})
+    return registry
+
 def run_peft_sequential(model, tok, adapters, prompts, root, new_tokens) -> float:
     from peft import PeftModel
 
@@ -233,7 +243,6 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
 
         return main_soak(args)
 
-    from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
 
@@ -249,11 +258,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
         # The rounds repeat the same prompts: prefix caching would serve later rounds from the first one's keys and
         # values. It is measured on its own (--ttft), with prompts that really share a head.
         settings = Settings(max_batch_size=max(args.requests, 1), prefix_cache_bytes=0)
-        registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
-                                   max_virtual_tokens=max(128, args.virtual_tokens))
-        for adapter_id, _ in adapters:
-            files = {f.name: f.read_bytes() for f in (root / adapter_id).iterdir() if f.is_file()}
-            registry.put(adapter_id, files)
+        registry = registry_of(loaded, root, adapters, args.virtual_tokens)
         engine = Engine(loaded, registry, settings)
         engine.start()
         inline = None

@@ -19,12 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prompt_server.adapters.registry import AdapterRegistry
 from prompt_server.config import Settings
 from prompt_server.engine.engine import Engine
 from prompt_server.model.loader import load_model
 from prompt_server.model.memory import keep_freed_memory
-from prompt_server_bench.bench import _engine_all, make_prompts, write_adapters
+from prompt_server_bench.bench import _engine_all, make_prompts, registry_of, write_adapters
 
 ROWS, NEW_TOKENS = 32, 32
 
@@ -41,10 +40,9 @@ def main() -> int:
     rates: dict[str, list[float]] = {"shared": [], "copies": [], "none": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        [(adapter_id, _)] = write_adapters(loaded.model, root, 1, args.virtual_tokens)  # prompt tuning
-        registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
-                                   max_virtual_tokens=max(128, args.virtual_tokens))
-        registry.put(adapter_id, {f.name: f.read_bytes() for f in (root / adapter_id).iterdir() if f.is_file()})
+        adapters = write_adapters(loaded.model, root, 1, args.virtual_tokens)  # prompt tuning
+        [(adapter_id, _)] = adapters
+        registry = registry_of(loaded, root, adapters, args.virtual_tokens)
         # prefix caching off: the rounds repeat the same prompts
         engine = Engine(loaded, registry, Settings(max_batch_size=ROWS, prefix_cache_bytes=0))
         engine.start()
