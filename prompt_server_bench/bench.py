@@ -117,6 +117,7 @@ def registry_of(loaded, root: Path, adapters: list[tuple[str, str]], n_virtual: 
         registry.put(adapter_id, {f.name: f.read_bytes() for f in (root / adapter_id).iterdir() if f.is_file()})
     return registry
 
+
 def run_peft_sequential(model, tok, adapters, prompts, root, new_tokens) -> float:
     from peft import PeftModel
 

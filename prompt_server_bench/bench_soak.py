@@ -101,24 +101,19 @@ def run_soak(engine, registry, adapter_dirs: dict[str, Path], seconds: float, cl
 
 def main_soak(args) -> int:
     """`prompt-server bench --soak SECONDS`: the soak on the default model (or --model), and its report."""
-    from prompt_server.adapters.registry import AdapterRegistry
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
     from prompt_server.model.loader import load_model
     from prompt_server.model.memory import keep_freed_memory
-    from prompt_server_bench.bench import write_adapters
+    from prompt_server_bench.bench import registry_of, write_adapters
 
     keep_freed_memory()  # as the server does (model/memory.py): resident memory is measured as it would be served
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         made = write_adapters(loaded.model, root, max(args.clients, 5), args.virtual_tokens)
-        registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype,
-                                   max_virtual_tokens=max(128, args.virtual_tokens))
-        dirs = {}
-        for adapter_id, _ in made:
-            dirs[adapter_id] = root / adapter_id
-            registry.put(adapter_id, {f.name: f.read_bytes() for f in dirs[adapter_id].iterdir() if f.is_file()})
+        registry = registry_of(loaded, root, made, args.virtual_tokens)
+        dirs = {adapter_id: root / adapter_id for adapter_id, _ in made}
         # budgets small enough that both caches evict during the run
         settings = Settings(max_batch_size=args.clients, prompt_kv_cache_bytes=32 << 20, prefix_cache_bytes=32 << 20)
         engine = Engine(loaded, registry, settings)
