@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
     parser.add_argument("--virtual-tokens", type=_ints, default=None,
                         help="virtual tokens / prefix length per adapter (default 8; --http: a list, default 20,100)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="timed rounds per mode (default 2, the median is reported); --http: rounds of every "
-                             "series on one server, alternating their order (default 1, the rounds pooled)")
+                        help="timed rounds per mode (default 2, the median is reported); --http: sweeps of every "
+                             "series on both servers, interleaved point by point (default 1, the rounds pooled)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")

@@ -19,11 +19,12 @@ Loads, per endpoint (streamed /v1/completions and streamed /v1/chat/completions)
   - closed loop: C clients, each sending its next request when its last one ends (C from --concurrency);
   - open loop: requests arriving as a Poisson process at R requests/s (R from --rates), as `vllm bench serve` does.
 
-With --rounds N, every series on a server runs N times, in reversed order every other round, and each point is
-pooled over the rounds (a machine whose speed drifts weighs on every series alike); the ratios between series of
-one server are also given round by round, with their median. The servers' caches stay warm
-from point to point, as in a running server: every adapter is used once before the
-first point, and prompts repeat across points (prefix caching sees their shared head). Reported per point: output
+Both servers stay up side by side for the whole run, and every series of both is measured at each point in turn
+(A B C D, then D C B A at the next point), so the series of a point run minutes apart at most and a machine whose
+speed drifts weighs on all of them alike. With --rounds N the whole sweep runs N times, each point pooled over the
+rounds, and every ratio is also given round by round, with its median. The servers' caches stay warm from point to
+point, as in a running server: every adapter is used once before the first point, and prompts repeat across points
+(prefix caching sees their shared head). Reported per point: output
 tokens/s (generated tokens as each response's usage counts them, over the wall time from
 the first request sent to the last one finished), time to first token (the first content chunk) and inter-token
 latency (the gaps between a response's content chunks) p50 and p99, errors. The table goes to stdout and to DIR/bench-http.md, every number to DIR/bench-http.json, and a plot
@@ -33,6 +34,7 @@ to DIR/bench-http.png (matplotlib).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -186,46 +188,59 @@ async def open_loop(point: Point, url: str, models: list[str], prompts: list[str
     return point
 
 
-def sweep(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict,
-          warm_up: bool = True) -> list[Point]:
-    """Every endpoint x every load for one series on one running server, after a short warm-up. `extra`: the
-    request fields that make this server ignore EOS (with --ignore-eos), so both servers generate the same
-    number of tokens for every request."""
-    extra = extra if args.ignore_eos else {}
-    points = []
-    # warm-up: every model once (an adapter's soft-prompt keys/values are computed at its first use, once per
-    # version, as in a server that has seen its adapters before), then a few requests on each endpoint
-    if warm_up:
-        asyncio.run(closed_loop(Point(series, args.endpoints[0], "closed", 8, extra), url, models,
-                                _take(prompts, max(8, len(models))), 2))
+def warm_up(url: str, models: list[str], prompts: list[str], args, extra: dict) -> None:
+    """Every model once, at the widest load (an adapter's soft-prompt keys/values are computed at its first use,
+    once per version, and the first steps at a wide batch run slow, as in a server that has seen its adapters and
+    its load before), then a few requests on each endpoint. Nothing is recorded."""
+    widest = max([8, *args.concurrency])
+    asyncio.run(closed_loop(Point("warm-up", args.endpoints[0], "closed", widest, extra), url, models,
+                            _take(prompts, max(widest, len(models))), 4))
     for endpoint in args.endpoints:
-        if warm_up:
-            warm = Point(series, endpoint, "closed", min(8, len(prompts)), extra)
-            asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
-        for c in args.concurrency:
-            n = max(8, c * args.requests_per_client)
-            point = asyncio.run(closed_loop(Point(series, endpoint, "closed", c, extra), url, models,
-                                            _take(prompts, n), args.new_tokens))
-            points.append(point)
-            _progress(point)
-        for r in args.rates:
-            n = max(8, round(r * args.open_seconds))
-            point = asyncio.run(open_loop(Point(series, endpoint, "open", r, extra), url, models,
-                                          _take(prompts, n), args.new_tokens))
-            points.append(point)
-            _progress(point)
-    return points
+        warm = Point("warm-up", endpoint, "closed", min(8, len(prompts)), extra)
+        asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
 
 
-def rounds(url: str, series: list[tuple[str, list[str]]], prompts: list[str], args, extra: dict) -> list[Point]:
-    """`args.rounds` sweeps of every (series, models) on one server, the order reversed every other round (A B, B A,
-    ...) so that a machine whose speed drifts during the run weighs on every series alike; each point pooled over
-    the rounds (tokens over wall time, every latency sample)."""
+def slots(args) -> list[tuple[str, str, float]]:
+    """(endpoint, loop, level) of every point of one round: per endpoint, its closed-loop concurrencies, then its
+    Poisson rates."""
+    return [(e, loop, level) for e in args.endpoints
+            for loop, levels in (("closed", args.concurrency), ("open", args.rates)) for level in levels]
+
+
+def measure(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict, endpoint: str,
+            loop: str, level: float) -> Point:
+    """One point: `extra` holds the request fields that make this server ignore EOS (with --ignore-eos), so every
+    server generates the same number of tokens for every request."""
+    extra = extra if args.ignore_eos else {}
+    point = Point(series, endpoint, loop, level, extra)
+    if loop == "closed":
+        n = max(8, int(level) * args.requests_per_client)
+        return asyncio.run(closed_loop(point, url, models, _take(prompts, n), args.new_tokens))
+    n = max(8, round(level * args.open_seconds))
+    return asyncio.run(open_loop(point, url, models, _take(prompts, n), args.new_tokens))
+
+
+Run = tuple[str, str, list[str], dict]  # (server url, series name, its models, the fields that make it ignore EOS)
+
+
+def interleaved(runs: list[Run], prompts: list[str], args) -> list[Point]:
+    """`args.rounds` rounds over every point (`slots`); at each point every series of every running server is
+    measured in turn, minutes apart at most, in reversed order at every other point and round (A B C, C B A, ...),
+    so a machine whose speed drifts during the run weighs on every series alike. Each point pooled over the
+    rounds (tokens over wall time, every latency sample), its rates per round kept in round order; the points
+    ordered by series (as in `runs`), then as in `slots`."""
+    for url, _, models, extra in runs:
+        warm_up(url, models, prompts, args, extra if args.ignore_eos else {})
     points: list[Point] = []
+    every = slots(args)
     for r in range(args.rounds or 1):
-        for name, models in series if r % 2 == 0 else series[::-1]:
-            points += sweep(url, name, models, prompts, args, extra, warm_up=r == 0)
-    return pooled(points)
+        for i, (endpoint, loop, level) in enumerate(every):
+            for url, series, models, extra in runs if (r + i) % 2 == 0 else runs[::-1]:
+                point = measure(url, series, models, prompts, args, extra, endpoint, loop, level)
+                points.append(point)
+                _progress(point)
+    series = [run[1] for run in runs]
+    return sorted(pooled(points), key=lambda p: (series.index(p.series), every.index((p.endpoint, p.loop, p.level))))
 
 
 def pooled(points: list[Point]) -> list[Point]:
@@ -258,44 +273,38 @@ def _progress(p: Point) -> None:
 
 
 def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[Point]:
-    """Start each server in turn on a free port and sweep it; `write_adapters(store, v)` -> adapter ids of V
-    virtual tokens written into `store`."""
+    """Start both servers on free ports (ours alone with --skip-transformers) and measure them `interleaved`: they
+    stay up side by side the whole run, and the one not measured idles (a few CPU-ms a second).
+    `write_adapters(store, v)` -> adapter ids of V virtual tokens written into `store`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    points: list[Point] = []
     widest = max(args.concurrency, default=1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         store = Path(tmp) / "adapters"
         store.mkdir()
         ids = {v: write_adapters(store, v) for v in args.virtual_tokens}
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        ours = f"http://127.0.0.1:{free_port()}"
         queue = max(1024, 4 * len(prompts))
-        cmd = [sys.executable, "-m", "prompt_server.cli", "serve", "--model", str(model_dir), "--adapters",
-               str(store), "--port", str(port), "--max-batch-size", str(widest), "--max-queue", str(queue),
-               "--max-virtual-tokens", str(max([128, *args.virtual_tokens]))]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        cmds = {ours: [sys.executable, "-m", "prompt_server.cli", "serve", "--model", str(model_dir), "--adapters",
+                       str(store), "--port", ours.rsplit(":", 1)[1], "--max-batch-size", str(widest),
+                       "--max-queue", str(queue), "--max-virtual-tokens", str(max([128, *args.virtual_tokens]))]}
+        if not args.skip_transformers:
+            theirs = f"http://127.0.0.1:{free_port()}"
+            # `transformers serve [FORCE_MODEL] --continuous-batching`
+            cmds[theirs] = shlex.split(args.transformers_cmd) + [
+                "serve", str(model_dir), "--continuous-batching", "--dtype", "float32",
+                "--host", "127.0.0.1", "--port", theirs.rsplit(":", 1)[1]]
+        procs = {}
+        for url, cmd in cmds.items():
+            procs[url] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            running.callback(stop, procs[url])
+        for url, proc in procs.items():
             wait_healthy(url, proc, timeout=600)
-            base = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            series = [(ours_adapters(v), ids[v]) for v in args.virtual_tokens] + [(OURS_BASE, [base])]
-            points += rounds(url, series, prompts, args, OURS_IGNORE_EOS)
-        finally:
-            stop(proc)
-        if args.skip_transformers:
-            return points
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        # `transformers serve [FORCE_MODEL] --continuous-batching`
-        cmd = shlex.split(args.transformers_cmd) + [
-            "serve", str(model_dir), "--continuous-batching", "--dtype", "float32",
-            "--host", "127.0.0.1", "--port", str(port)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(url, proc, timeout=600)
-            points += rounds(url, [(TRANSFORMERS, [str(model_dir)])], prompts, args, TRANSFORMERS_IGNORE_EOS)
-        finally:
-            stop(proc)
-    return points
+        base = httpx.get(ours + "/v1/models", timeout=30).json()["data"][0]["id"]
+        runs: list[Run] = [(ours, ours_adapters(v), ids[v], OURS_IGNORE_EOS) for v in args.virtual_tokens]
+        runs.append((ours, OURS_BASE, [base], OURS_IGNORE_EOS))
+        if not args.skip_transformers:
+            runs.append((theirs, TRANSFORMERS, [str(model_dir)], TRANSFORMERS_IGNORE_EOS))
+        return interleaved(runs, prompts, args)
 
 
 def _load(p: dict) -> str:
@@ -329,10 +338,10 @@ def table(points: list[dict]) -> str:
 
 
 def _per_round(p: dict, other: dict) -> str:
-    """The ratio in each round, where both series ran on one server in the same rounds (next to each other in time):
-    how much of the pooled ratio the machine's drift could move. Blank for one round or series of two servers."""
+    """The ratio in each round (the two series measured next to each other in time, `interleaved`): how much of
+    the pooled ratio the machine's drift could move. Blank for one round."""
     a, b = p.get("tokens_per_s_rounds", []), other.get("tokens_per_s_rounds", [])
-    if TRANSFORMERS in (p["series"], other["series"]) or len(a) < 2 or len(a) != len(b) or not all(b):
+    if len(a) < 2 or len(a) != len(b) or not all(b):
         return ""
     each = [x / y for x, y in zip(a, b)]
     return ", ".join(f"{r:.2f}" for r in each) + f" ({statistics.median(each):.2f})"

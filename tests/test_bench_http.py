@@ -41,30 +41,40 @@ def test_a_failed_request_is_counted_and_the_run_goes_on():
     assert (point.errors, point.requests, point.tokens) == (3, 0, 0)
 
 
-def test_rounds_alternate_the_series_order_and_pool_each_point(monkeypatch):
-    """A B, B A, A B: a drifting machine weighs on both series alike; each point sums its rounds' counts and wall
-    times and joins their latency samples. Only the first round warms up."""
-    calls = []
+def test_series_of_both_servers_are_interleaved_point_by_point_and_pooled_over_rounds(monkeypatch):
+    """Every series warmed up once; then at each point every series in turn, the order reversed at every other
+    point and round (A B, B A, ...); each point sums its rounds' counts and wall times, joins their latency
+    samples and keeps its rate per round in round order; the points come by series, then by slot."""
+    warmed, calls = [], []
 
-    def sweep(url, series, models, prompts, args, extra, warm_up=True):
-        calls.append((series, warm_up))
+    def measure(url, series, models, prompts, args, extra, endpoint, loop, level):
+        calls.append((series, endpoint, loop, level))
         n = len(calls)
-        return [Point(series, "completions", "closed", 4, requests=2, tokens=10 * n, wall=float(n), ttfts=[n],
-                      itls=[n / 10])]
+        return Point(series, endpoint, loop, level, extra, requests=2, tokens=10 * n, wall=float(n), ttfts=[n],
+                     itls=[n / 10])
 
-    monkeypatch.setattr(bench_http, "sweep", sweep)
-    points = bench_http.rounds("http://x", [("A", ["a"]), ("B", ["b"])], [], argparse.Namespace(rounds=3), {})
-    assert calls == [("A", True), ("B", True), ("B", False), ("A", False), ("A", False), ("B", False)]
-    a, b = points
-    assert (a.series, a.requests, a.tokens, a.wall, a.ttfts) == ("A", 6, 10 + 40 + 50, 1 + 4 + 5, [1, 4, 5])
-    assert (b.series, b.requests, b.tokens, b.wall, b.ttfts) == ("B", 6, 20 + 30 + 60, 2 + 3 + 6, [2, 3, 6])
-    assert a.rate == 100 / 10 and b.itls == [0.2, 0.3, 0.6]
-    assert a.round_rates == [10.0, 10.0, 10.0] and b.summary()["tokens_per_s_rounds"] == [10.0, 10.0, 10.0]
+    monkeypatch.setattr(bench_http, "measure", measure)
+    monkeypatch.setattr(bench_http, "warm_up", lambda url, models, *rest: warmed.append((url, models)))
+    args = argparse.Namespace(rounds=2, endpoints=["completions", "chat"], concurrency=[4], rates=[2.0],
+                              ignore_eos=True)
+    runs = [("http://ours", "A", ["a1", "a2"], {}), ("http://theirs", "B", ["b"], {})]
+    points = bench_http.interleaved(runs, [], args)
+    assert warmed == [("http://ours", ["a1", "a2"]), ("http://theirs", ["b"])]
+    slots = [("completions", "closed", 4), ("completions", "open", 2.0), ("chat", "closed", 4), ("chat", "open", 2.0)]
+    order = ["AB", "BA", "AB", "BA", "BA", "AB", "BA", "AB"]  # round 1, then round 2, one pair per slot
+    assert calls == [(s, *slot) for pair, slot in zip(order, slots * 2) for s in pair]
+    assert [(p.series, p.endpoint, p.loop, p.level) for p in points] == [
+        (s, *slot) for s in "AB" for slot in slots]
+    a, b = points[0], points[4]  # completions, 4 clients: calls 1 and 2 in round 1, 10 and 9 in round 2
+    assert (a.series, a.requests, a.tokens, a.wall, a.ttfts) == ("A", 4, 10 + 100, 1 + 10, [1, 10])
+    assert (b.series, b.requests, b.tokens, b.wall, b.ttfts) == ("B", 4, 20 + 90, 2 + 9, [2, 9])
+    assert a.rate == 110 / 11 and b.itls == [0.2, 0.9]
+    assert a.round_rates == [10.0, 10.0] and b.summary()["tokens_per_s_rounds"] == [10.0, 10.0]
 
 
-def test_ratios_of_one_servers_series_are_also_given_round_by_round():
-    """Pooled ratios for every closed-loop point; per-round ratios and their median only between series that ran
-    in the same rounds on one server (not against transformers serve, not for one round)."""
+def test_ratios_are_also_given_round_by_round():
+    """Pooled ratios for every closed-loop point; per-round ratios and their median for two rounds or more, against
+    the other server's series too (every point measured the series of both servers side by side)."""
 
     def point(series, rates):
         tokens = [100.0 * r for r in rates]  # 100 s per round
@@ -73,9 +83,10 @@ def test_ratios_of_one_servers_series_are_also_given_round_by_round():
 
     ours, base = ours_adapters(100), OURS_BASE
     text = bench_http.table([point(ours, [9.0, 8.0, 10.0]), point(base, [10.0, 10.0, 10.0]),
-                             point(TRANSFORMERS, [4.0])])
+                             point(TRANSFORMERS, [4.0, 5.0, 5.0])])
     assert f"| /v1/completions | 32 clients | {ours} / {base} | 0.90 | 0.90, 0.80, 1.00 (0.90) |" in text
-    assert f"| /v1/completions | 32 clients | {ours} / {TRANSFORMERS} | 2.25 |  |" in text
+    assert f"| /v1/completions | 32 clients | {ours} / {TRANSFORMERS} | 1.93 | 2.25, 1.60, 2.00 (2.00) |" in text
+    assert f"| /v1/completions | 32 clients | {base} / {TRANSFORMERS} | 2.14 | 2.50, 2.00, 2.00 (2.00) |" in text
     one = bench_http.table([point(ours, [9.0]), point(base, [10.0])])
     assert f"| {ours} / {base} | 0.90 |  |" in one
 
