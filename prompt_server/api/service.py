@@ -28,6 +28,7 @@ from prompt_server.engine.types import (
     Prediction,
     TokenEvent,
 )
+from prompt_server.model import omp
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Service:
     # ---- the registry --------------------------------------------------------------------------------------
     async def adapter(self, adapter_id: str) -> Any:
         """The adapter's current version, or None (may read the store: another replica may have written it)."""
-        return await run_in_threadpool(self.registry.get, adapter_id)
+        return await run_in_threadpool(omp.released(self.registry.get), adapter_id)
 
     async def adapters(self) -> list[Any]:
         """Every adapter, sorted by id (scans the store)."""
@@ -101,7 +102,8 @@ class Service:
 
     async def put_adapter(self, adapter_id: str, files: dict[str, bytes], labels: Any) -> tuple[Any, bool]:
         """Validate and publish an upload -> (record, created)."""
-        return await run_in_threadpool(self.registry.put, adapter_id, files, labels)
+        # an upload's encoder runs on a worker thread: its OpenMP workers go with it (model/omp.py)
+        return await run_in_threadpool(omp.released(self.registry.put), adapter_id, files, labels)
 
     async def delete_adapter(self, adapter_id: str) -> bool:
         return await run_in_threadpool(self.registry.delete, adapter_id)

@@ -41,6 +41,7 @@ from prompt_server.engine.validation import (
     check_seq2seq_classify,
     check_seq2seq_lengths,
 )
+from prompt_server.model import omp
 from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
 from prompt_server.model.compat import UNBOUNDED_POSITIONS
 from prompt_server.model.forward import DecodeInputs, make_runner
@@ -105,6 +106,9 @@ class Engine:
     # ---- caller side (event loop thread) -------------------------------------------------------------------
     def start(self) -> None:
         self.warmup()
+        # The engine steps on its own thread: this one's OpenMP workers, idle from now on, would make the engine's
+        # sleep between parallel regions (model/omp.py).
+        omp.release()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="prompt-server-engine", daemon=True)
         self._thread.start()
