@@ -135,7 +135,7 @@ class Service:
         """Hand a request to the engine (tokenized in a worker thread); raises the engine's errors at once (bad
         input, unknown adapter, full queue)."""
         loop = asyncio.get_running_loop()
-        return await run_in_threadpool(self.engine.submit, req, loop)
+        return await run_in_threadpool(omp.released(self.engine.submit), req, loop)  # may read the store
 
     async def run(self, req: GenerateRequest, request: Request) -> GenerationResult:
         """A whole generation, not streamed: submitted, awaited (cancelled when the client leaves) and observed."""

@@ -223,7 +223,7 @@ class Engine:
         if not self.ready:
             raise EngineStopped("the engine is not running")
         loop = asyncio.get_running_loop()
-        job = await asyncio.to_thread(self._classify_job, req, loop, loop.create_future())
+        job = await asyncio.to_thread(omp.released(self._classify_job), req, loop, loop.create_future())
         self._enqueue(job)
         try:
             return await job.future

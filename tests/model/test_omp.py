@@ -37,7 +37,7 @@ def test_release_frees_the_calling_threads_workers_and_torch_starts_new_ones():
         before = _threads()
         a @ b  # a parallel region: this thread's pool of workers
         with_pool = _threads()
-        freed = omp.release()
+        freed = omp.release() and omp.release()  # the second time with no workers to free
         after = _threads()
         again = a @ b  # a new pool, the same result
         return before, with_pool, freed, after, _threads(), again
