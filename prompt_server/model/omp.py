@@ -5,8 +5,9 @@ workers of its own, kept until that thread ends. Once the process holds more Ope
 worker spins only a few hundred times before it sleeps (libgomp's "throttled" spin count), and a step's many parallel
 regions each wait for sleeping workers to wake. The engine steps on a thread of its own, after the model was loaded
 and warmed up on another, so that other thread's idle pool alone puts the engine's workers to sleep between regions:
-the default model's 30 layers of projections at 32 rows took 137 ms on a second thread after the first had run
-torch, 99 ms once the first thread's pool was released, as on the first thread alone (AVX2 EPYC, 2 cores).
+200 products of 32 rows took 120-138 ms on a second thread after the first had run torch, 99-101 ms once the first
+thread's pool was released, 82-98 ms on the first thread alone (AVX2 EPYC, 2 cores; scripts/omp_release_ab.py
+measures the engine with and without).
 
 `release()` frees the calling thread's pool (OpenMP 5.0's omp_pause_resource_all); torch starts a new one if that
 thread runs a parallel op again. Where the runtime is not libgomp (macOS, Intel OpenMP builds) it does nothing.
@@ -19,6 +20,8 @@ import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import torch  # noqa: F401  (loads libgomp, which _libgomp looks for)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ def _libgomp() -> Any | None:
 def release() -> bool:
     """Free the calling thread's OpenMP workers; True if libgomp did. Call it outside any parallel region, on a
     thread that is done with torch for now."""
-    import torch  # noqa: F401  (torch loads libgomp)
-
     lib = _libgomp()
     if lib is None:
         return False
