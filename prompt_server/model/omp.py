@@ -21,8 +21,6 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch  # noqa: F401  (loads libgomp, which _libgomp looks for)
-
 log = logging.getLogger(__name__)
 
 OMP_PAUSE_SOFT = 1
@@ -51,7 +49,10 @@ def _libgomp() -> Any | None:
 
 def release() -> bool:
     """Free the calling thread's OpenMP workers; True if libgomp did. Call it outside any parallel region, on a
-    thread that is done with torch for now."""
+    thread that is done with torch for now. Imports torch (which loads libgomp) only here: the HTTP layer, which
+    wraps its worker threads' calls in `released`, does not import torch."""
+    import torch  # noqa: F401
+
     lib = _libgomp()
     if lib is None:
         return False
