@@ -96,7 +96,7 @@ class Engine:
         self._waiting: collections.deque = collections.deque()
         self._batch: RunningBatch | None = None
         self._prefilling: list[Sequence] = []  # admitted rows whose prompt is prefilled in chunks, not yet decoding
-        self.scheduler = Scheduler(settings)
+        self.scheduler = Scheduler(settings, None if self.prompt_kv is None else self.prompt_kv.holds)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = False

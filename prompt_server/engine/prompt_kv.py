@@ -49,6 +49,10 @@ class PromptKVCache:
         """Cached entries, least recently used first."""
         return list(self._entries)
 
+    def holds(self, adapter: SoftPrompt) -> bool:
+        """Whether the adapter's keys/values are cached (get_many would not compute them)."""
+        return key_of(adapter) in self._entries
+
     def get_many(self, adapters: list[SoftPrompt]) -> dict[Key, torch.Tensor]:
         """Keys/values for every adapter (with virtual tokens), computing the missing ones in one forward."""
         found: dict[Key, torch.Tensor] = {}

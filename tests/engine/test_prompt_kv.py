@@ -191,3 +191,32 @@ def test_a_hundred_virtual_tokens_are_run_once_then_rows_prefill_only_their_prom
     assert widths[0] == 100 and 2 <= len(widths) <= 3 and max(widths[1:]) <= longest, widths
     for prompt, result in zip(prompts, results):
         assert [t.id for t in result.tokens] == world.oracle("long", prompt, 8), prompt
+
+
+def test_virtual_tokens_computed_for_newcomers_count_against_the_step_budget(llama_world):
+    """Three newcomers on three adapters with nothing cached, 20 tokens a step: two rows' prompts would fit one
+    step, but not with their virtual tokens, so each step computes one adapter's; the rows still match PEFT."""
+    world = llama_world
+    budget = 20
+    prompt_len = len(world.loaded.tokenizer(PROMPT).input_ids)
+    sizes = sorted(world.registry.get(a).num_virtual_tokens for a in VIRTUAL)
+    assert sizes[-1] + prompt_len <= budget  # one row with its virtual tokens fits a step
+    assert 2 * prompt_len <= budget < sizes[0] + sizes[1] + 2 * prompt_len  # two fit only without them
+    computed: list[list[str]] = []
+
+    async def go(engine):
+        compute = engine.prompt_kv._compute
+
+        def spy(adapters):
+            computed.append([a.id for a in adapters])
+            return compute(adapters)
+
+        engine.prompt_kv._compute = spy
+        with engine._cond:  # queued together: the engine plans no step until all three wait
+            handles = [engine.submit(greedy(a)) for a in VIRTUAL]
+        return [await h.result() for h in handles]
+
+    results = run_engine(world, go, max_step_tokens=budget)
+    assert computed == [[a] for a in VIRTUAL]
+    for adapter_id, result in zip(VIRTUAL, results):
+        world.check_logprobs(adapter_id, PROMPT, result)
