@@ -385,13 +385,13 @@ def _main_http(args) -> int:
     import platform
 
     from prompt_server.model.loader import load_model
-    from prompt_server_bench.bench_http import report, run_http
+    from prompt_server_bench.bench_http import prompts_needed, report, run_http
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     count = max(max(args.concurrency, default=1), 5)  # every request in flight on a different adapter
-    need = max([c * args.requests_per_client for c in args.concurrency]
-               + [round(r * args.open_seconds) for r in args.rates] + [8])
-    prompts = [f"Tell me a long story about {TOPICS[i % len(TOPICS)]}, in many sentences ({i})." for i in range(need)]
+    # every prompt different (its number), so that no series is sent one twice; prompts share their head by topic
+    prompts = [f"Tell me a long story about {TOPICS[i % len(TOPICS)]}, in many sentences ({i})."
+               for i in range(prompts_needed(args, count))]
 
     def adapters_into(store: Path, n_virtual: int) -> list[str]:
         made = write_adapters(loaded.model, store, count, n_virtual, prefix=f"v{n_virtual}-")

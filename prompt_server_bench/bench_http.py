@@ -23,12 +23,15 @@ Both servers stay up side by side for the whole run, and every series of both is
 (A B C D, then D C B A at the next point), so the series of a point run minutes apart at most and a machine whose
 speed drifts weighs on all of them alike. With --rounds N the whole sweep runs N times, each point pooled over the
 rounds, and every ratio is also given round by round, with its median. The servers' caches stay warm from point to
-point, as in a running server: every adapter is used once before the first point, and prompts repeat across points
-(prefix caching sees their shared head). Reported per point: output
-tokens/s (generated tokens as each response's usage counts them, over the wall time from
-the first request sent to the last one finished), time to first token (the first content chunk) and inter-token
-latency (the gaps between a response's content chunks) p50 and p99, errors. The table goes to stdout and to DIR/bench-http.md, every number to DIR/bench-http.json, and a plot
-to DIR/bench-http.png (matplotlib).
+point, as in a running server: every adapter is used once before the first point. Every series of a point is sent
+the same prompts, and no prompt is sent twice to one series: prompts share their head (a topic's words, the chat
+template's system prompt), which prefix caching may reuse, but a whole prompt seen before would make a point's
+numbers depend on what the cache still held from earlier points and rounds. Reported per point: output tokens/s
+(generated tokens as each response's usage counts them, over the wall time from the first request sent to the last
+one finished), time to first token (the first content chunk) and inter-token latency (the gaps between a
+response's content chunks) p50 and p99, errors, and for prompt-server what its caches did meanwhile (prefix-cache
+hits, prompt tokens they saved and evictions; soft prompts computed and evicted). The table goes to stdout and to
+DIR/bench-http.md, every number to DIR/bench-http.json, and a plot to DIR/bench-http.png (matplotlib).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Point:
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round pooled into this point
+    # what the server's caches did during the point (prompt-server's engine counters, `cache_counters`)
+    server: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -92,7 +97,7 @@ class Point:
                 "tokens_per_request": self.tokens / self.requests if self.requests else 0.0, "wall_s": self.wall,
                 "tokens_per_s": self.rate, "ttft_p50_s": pct(self.ttfts, 0.5), "ttft_p99_s": pct(self.ttfts, 0.99),
                 "itl_p50_s": pct(self.itls, 0.5), "itl_p99_s": pct(self.itls, 0.99),
-                "tokens_per_s_rounds": self.round_rates or [self.rate]}
+                "tokens_per_s_rounds": self.round_rates or [self.rate], "server": self.server}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -191,13 +196,31 @@ async def open_loop(point: Point, url: str, models: list[str], prompts: list[str
 def warm_up(url: str, models: list[str], prompts: list[str], args, extra: dict) -> None:
     """Every model once, at the widest load (an adapter's soft-prompt keys/values are computed at its first use,
     once per version, and the first steps at a wide batch run slow, as in a server that has seen its adapters and
-    its load before), then a few requests on each endpoint. Nothing is recorded."""
+    its load before), then a few requests on each endpoint. Nothing is recorded. `prompts`: the warm-up's own
+    (`warm_up_count`), none of which a measured point sends."""
     widest = max([8, *args.concurrency])
     asyncio.run(closed_loop(Point("warm-up", args.endpoints[0], "closed", widest, extra), url, models,
                             _take(prompts, max(widest, len(models))), 4))
     for endpoint in args.endpoints:
-        warm = Point("warm-up", endpoint, "closed", min(8, len(prompts)), extra)
-        asyncio.run(closed_loop(warm, url, models, prompts[: int(warm.level)], 4))
+        warm = Point("warm-up", endpoint, "closed", 8, extra)
+        asyncio.run(closed_loop(warm, url, models, _take(prompts, 8), 4))
+
+
+def warm_up_count(args, most_models: int) -> int:
+    """Prompts `warm_up` sends to a server whose series have at most `most_models` models."""
+    return max(8, *args.concurrency, most_models)
+
+
+def requests_at(args, loop: str, level: float) -> int:
+    """Requests one point sends: each client's share in a closed loop, rate x seconds in an open one (at least 8)."""
+    return max(8, int(level) * args.requests_per_client if loop == "closed" else round(level * args.open_seconds))
+
+
+def prompts_needed(args, most_models: int) -> int:
+    """Prompts for a whole run in which no series is sent the same prompt twice: the warm-up's, then each point's
+    in each round (`interleaved`)."""
+    return warm_up_count(args, most_models) + (args.rounds or 1) * sum(requests_at(args, loop, level)
+                                                                       for _, loop, level in slots(args))
 
 
 def slots(args) -> list[tuple[str, str, float]]:
@@ -207,17 +230,47 @@ def slots(args) -> list[tuple[str, str, float]]:
             for loop, levels in (("closed", args.concurrency), ("open", args.rates)) for level in levels]
 
 
+# prompt-server's engine counters a point records (/metrics, prompt_server_engine_<name>_total): prefix-cache hits
+# and the prompt tokens they saved, prefix-cache evictions, soft prompts computed and evicted
+CACHE_COUNTERS = ("prefix_cache_hits", "prefix_cache_reused_tokens", "prefix_cache_evictions", "prompt_kv_misses",
+                  "prompt_kv_evictions")
+
+
+def cache_counters(url: str) -> dict[str, float]:
+    """CACHE_COUNTERS from the server's /metrics; none from a server without them (transformers serve)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(url + "/metrics", timeout=30)
+    except httpx.HTTPError:
+        return {}
+    if resp.status_code != 200:
+        return {}
+    found = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("prompt_server_engine_").removesuffix("_total")
+            if sample.name.startswith("prompt_server_engine_") and name in CACHE_COUNTERS:
+                found[name] = sample.value
+    return found
+
+
 def measure(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict, endpoint: str,
             loop: str, level: float) -> Point:
     """One point: `extra` holds the request fields that make this server ignore EOS (with --ignore-eos), so every
-    server generates the same number of tokens for every request."""
+    server generates the same number of tokens for every request. The server's cache counters are read before
+    and after (`cache_counters`), and the point keeps what they counted during it."""
     extra = extra if args.ignore_eos else {}
     point = Point(series, endpoint, loop, level, extra)
+    these = _take(prompts, requests_at(args, loop, level))
+    before = cache_counters(url)
     if loop == "closed":
-        n = max(8, int(level) * args.requests_per_client)
-        return asyncio.run(closed_loop(point, url, models, _take(prompts, n), args.new_tokens))
-    n = max(8, round(level * args.open_seconds))
-    return asyncio.run(open_loop(point, url, models, _take(prompts, n), args.new_tokens))
+        asyncio.run(closed_loop(point, url, models, these, args.new_tokens))
+    else:
+        asyncio.run(open_loop(point, url, models, these, args.new_tokens))
+    after = cache_counters(url)
+    point.server = {k: after[k] - before[k] for k in after if k in before}
+    return point
 
 
 Run = tuple[str, str, list[str], dict]  # (server url, series name, its models, the fields that make it ignore EOS)
@@ -226,17 +279,25 @@ Run = tuple[str, str, list[str], dict]  # (server url, series name, its models, 
 def interleaved(runs: list[Run], prompts: list[str], args) -> list[Point]:
     """`args.rounds` rounds over every point (`slots`); at each point every series of every running server is
     measured in turn, minutes apart at most, in reversed order at every other point and round (A B C, C B A, ...),
-    so a machine whose speed drifts during the run weighs on every series alike. Each point pooled over the
-    rounds (tokens over wall time, every latency sample), its rates per round kept in round order; the points
-    ordered by series (as in `runs`), then as in `slots`."""
+    so a machine whose speed drifts during the run weighs on every series alike. Every series of a point gets the
+    same prompts, and no point or round repeats another's (nor the warm-up's) while `prompts` lasts
+    (`prompts_needed`): a prompt sent twice under one adapter would find its whole head in that server's prefix
+    cache, and what the cache still held would then depend on everything the run sent before. Each point pooled
+    over the rounds (tokens over wall time, every latency sample), its rates per round kept in round order; the
+    points ordered by series (as in `runs`), then as in `slots`."""
+    warm = warm_up_count(args, max(len(models) for _, _, models, _ in runs))
     for url, _, models, extra in runs:
-        warm_up(url, models, prompts, args, extra if args.ignore_eos else {})
+        warm_up(url, models, prompts[:warm], args, extra if args.ignore_eos else {})
     points: list[Point] = []
     every = slots(args)
+    start = warm
     for r in range(args.rounds or 1):
         for i, (endpoint, loop, level) in enumerate(every):
+            n = requests_at(args, loop, level)
+            these = _take(prompts, n, start)
+            start += n
             for url, series, models, extra in runs if (r + i) % 2 == 0 else runs[::-1]:
-                point = measure(url, series, models, prompts, args, extra, endpoint, loop, level)
+                point = measure(url, series, models, these, args, extra, endpoint, loop, level)
                 points.append(point)
                 _progress(point)
     series = [run[1] for run in runs]
@@ -259,17 +320,21 @@ def pooled(points: list[Point]) -> list[Point]:
         q.ttfts += p.ttfts
         q.itls += p.itls
         q.round_rates.append(p.rate)
+        for k, v in p.server.items():
+            q.server[k] = q.server.get(k, 0.0) + v
     return list(out.values())
 
 
-def _take(prompts: list[str], n: int) -> list[str]:
-    return [prompts[i % len(prompts)] for i in range(n)]
+def _take(prompts: list[str], n: int, start: int = 0) -> list[str]:
+    """n prompts from `start` on, round the list again when it is too short (none when it is empty)."""
+    return [prompts[(start + i) % len(prompts)] for i in range(n)] if prompts else []
 
 
 def _progress(p: Point) -> None:
     load = f"{int(p.level)} clients" if p.loop == "closed" else f"{p.level:g} req/s"
     print(f"{p.series} | {p.endpoint} | {load}: {p.rate:.1f} tok/s, TTFT p50 {pct(p.ttfts, 0.5):.3f} s, "
-          f"ITL p50 {pct(p.itls, 0.5) * 1000:.0f} ms, errors {p.errors}", file=sys.stderr, flush=True)
+          f"ITL p50 {pct(p.itls, 0.5) * 1000:.0f} ms, errors {p.errors}"
+          + "".join(f", {k} {v:g}" for k, v in p.server.items()), file=sys.stderr, flush=True)
 
 
 def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[Point]:

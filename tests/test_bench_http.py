@@ -4,6 +4,7 @@ table, raw numbers and plot written."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from prompt_server.model.loader import load_model
 from prompt_server_bench import bench_http
 from prompt_server_bench.bench import write_adapters
 from prompt_server_bench.bench_http import (
+    CACHE_COUNTERS,
     OURS_BASE,
     TRANSFORMERS,
     Point,
@@ -44,25 +46,34 @@ def test_a_failed_request_is_counted_and_the_run_goes_on():
 def test_series_of_both_servers_are_interleaved_point_by_point_and_pooled_over_rounds(monkeypatch):
     """Every series warmed up once; then at each point every series in turn, the order reversed at every other
     point and round (A B, B A, ...); each point sums its rounds' counts and wall times, joins their latency
-    samples and keeps its rate per round in round order; the points come by series, then by slot."""
-    warmed, calls = [], []
+    samples and keeps its rate per round in round order; the points come by series, then by slot. Every series
+    of a point is sent the same prompts, and no point or round sends a prompt another (or the warm-up) sent."""
+    warmed, calls, sent = [], [], []
 
     def measure(url, series, models, prompts, args, extra, endpoint, loop, level):
         calls.append((series, endpoint, loop, level))
+        sent.append(prompts)
         n = len(calls)
         return Point(series, endpoint, loop, level, extra, requests=2, tokens=10 * n, wall=float(n), ttfts=[n],
                      itls=[n / 10])
 
     monkeypatch.setattr(bench_http, "measure", measure)
-    monkeypatch.setattr(bench_http, "warm_up", lambda url, models, *rest: warmed.append((url, models)))
+    monkeypatch.setattr(bench_http, "warm_up",
+                        lambda url, models, prompts, *rest: warmed.append((url, models, prompts)))
     args = argparse.Namespace(rounds=2, endpoints=["completions", "chat"], concurrency=[4], rates=[2.0],
-                              ignore_eos=True)
+                              ignore_eos=True, requests_per_client=3, open_seconds=5.0)
     runs = [("http://ours", "A", ["a1", "a2"], {}), ("http://theirs", "B", ["b"], {})]
-    points = bench_http.interleaved(runs, [], args)
-    assert warmed == [("http://ours", ["a1", "a2"]), ("http://theirs", ["b"])]
+    # warm-up 8 (at least 8, 4 clients, 2 models), then per round 12 (4 clients x 3) + 10 (2/s x 5 s), twice
+    assert bench_http.prompts_needed(args, 2) == 8 + 2 * 2 * (12 + 10)
+    prompts = [f"p{i}" for i in range(8 + 88)]
+    points = bench_http.interleaved(runs, prompts, args)
+    assert warmed == [("http://ours", ["a1", "a2"], prompts[:8]), ("http://theirs", ["b"], prompts[:8])]
     slots = [("completions", "closed", 4), ("completions", "open", 2.0), ("chat", "closed", 4), ("chat", "open", 2.0)]
     order = ["AB", "BA", "AB", "BA", "BA", "AB", "BA", "AB"]  # round 1, then round 2, one pair per slot
     assert calls == [(s, *slot) for pair, slot in zip(order, slots * 2) for s in pair]
+    assert sent[0::2] == sent[1::2]  # both series of a point: the same prompts
+    assert [len(x) for x in sent[0::2]] == [12, 10, 12, 10] * 2
+    assert list(itertools.chain.from_iterable(sent[0::2])) == prompts[8:]  # each once, after the warm-up's
     assert [(p.series, p.endpoint, p.loop, p.level) for p in points] == [
         (s, *slot) for s in "AB" for slot in slots]
     a, b = points[0], points[4]  # completions, 4 clients: calls 1 and 2 in round 1, 10 and 9 in round 2
@@ -115,6 +126,14 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
         assert p.tokens == 8 * 6 and p.wall > 0  # EOS ignored on both servers; usage counts every token
         assert 0 < len(p.ttfts) <= 8 and all(t > 0 for t in p.ttfts)  # requests whose text was not empty
         assert len(p.itls) <= p.tokens - len(p.ttfts)  # gaps between a request's content chunks
+        if p.series == TRANSFORMERS:
+            assert p.server == {}  # it has no such counters
+        else:
+            assert set(p.server) == set(CACHE_COUNTERS)
+            # soft prompts were computed at the warm-up and stay cached
+            assert p.server["prompt_kv_misses"] == p.server["prompt_kv_evictions"] == 0
+    # the 8 prompts come round again, so prefix caching finds whole heads
+    assert sum(p.server.get("prefix_cache_hits", 0) for p in points) > 0
 
     text = report(points, args, "tiny model")
     out = tmp_path / "out"
