@@ -14,7 +14,7 @@ import torch
 
 from prompt_server.adapters.types import SoftPrompt
 from prompt_server.engine.batch import spare_for
-from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
+from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache, join
 from prompt_server.engine.prompt_kv import PromptKVCache, key_of
 from prompt_server.engine.sequence import Sequence
 from prompt_server.model.batch import PrefillInputs, PrefillRow, build_prefill
@@ -81,12 +81,12 @@ class Layout:
                 # a cached head stands in front of the prompt as keys/values, after the soft prompt (not when every
                 # prompt token's logprob is asked for, nor behind virtual tokens run inline)
                 if self.prefix_cache is not None and virtual is None and not s.request.prefill_logprobs:
-                    start, entry = self.prefix_cache.lookup_entry(adapter_key(s.adapter), s.prompt_ids)
-                    if entry is not None:
-                        head = entry.kv[:, :, :, :start]
-                        held.append((weakref.ref(entry.kv), start))
+                    start, pieces = self.prefix_cache.lookup_pieces(adapter_key(s.adapter), s.prompt_ids)
+                    if pieces:
+                        head = join(pieces)
+                        held += [(weakref.ref(t), n) for t, n in pieces]
                 if self.keep_pieces:
-                    s.shared = held
+                    s.shared = held[:2]  # the decode kernel reads a row's first two pieces where they came from
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
             rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix, head=head))
             starts.append(start)
@@ -100,19 +100,24 @@ class Layout:
         return columns(kv, i, torch.cat([torch.arange(pmax - p, pmax), torch.arange(width - len(row.ids), width)]))
 
     def store_heads(self, group: Prepared, kv, done: list[int]) -> None:
-        """Keep each finished prompt's head (all but its last token) for later prompts that start the same way."""
+        """Keep each finished prompt's head (all but its last token) for later prompts that start the same way: the
+        part the cache does not hold yet."""
         if self.prefix_cache is None:
             return
         pmax, width = group.inputs.prefix_width, kv.width
         for i in done:
             s, row, n = group.seqs[i], group.rows[i], group.starts[i]
             head = len(s.prompt_ids) - 1
-            if row.virtual is not None or head < MIN_REUSE_TOKENS or n >= head:
+            if row.virtual is not None or head < MIN_REUSE_TOKENS:
+                continue
+            key, tokens = adapter_key(s.adapter), s.prompt_ids[:head]
+            have = self.prefix_cache.cached_length(key, tokens)
+            if have >= head:
                 continue
             # row i's columns: the n prompt tokens before this step end the prefix region, its tokens end the batch
             tail = len(row.ids)
             cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
-            self.prefix_cache.store(adapter_key(s.adapter), s.prompt_ids[:head], columns(kv, i, cols))
+            self.prefix_cache.store(key, tokens, columns(kv, i, cols[have:]), start=have)
 
 
 def columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:

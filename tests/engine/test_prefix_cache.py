@@ -3,8 +3,11 @@ another version of one, or none never share keys/values. Plus the cache's exact 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from prompt_server.engine.admission import adapter_key
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.types import GenerateRequest
 from tests.engine.conftest import put_dir, run_engine
@@ -35,6 +38,36 @@ def test_a_shared_head_is_reused_and_rows_still_match_peft(llama_world):
         assert reused >= head_len - 1, (adapter_id, reused)  # the second prompt prefilled only past the head
         assert [t.id for t in first.tokens] == world.oracle(adapter_id, SYSTEM + TAILS[0], 8), adapter_id
         assert [t.id for t in second.tokens] == world.oracle(adapter_id, SYSTEM + TAILS[1], 8), adapter_id
+
+
+def test_heads_sharing_a_system_prompt_hold_it_once_and_a_head_through_two_spans_matches_peft(llama_world):
+    world = llama_world
+    tok = world.loaded.tokenizer
+    prompts = [SYSTEM + TAILS[0], SYSTEM + TAILS[1], SYSTEM + TAILS[0][:20] + " and then something else"]
+    p0, p1, p2 = (tok(p).input_ids for p in prompts)
+    shared = len(os.path.commonprefix([p0, p1]))
+    through = len(os.path.commonprefix([p0, p2]))
+    assert MIN_REUSE_TOKENS <= shared < through < len(p2) - 1  # the third's head runs into the first's own span
+
+    async def go(engine):
+        out = {}
+        for adapter_id in (None, "prefix", "prompt_tuning"):
+            key = adapter_key(world.registry.get(adapter_id) if adapter_id else None)
+            results, reused = [], []
+            for prompt in prompts:
+                before = engine.stats()["prefix_cache_reused_tokens"]
+                results.append(await engine.submit(greedy(prompt, adapter_id)).result())
+                reused.append(engine.stats()["prefix_cache_reused_tokens"] - before)
+                if len(results) == 2:  # the system prompt's span, then each prompt's own, every token once
+                    held = sorted((e.start, e.tokens) for e in engine.prefix_cache.entries() if e.adapter == key)
+            out[adapter_id] = results, reused, held
+        return out
+
+    for adapter_id, (results, reused, held) in run_engine(world, go).items():
+        assert held == sorted([(0, p0[:shared]), (shared, p0[shared:-1]), (shared, p1[shared:-1])]), adapter_id
+        assert reused == [0, shared, through], adapter_id
+        for prompt, result in zip(prompts, results):
+            world.check_logprobs(adapter_id, prompt, result)
 
 
 def test_equal_tokens_under_other_adapters_or_none_never_share(llama_world, tmp_path):
@@ -143,22 +176,75 @@ def test_lookup_takes_the_longest_head_and_always_leaves_the_last_token():
     assert (cache.stats.hits, cache.stats.reused_tokens) == (2, 15)
 
 
-def test_store_replaces_what_it_extends_and_other_versions_and_evicts_least_recent():
+def spans(cache: PrefixCache) -> list[tuple]:
+    """(adapter, tokens before, tokens) of every cached span, least recently used first; each span's keys/values
+    checked to be those of its own positions (kv(n) holds position j at column j)."""
+    for e in cache.entries():
+        assert e.kv[0, 0, 0, : len(e.tokens), 0].tolist() == list(range(e.start, e.start + len(e.tokens))), e.tokens
+    return [(e.adapter, e.start, e.tokens) for e in cache.entries()]
+
+
+def test_heads_that_start_alike_hold_what_they_share_once():
     unit = kv(1).numel() * 4  # bytes per token
-    cache = PrefixCache(20 * unit)
+    cache = PrefixCache(1 << 20)
     cache.store(A, [1, 2, 3, 4, 5], kv(5))
-    cache.store(A, [1, 2, 3, 4, 5, 6, 7], kv(7))  # extends the first: the first goes
-    assert [e.tokens for e in cache.entries()] == [[1, 2, 3, 4, 5, 6, 7]] and cache.bytes == 7 * unit
-    cache.store(NO_ADAPTER, [1, 2, 3, 4, 5], kv(5))
-    cache.store(A, [9, 9, 9, 9, 9, 9], kv(6))
-    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])[0] == 6  # touches the first entry: now most recent
-    cache.store(NO_ADAPTER, [7, 7, 7, 7, 7], kv(5))  # 23 tokens > 20: the least recently used goes
-    assert [(e.adapter, e.tokens[0]) for e in cache.entries()] == [(A, 9), (A, 1), (NO_ADAPTER, 7)]
-    assert cache.bytes == 18 * unit and cache.stats.evictions == 1
-    cache.store(("a", 2, "sha-a2"), [5, 5, 5, 5, 5], kv(5))  # a new version of "a": the old version's entries go
-    assert [(e.adapter[1], e.tokens[0]) for e in cache.entries()] == [(0, 7), (2, 5)]
-    assert cache.lookup(A, [9, 9, 9, 9, 9, 9, 9]) == (0, None)
+    first = cache.entries()[0].kv
+    cache.store(A, [1, 2, 3, 4, 5, 6, 7], kv(7))  # extends the first: only its last two tokens are added
+    assert spans(cache) == [(A, 5, [6, 7]), (A, 0, [1, 2, 3, 4, 5])] and cache.bytes == 7 * unit
+    # leaves the first span after 3 tokens: it is split there; the upper part keeps the tensor (rows may read it)
+    # and the lower part is a copy of its two tokens, so 11 tokens are held where three whole heads take 17
+    cache.store(A, [1, 2, 3, 9, 9], kv(5))
+    assert spans(cache) == [(A, 5, [6, 7]), (A, 3, [4, 5]), (A, 3, [9, 9]), (A, 0, [1, 2, 3])]
+    assert cache.entries()[-1].kv is first and cache.bytes == 11 * unit and cache.stats.stored == 3
+    # a head through three spans, the last one partway; the same keys/values as one stored head would give
+    n, head = cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])
+    assert n == 6 and head[0, 0, 0, :, 0].tolist() == list(range(6))
+    n, pieces = cache.lookup_pieces(A, [1, 2, 3, 9, 9, 0])
+    assert n == 5 and [(t.shape[3], used) for t, used in pieces] == [(5, 3), (2, 2)] and pieces[0][0] is first
+    # what is cached already need not be given again
+    assert cache.cached_length(A, [1, 2, 3, 9, 9, 8]) == 5
+    cache.store(A, [1, 2, 3, 9, 9, 8], kv(6)[:, :, :, 5:], start=5)
+    assert spans(cache) == [(A, 5, [6, 7]), (A, 3, [4, 5]), (A, 5, [8]), (A, 3, [9, 9]), (A, 0, [1, 2, 3])]
+    assert cache.bytes == 12 * unit
+    cache.store(A, [7, 7, 7, 7, 7], kv(5)[:, :, :, 2:], start=2)  # its first two are not cached: not stored
+    assert cache.bytes == 12 * unit and cache.lookup(A, [7, 7, 7, 7, 7, 7]) == (0, None)
+
+
+def test_eviction_takes_least_recent_leaves_never_a_span_others_hang_from():
+    unit = kv(1).numel() * 4
+    cache = PrefixCache(14 * unit)
+    cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
+    cache.store(A, [1, 2, 3, 4, 7, 8], kv(6))  # split after 4: 6 + the copy of [5, 6] + [7, 8]
     assert cache.bytes == 10 * unit
+    cache.store(NO_ADAPTER, [1, 2, 3, 4], kv(4))  # 14
+    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])[0] == 6  # touches [5, 6] and the span above it
+    assert spans(cache) == [(A, 4, [7, 8]), (NO_ADAPTER, 0, [1, 2, 3, 4]), (A, 4, [5, 6]), (A, 0, [1, 2, 3, 4])]
+    # 4 more tokens: the two least recent leaves go; [1, 2, 3, 4] under A is never older than what hangs from it
+    cache.store(NO_ADAPTER, [9, 9, 9, 9], kv(4))
+    assert spans(cache) == [(A, 4, [5, 6]), (A, 0, [1, 2, 3, 4]), (NO_ADAPTER, 0, [9, 9, 9, 9])]
+    assert cache.bytes == 12 * unit and cache.stats.evictions == 2
+    assert cache.lookup(NO_ADAPTER, [9, 9, 9, 9, 0])[0] == 4  # its tree was emptied, then held the new head
+    # the least recent leaf that the new span does not hang from goes ([5, 6] is older, but needed)
+    cache.store(A, [1, 2, 3, 4, 5, 6, 1, 1, 1], kv(9))
+    assert spans(cache) == [(A, 6, [1, 1, 1]), (A, 4, [5, 6]), (A, 0, [1, 2, 3, 4])]
+    assert cache.bytes == 11 * unit and cache.stats.evictions == 3
+    # a new version of "a": every span of the old one goes; a head larger than the whole budget is never stored
+    cache.store(("a", 2, "sha-a2"), [5, 5, 5, 5], kv(4))
+    assert spans(cache) == [(("a", 2, "sha-a2"), 0, [5, 5, 5, 5])] and cache.bytes == 4 * unit
+    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0]) == (0, None)
+    cache.store(NO_ADAPTER, list(range(100, 115)), kv(15))
+    assert cache.bytes == 4 * unit and cache.lookup(NO_ADAPTER, list(range(100, 116))) == (0, None)
+
+
+def test_a_span_is_not_stored_when_only_evicting_what_it_hangs_from_would_make_room():
+    unit = kv(1).numel() * 4
+    cache = PrefixCache(6 * unit)
+    cache.store(A, [1, 2, 3, 4], kv(4))
+    cache.store(A, [1, 2, 3, 4, 5, 6, 7], kv(7))  # 3 more than the 2 left: only [1, 2, 3, 4] could go
+    assert spans(cache) == [(A, 0, [1, 2, 3, 4])] and cache.bytes == 4 * unit and cache.stats.evictions == 0
+    cache.store(A, [1, 2, 9, 9, 9], kv(5))  # a split would copy [3, 4]: 2 + 3 more, no room either
+    assert spans(cache) == [(A, 0, [1, 2, 3, 4])] and cache.bytes == 4 * unit
+    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 7, 8])[0] == 4
 
 
 def test_bytes_never_pass_the_budget_while_an_entry_goes_in():
@@ -168,9 +254,9 @@ def test_bytes_never_pass_the_budget_while_an_entry_goes_in():
     seen = []
     remove = cache._remove
 
-    def watched(entry_id):
+    def watched(node):
         seen.append(cache.bytes)  # what a reader could see at that moment
-        remove(entry_id)
+        remove(node)
 
     cache._remove = watched
     for first in range(6):
