@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     )
     max_step_tokens: int = Field(
         512, ge=16,
-        description="Tokens one forward step may run: the running rows' next tokens, then newcomers' prompts; a "
-                    "longer prompt is prefilled in chunks over several steps, so running rows wait one chunk at most",
+        description="Tokens one forward step may run: the running rows' next tokens, then newcomers' prompts (and "
+                    "the virtual tokens of a newcomer's adapter whose keys/values are not cached yet); a longer "
+                    "prompt is prefilled in chunks over several steps, so running rows wait one chunk at most",
     )
     max_input_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens")
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for")

@@ -5,11 +5,10 @@ cached heads belong to one adapter version (id, version, weights digest), or to 
 another adapter, another version of it, or none, never share. Each adapter version has a radix tree of token spans,
 each node holding its span's keys/values: heads that start the same way (a chat template's system prompt, few-shot
 examples) share the nodes of what they have in common, so the common part is held once, whatever the number of
-prompts that branch off it (a split span keeps its tensor and copies only the part below the split, so that running
-rows that read it there still can). A request takes the longest cached head of its prompt (any length, not only whole
+prompts that branch off it. A request takes the longest cached head of its prompt (any length, not only whole
 blocks) and prefills only the rest; its last prompt token is always run, since its logits choose the first new
-token. Nodes are an LRU bounded in bytes in which a node is always more recent than the nodes below it, so the least
-recent is a leaf and evicting it leaves every remaining path whole. Only the engine thread touches this.
+token. Spans are evicted by a segmented LRU within a budget in bytes (`PrefixCache`), leaves only, so every remaining
+path stays whole. Only the engine thread touches this.
 """
 
 from __future__ import annotations
@@ -26,15 +25,13 @@ NO_ADAPTER: AdapterKey = ("", 0, "")
 MIN_REUSE_TOKENS = 4
 
 
-@dataclass(eq=False)  # compared and hashed by identity: nodes are keys of the LRU
+@dataclass(eq=False)  # compared and hashed by identity: nodes are keys of the LRU segments
 class Node:
     """A span of tokens under an adapter version, after the tokens of the nodes above it."""
 
     adapter: AdapterKey
     tokens: list[int]
-    # [L, 2, kv_heads, C, head_dim], its first len(tokens) columns this span's; None at a tree's root (no tokens).
-    # C > len(tokens) after a split (`PrefixCache._split`): the upper part keeps the tensor rows were copied from.
-    kv: torch.Tensor | None
+    kv: torch.Tensor | None  # [L, 2, kv_heads, len(tokens), head_dim]; None at a tree's root (no tokens)
     parent: Node | None = None
     children: dict[int, Node] = field(default_factory=dict)  # by their first token
 
@@ -62,20 +59,33 @@ class PrefixStats:
 
 Path = list[tuple[Node, int]]  # nodes from the root down, with the tokens of each that a prompt matches
 
+# The share of the budget that spans a lookup has reused may hold; beyond it the least recent go back on probation.
+PROTECTED_SHARE = 0.8
+
 
 class PrefixCache:
-    """Cached prompt heads per adapter version, as radix trees of spans, LRU within `budget_bytes`."""
+    """Cached prompt heads per adapter version, as radix trees of spans, within `budget_bytes`.
+
+    Eviction is a segmented LRU, which a stream of prompts used once does not flush: a new span is on probation
+    until a lookup reuses it, and is then protected. Leaves on probation go first, least recent first (the unique
+    tails of prompts seen once), then protected leaves (a chat template's system prompt under each adapter outlives
+    them all); protected spans hold at most PROTECTED_SHARE of the budget. A span is never evicted while another
+    hangs from it, so every path stays whole.
+    """
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self._roots: dict[AdapterKey, Node] = {}
-        self._lru: collections.OrderedDict[Node, None] = collections.OrderedDict()  # spans, least recent first
+        # spans, least recently used first: on probation, and reused by a lookup since they were stored
+        self._probation: collections.OrderedDict[Node, None] = collections.OrderedDict()
+        self._protected: collections.OrderedDict[Node, None] = collections.OrderedDict()
+        self._protected_bytes = 0
         self.bytes = 0  # a counter, so other threads may read it
         self.stats = PrefixStats()
 
     def entries(self) -> list[Node]:
-        """Every cached span, least recently used first."""
-        return list(self._lru)
+        """Every cached span in eviction order: on probation, then protected, each least recently used first."""
+        return [*self._probation, *self._protected]
 
     def lookup(self, adapter: AdapterKey, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
         """The longest cached head of `prompt` under `adapter` (leaving at least its last token to run).
@@ -94,7 +104,14 @@ class PrefixCache:
         path, n = _walk(root, prompt, len(prompt) - 1)
         if n < MIN_REUSE_TOKENS:
             return 0, []
-        self._touch([node for node, _ in path])
+        for node, _ in reversed(path):  # reused: protected now, deepest first so a parent is the more recent
+            if node in self._probation:
+                del self._probation[node]
+                self._protected[node] = None
+                self._protected_bytes += node.nbytes
+            else:
+                self._protected.move_to_end(node)
+        self._demote({node for node, _ in path})
         self.stats.hits += 1
         self.stats.reused_tokens += n
         return n, [(node.kv, used) for node, used in path if node.kv is not None]
@@ -119,64 +136,81 @@ class PrefixCache:
             self._prune(root)
             return
         if n < len(tokens):
-            per_token = kv[:, :, :, :1].numel() * kv.element_size()
-            # the head leaves the last span partway: it is split there, which copies the span's rest (_split)
-            cut = path[-1] if path and path[-1][1] < len(path[-1][0].tokens) else None
-            need = (len(tokens) - n + (len(cut[0].tokens) - cut[1] if cut else 0)) * per_token
+            need = (len(tokens) - n) * kv[:, :, :, :1].numel() * kv.element_size()
             # room first, so that `bytes` (read by other threads) never passes the budget; never at the cost of the
             # spans the new one hangs from
             if need > self.budget_bytes or not self._make_room(need, {node for node, _ in path}):
                 self._prune(root)
                 return
             self._roots[adapter] = root  # again: making room may have emptied and forgotten this tree
-            if cut is not None:
-                path[-1] = (self._split(*cut), cut[1])
+            if path and path[-1][1] < len(path[-1][0].tokens):  # the head leaves this span partway: split it there
+                path[-1] = (self._split(*path[-1]), path[-1][1])
             parent = path[-1][0] if path else root
             leaf = Node(adapter, tokens[n:], kv[:, :, :, n - start :].contiguous(), parent)
             parent.children[leaf.tokens[0]] = leaf
-            self._lru[leaf] = None
+            self._probation[leaf] = None
             self.bytes += leaf.nbytes
             self.stats.stored += 1
             path.append((leaf, len(leaf.tokens)))
-        self._touch([node for node, _ in path])
+        for node, _ in reversed(path):  # used now, each in its segment; deepest first so a parent is the more recent
+            (self._protected if node in self._protected else self._probation).move_to_end(node)
 
     def _split(self, node: Node, at: int) -> Node:
-        """Cut `node`'s span after its first `at` tokens: a new node above it holds those, and keeps the tensor
-        (running rows may read it where their columns were copied from, model/forward.py _redirects); `node` keeps
-        the rest, copied. The copy is counted in `bytes` (the caller made room for it)."""
+        """Cut `node`'s span after its first `at` tokens: a new node above it holds those (in `node`'s segment), and
+        `node` the rest (on probation: no lookup has reused it alone). Both are copies, so the bytes held stay the
+        same; rows that read the old tensor where they were copied from read their copies (model/forward.py)."""
         assert node.parent is not None and node.kv is not None and 0 < at < len(node.tokens)
-        upper = Node(node.adapter, node.tokens[:at], node.kv, node.parent)
+        upper = Node(node.adapter, node.tokens[:at], node.kv[:, :, :, :at].clone(), node.parent)
         node.parent.children[upper.tokens[0]] = upper
-        rest = node.kv[:, :, :, at : len(node.tokens)].clone()
-        node.tokens, node.kv, node.parent = node.tokens[at:], rest, upper
+        protected = node in self._protected
+        self._forget(node)
+        node.tokens, node.kv, node.parent = node.tokens[at:], node.kv[:, :, :, at:].clone(), upper
         upper.children[node.tokens[0]] = node
-        self._lru[upper] = None
-        self.bytes += node.nbytes  # `upper` took over what `node` counted
-        self._touch([upper, node])  # the two are used now; `upper` after `node`, as a parent is
+        self._probation[node] = None
+        if protected:
+            self._protected[upper] = None
+            self._protected_bytes += upper.nbytes
+        else:
+            self._probation[upper] = None
+        self.bytes += upper.nbytes + node.nbytes
         return upper
 
-    def _touch(self, path: list[Node]) -> None:
-        """Mark a root-to-node path used, deepest first, so that every node stays more recent than those below it."""
-        for node in reversed(path):
-            if node in self._lru:
-                self._lru.move_to_end(node)
+    def _demote(self, keep: set[Node]) -> None:
+        """Protected spans past their share go back on probation (most recent there), least recent first."""
+        limit = PROTECTED_SHARE * self.budget_bytes
+        for node in list(self._protected):
+            if self._protected_bytes <= limit:
+                break
+            if node not in keep:
+                del self._protected[node]
+                self._protected_bytes -= node.nbytes
+                self._probation[node] = None
 
     def _make_room(self, need: int, keep: set[Node]) -> bool:
-        """Evict spans, least recently used first (always leaves: a parent is more recent than its children), until
-        `need` more bytes fit; never one in `keep`. -> whether they fit."""
+        """Evict leaves, those on probation first, each segment least recently used first, until `need` more bytes
+        fit; never one in `keep`. -> whether they fit."""
         while self.bytes + need > self.budget_bytes:
-            victim = next((n for n in self._lru if not n.children and n not in keep), None)
+            victim = next((n for segment in (self._probation, self._protected) for n in segment
+                           if not n.children and n not in keep), None)
             if victim is None:
                 return False
             self._remove(victim)
             self.stats.evictions += 1
         return True
 
+    def _forget(self, node: Node) -> None:
+        """Take a span out of its segment and out of `bytes`."""
+        if node in self._protected:
+            del self._protected[node]
+            self._protected_bytes -= node.nbytes
+        else:
+            del self._probation[node]
+        self.bytes -= node.nbytes
+
     def _remove(self, leaf: Node) -> None:
         assert leaf.parent is not None and not leaf.children
         del leaf.parent.children[leaf.tokens[0]]
-        del self._lru[leaf]
-        self.bytes -= leaf.nbytes
+        self._forget(leaf)
         self._prune(leaf.parent)
 
     def _prune(self, node: Node) -> None:
@@ -190,9 +224,8 @@ class PrefixCache:
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
-            if node in self._lru:
-                del self._lru[node]
-                self.bytes -= node.nbytes
+            if node.kv is not None:
+                self._forget(node)
 
 
 def _walk(root: Node, tokens: list[int], limit: int) -> tuple[Path, int]:

@@ -593,8 +593,9 @@ def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied
         async def go(engine):
             assert engine.runner.reads_pieces
             engine.runner.reads_pieces = shared
-            for a in ("prefix", None, "p_tuning_mlp"):  # the head, cached under each of them
-                await engine.submit(greedy(head + " ate", a, n=2)).result()
+            for a in ("prefix", None, "p_tuning_mlp"):  # the head, cached under each of them as a span of its own
+                for end in (" ate", " drank"):
+                    await engine.submit(greedy(head + end, a, n=2)).result()
             tables.clear()
             handles = [engine.submit(greedy(p, a, n=8)) for a, p in cases]
             return [await h.result() for h in handles]

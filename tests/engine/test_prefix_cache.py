@@ -177,10 +177,10 @@ def test_lookup_takes_the_longest_head_and_always_leaves_the_last_token():
 
 
 def spans(cache: PrefixCache) -> list[tuple]:
-    """(adapter, tokens before, tokens) of every cached span, least recently used first; each span's keys/values
-    checked to be those of its own positions (kv(n) holds position j at column j)."""
+    """(adapter, tokens before, tokens) of every cached span in eviction order (on probation, then protected, least
+    recently used first); each span's keys/values checked to be its own positions' (kv(n) holds j at column j)."""
     for e in cache.entries():
-        assert e.kv[0, 0, 0, : len(e.tokens), 0].tolist() == list(range(e.start, e.start + len(e.tokens))), e.tokens
+        assert e.kv[0, 0, 0, :, 0].tolist() == list(range(e.start, e.start + len(e.tokens))), e.tokens
     return [(e.adapter, e.start, e.tokens) for e in cache.entries()]
 
 
@@ -188,52 +188,57 @@ def test_heads_that_start_alike_hold_what_they_share_once():
     unit = kv(1).numel() * 4  # bytes per token
     cache = PrefixCache(1 << 20)
     cache.store(A, [1, 2, 3, 4, 5], kv(5))
-    first = cache.entries()[0].kv
     cache.store(A, [1, 2, 3, 4, 5, 6, 7], kv(7))  # extends the first: only its last two tokens are added
     assert spans(cache) == [(A, 5, [6, 7]), (A, 0, [1, 2, 3, 4, 5])] and cache.bytes == 7 * unit
-    # leaves the first span after 3 tokens: it is split there; the upper part keeps the tensor (rows may read it)
-    # and the lower part is a copy of its two tokens, so 11 tokens are held where three whole heads take 17
+    # leaves the first span after 3 tokens: it is split there, so 9 tokens are held where three whole heads take 17
     cache.store(A, [1, 2, 3, 9, 9], kv(5))
     assert spans(cache) == [(A, 5, [6, 7]), (A, 3, [4, 5]), (A, 3, [9, 9]), (A, 0, [1, 2, 3])]
-    assert cache.entries()[-1].kv is first and cache.bytes == 11 * unit and cache.stats.stored == 3
-    # a head through three spans, the last one partway; the same keys/values as one stored head would give
+    assert cache.bytes == 9 * unit and cache.stats.stored == 3
+    # a head through three spans, the last one partway; the same keys/values as one stored head would give. The
+    # spans it reused are protected now, deepest first
     n, head = cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])
     assert n == 6 and head[0, 0, 0, :, 0].tolist() == list(range(6))
+    assert spans(cache) == [(A, 3, [9, 9]), (A, 5, [6, 7]), (A, 3, [4, 5]), (A, 0, [1, 2, 3])]
     n, pieces = cache.lookup_pieces(A, [1, 2, 3, 9, 9, 0])
-    assert n == 5 and [(t.shape[3], used) for t, used in pieces] == [(5, 3), (2, 2)] and pieces[0][0] is first
+    assert n == 5 and [(t.shape[3], used) for t, used in pieces] == [(3, 3), (2, 2)]
     # what is cached already need not be given again
     assert cache.cached_length(A, [1, 2, 3, 9, 9, 8]) == 5
     cache.store(A, [1, 2, 3, 9, 9, 8], kv(6)[:, :, :, 5:], start=5)
-    assert spans(cache) == [(A, 5, [6, 7]), (A, 3, [4, 5]), (A, 5, [8]), (A, 3, [9, 9]), (A, 0, [1, 2, 3])]
-    assert cache.bytes == 12 * unit
-    cache.store(A, [7, 7, 7, 7, 7], kv(5)[:, :, :, 2:], start=2)  # its first two are not cached: not stored
-    assert cache.bytes == 12 * unit and cache.lookup(A, [7, 7, 7, 7, 7, 7]) == (0, None)
-
-
-def test_eviction_takes_least_recent_leaves_never_a_span_others_hang_from():
-    unit = kv(1).numel() * 4
-    cache = PrefixCache(14 * unit)
-    cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
-    cache.store(A, [1, 2, 3, 4, 7, 8], kv(6))  # split after 4: 6 + the copy of [5, 6] + [7, 8]
+    assert spans(cache) == [(A, 5, [8]), (A, 5, [6, 7]), (A, 3, [4, 5]), (A, 3, [9, 9]), (A, 0, [1, 2, 3])]
     assert cache.bytes == 10 * unit
-    cache.store(NO_ADAPTER, [1, 2, 3, 4], kv(4))  # 14
-    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])[0] == 6  # touches [5, 6] and the span above it
-    assert spans(cache) == [(A, 4, [7, 8]), (NO_ADAPTER, 0, [1, 2, 3, 4]), (A, 4, [5, 6]), (A, 0, [1, 2, 3, 4])]
-    # 4 more tokens: the two least recent leaves go; [1, 2, 3, 4] under A is never older than what hangs from it
+    cache.store(A, [7, 7, 7, 7, 7], kv(5)[:, :, :, 2:], start=2)  # its first two are not cached: not stored
+    assert cache.bytes == 10 * unit and cache.lookup(A, [7, 7, 7, 7, 7, 7]) == (0, None)
+
+
+def test_spans_never_reused_go_first_and_a_span_others_hang_from_never_goes():
+    unit = kv(1).numel() * 4
+    cache = PrefixCache(10 * unit)
+    cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
+    assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])[0] == 6  # reused: protected
+    cache.store(NO_ADAPTER, [1, 2, 3, 4], kv(4))  # 10, on probation
+    # 4 more tokens: the span on probation goes, though the protected one is older
     cache.store(NO_ADAPTER, [9, 9, 9, 9], kv(4))
-    assert spans(cache) == [(A, 4, [5, 6]), (A, 0, [1, 2, 3, 4]), (NO_ADAPTER, 0, [9, 9, 9, 9])]
-    assert cache.bytes == 12 * unit and cache.stats.evictions == 2
+    assert spans(cache) == [(NO_ADAPTER, 0, [9, 9, 9, 9]), (A, 0, [1, 2, 3, 4, 5, 6])]
+    assert cache.bytes == 10 * unit and cache.stats.evictions == 1
+    # reused, it is protected too; protected spans past 80% of the budget go back on probation, oldest first
     assert cache.lookup(NO_ADAPTER, [9, 9, 9, 9, 0])[0] == 4  # its tree was emptied, then held the new head
+    assert spans(cache) == [(A, 0, [1, 2, 3, 4, 5, 6]), (NO_ADAPTER, 0, [9, 9, 9, 9])]
+    # leaves A's span after 4 tokens: room for [7, 8] only by evicting the other tree (A's span is needed); the
+    # split copies both parts, holding the same bytes
+    cache.store(A, [1, 2, 3, 4, 7, 8], kv(6))
+    assert spans(cache) == [(A, 4, [5, 6]), (A, 4, [7, 8]), (A, 0, [1, 2, 3, 4])]
+    assert cache.bytes == 8 * unit and cache.stats.evictions == 2
+    assert cache.lookup(NO_ADAPTER, [9, 9, 9, 9, 0]) == (0, None)
     # the least recent leaf that the new span does not hang from goes ([5, 6] is older, but needed)
     cache.store(A, [1, 2, 3, 4, 5, 6, 1, 1, 1], kv(9))
     assert spans(cache) == [(A, 6, [1, 1, 1]), (A, 4, [5, 6]), (A, 0, [1, 2, 3, 4])]
-    assert cache.bytes == 11 * unit and cache.stats.evictions == 3
+    assert cache.bytes == 9 * unit and cache.stats.evictions == 3
     # a new version of "a": every span of the old one goes; a head larger than the whole budget is never stored
     cache.store(("a", 2, "sha-a2"), [5, 5, 5, 5], kv(4))
     assert spans(cache) == [(("a", 2, "sha-a2"), 0, [5, 5, 5, 5])] and cache.bytes == 4 * unit
     assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0]) == (0, None)
-    cache.store(NO_ADAPTER, list(range(100, 115)), kv(15))
-    assert cache.bytes == 4 * unit and cache.lookup(NO_ADAPTER, list(range(100, 116))) == (0, None)
+    cache.store(NO_ADAPTER, list(range(100, 111)), kv(11))
+    assert cache.bytes == 4 * unit and cache.lookup(NO_ADAPTER, list(range(100, 112))) == (0, None)
 
 
 def test_a_span_is_not_stored_when_only_evicting_what_it_hangs_from_would_make_room():
@@ -242,7 +247,7 @@ def test_a_span_is_not_stored_when_only_evicting_what_it_hangs_from_would_make_r
     cache.store(A, [1, 2, 3, 4], kv(4))
     cache.store(A, [1, 2, 3, 4, 5, 6, 7], kv(7))  # 3 more than the 2 left: only [1, 2, 3, 4] could go
     assert spans(cache) == [(A, 0, [1, 2, 3, 4])] and cache.bytes == 4 * unit and cache.stats.evictions == 0
-    cache.store(A, [1, 2, 9, 9, 9], kv(5))  # a split would copy [3, 4]: 2 + 3 more, no room either
+    cache.store(A, [1, 2, 9, 9, 9], kv(5))  # 3 more, no room either: and the span is not split for nothing
     assert spans(cache) == [(A, 0, [1, 2, 3, 4])] and cache.bytes == 4 * unit
     assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 7, 8])[0] == 4
 
