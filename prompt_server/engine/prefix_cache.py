@@ -178,6 +178,8 @@ class PrefixCache:
     def _demote(self, keep: set[Node]) -> None:
         """Protected spans past their share go back on probation (most recent there), least recent first."""
         limit = PROTECTED_SHARE * self.budget_bytes
+        if self._protected_bytes <= limit:
+            return
         for node in list(self._protected):
             if self._protected_bytes <= limit:
                 break
