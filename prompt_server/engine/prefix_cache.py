@@ -76,6 +76,7 @@ class PrefixCache:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self._roots: dict[AdapterKey, Node] = {}
+        self._version: dict[str, AdapterKey] = {}  # an adapter id's one version with a tree
         # spans, least recently used first: on probation, and reused by a lookup since they were stored
         self._probation: collections.OrderedDict[Node, None] = collections.OrderedDict()
         self._protected: collections.OrderedDict[Node, None] = collections.OrderedDict()
@@ -114,7 +115,7 @@ class PrefixCache:
         self._demote({node for node, _ in path})
         self.stats.hits += 1
         self.stats.reused_tokens += n
-        return n, [(node.kv, used) for node, used in path if node.kv is not None]
+        return n, [(node.kv, used) for node, used in path]  # type: ignore[misc]  # only roots have no kv
 
     def cached_length(self, adapter: AdapterKey, tokens: list[int]) -> int:
         """How many of `tokens`' first tokens are cached under `adapter` (a store from there on adds the rest)."""
@@ -127,10 +128,10 @@ class PrefixCache:
         assert kv.shape[3] == len(tokens) - start
         if not tokens:
             return
-        if adapter[0]:  # another version of the same adapter is dead: requests pin the version they were admitted with
-            for other in [k for k in self._roots if k[0] == adapter[0] and k != adapter]:
-                self._drop(other)
-        root = self._roots.setdefault(adapter, Node(adapter, [], None))
+        other = self._version.get(adapter[0])
+        if other is not None and other != adapter:  # that version is dead: requests pin the one they were admitted with
+            self._drop(other)
+        root = self._tree(adapter)
         path, n = _walk(root, tokens, len(tokens))
         if n < start:
             self._prune(root)
@@ -142,7 +143,7 @@ class PrefixCache:
             if need > self.budget_bytes or not self._make_room(need, {node for node, _ in path}):
                 self._prune(root)
                 return
-            self._roots[adapter] = root  # again: making room may have emptied and forgotten this tree
+            self._tree(adapter, root)  # again: making room may have emptied and forgotten this tree
             if path and path[-1][1] < len(path[-1][0].tokens):  # the head leaves this span partway: split it there
                 path[-1] = (self._split(*path[-1]), path[-1][1])
             parent = path[-1][0] if path else root
@@ -215,13 +216,21 @@ class PrefixCache:
         self._forget(leaf)
         self._prune(leaf.parent)
 
+    def _tree(self, adapter: AdapterKey, root: Node | None = None) -> Node:
+        """`adapter`'s tree (`root`, or a new one, when it has none)."""
+        if adapter not in self._roots:
+            self._roots[adapter] = root or Node(adapter, [], None)
+            self._version[adapter[0]] = adapter
+        return self._roots[adapter]
+
     def _prune(self, node: Node) -> None:
         """Forget an adapter's tree once its root has nothing below it."""
-        if node.parent is None and not node.children:
-            self._roots.pop(node.adapter, None)
+        if node.parent is None and not node.children and self._roots.pop(node.adapter, None) is not None:
+            del self._version[node.adapter[0]]
 
     def _drop(self, adapter: AdapterKey) -> None:
         """Every span of one adapter version."""
+        del self._version[adapter[0]]
         stack = [self._roots.pop(adapter)]
         while stack:
             node = stack.pop()

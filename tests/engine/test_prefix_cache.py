@@ -268,3 +268,21 @@ def test_bytes_never_pass_the_budget_while_an_entry_goes_in():
         cache.store(A, [first] + [1] * 4, kv(5))
         seen.append(cache.bytes)
     assert cache.stats.evictions == 4 and seen and max(seen) <= 10 * unit
+
+
+def test_one_version_per_adapter_id_whatever_emptied_its_tree():
+    """A store under another version of an adapter id drops the tree it had, also after eviction or a newer
+    version's store emptied and forgot trees in between."""
+    unit = kv(1).numel() * 4
+    a2 = ("a", 2, "sha-a2")
+    cache = PrefixCache(5 * unit)
+    cache.store(A, [1, 2, 3, 4], kv(4))
+    cache.store(NO_ADAPTER, [5, 6, 7, 8, 9], kv(5))  # evicts A's only span: its tree is forgotten
+    assert spans(cache) == [(NO_ADAPTER, 0, [5, 6, 7, 8, 9])]
+    cache.store(a2, [1, 2, 3, 4], kv(4))  # evicts the other tree's span; no tree of "a" left to drop
+    assert spans(cache) == [(a2, 0, [1, 2, 3, 4])]
+    cache.store(A, [1, 2, 3, 4], kv(4))  # a request admitted under version 1 finishing late: the last store wins
+    assert spans(cache) == [(A, 0, [1, 2, 3, 4])] and cache.bytes == 4 * unit
+    assert cache.lookup(a2, [1, 2, 3, 4, 0]) == (0, None) and cache.lookup(A, [1, 2, 3, 4, 0])[0] == 4
+    cache.store(NO_ADAPTER, [1], kv(1))  # no adapter is an id of its own, never dropping another's tree
+    assert spans(cache) == [(NO_ADAPTER, 0, [1]), (A, 0, [1, 2, 3, 4])] and cache.bytes == 5 * unit
