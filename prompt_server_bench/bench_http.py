@@ -257,17 +257,17 @@ def cache_counters(url: str) -> dict[str, float]:
 
 def measure(url: str, series: str, models: list[str], prompts: list[str], args, extra: dict, endpoint: str,
             loop: str, level: float) -> Point:
-    """One point: `extra` holds the request fields that make this server ignore EOS (with --ignore-eos), so every
-    server generates the same number of tokens for every request. The server's cache counters are read before
-    and after (`cache_counters`), and the point keeps what they counted during it."""
+    """One point, a request per prompt of `prompts`, in order: `extra` holds the request fields that make this
+    server ignore EOS (with --ignore-eos), so every server generates the same number of tokens for every request.
+    The server's cache counters are read before and after (`cache_counters`), and the point keeps what they
+    counted during it."""
     extra = extra if args.ignore_eos else {}
     point = Point(series, endpoint, loop, level, extra)
-    these = _take(prompts, requests_at(args, loop, level))
     before = cache_counters(url)
     if loop == "closed":
-        asyncio.run(closed_loop(point, url, models, these, args.new_tokens))
+        asyncio.run(closed_loop(point, url, models, prompts, args.new_tokens))
     else:
-        asyncio.run(open_loop(point, url, models, these, args.new_tokens))
+        asyncio.run(open_loop(point, url, models, prompts, args.new_tokens))
     after = cache_counters(url)
     point.server = {k: after[k] - before[k] for k in after if k in before}
     return point
