@@ -307,7 +307,14 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and self._batch is None and not self._prefilling:
+                idle = not self._stopping and not self._has_work()
+            if idle:
+                # nothing to step: this thread's OpenMP workers go, so that torch run meanwhile on other threads (an
+                # upload's encoder, a caller's own model) is not slowed by their idle pool (model/omp.py); the next
+                # step starts a new one, in well under a millisecond
+                omp.release()
+            with self._cond:
+                while not self._stopping and not self._has_work():
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -325,6 +332,9 @@ class Engine:
             pending = list(self._waiting)
             self._waiting.clear()
         self._fail(rows + pending, EngineStopped("the engine stopped"))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or self._batch is not None or bool(self._prefilling)
 
     def _fail(self, items: list, exc: Exception) -> None:
         for item in items:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from prompt_server.engine.types import (
     QueueFull,
     SamplingParams,
 )
+from prompt_server.model import omp
 from tests.engine.conftest import put_dir, run_engine
 from tests.tiny import VARIANTS
 
@@ -617,3 +619,43 @@ def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied
     # a row reading its soft prompt and its head (prefix rows on the cached head), one reading one piece (the
     # prompt-tuning rows' soft prompt; the rows without adapter on the cached head), and one reading none
     assert {(True, True), (True, False), (False, False)} <= entries
+
+
+@pytest.mark.skipif(omp._libgomp() is None or torch.get_num_threads() < 2,
+                    reason="no libgomp, or one torch thread: no OpenMP workers")
+def test_an_idle_engine_frees_its_threads_openmp_workers_and_the_next_step_starts_new_ones(llama_world, monkeypatch):
+    """Between requests the engine thread's OpenMP pool goes (model/omp.py), so that it does not slow torch on
+    other threads; the next request is served as the first was. The tiny model's products are too small for a
+    parallel region, so each step also runs one that is not."""
+    a = torch.randn(256, 512)
+    pools: list[set[str]] = []
+
+    def threads() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    async def go(engine):
+        step = engine._step
+
+        def stepped():
+            before = threads()
+            a @ a.t()
+            pools.append(threads() - before)  # this step's workers when it started the pool, else nothing
+            step()
+
+        monkeypatch.setattr(engine, "_step", stepped)
+        gone, results = [], []
+        for _ in range(2):
+            results.append(await engine.submit(greedy(PROMPTS[0], "prompt_tuning", n=4)).result())
+            for _ in range(200):  # the engine finds itself idle a moment after handing out the last token
+                if not any(p & threads() for p in pools):
+                    break
+                await asyncio.sleep(0.01)
+            gone.append(not any(p & threads() for p in pools))
+        return results, gone
+
+    results, gone = run_engine(llama_world, go)
+    started = [p for p in pools if p]
+    assert len(started) == 2 and all(len(p) == torch.get_num_threads() - 1 for p in started)  # one per request
+    assert gone == [True, True]
+    assert [t.id for t in results[0].tokens] == [t.id for t in results[1].tokens] == llama_world.oracle(
+        "prompt_tuning", PROMPTS[0], 4)
