@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
 
     from prompt_server.config import Settings
     from prompt_server.engine.engine import Engine
+    from prompt_server.model import omp
 
     torch.set_grad_enabled(False)
     model_dir = random_t5_small(Path(tempfile.mkdtemp())) if args.model == RANDOM_T5 else args.model
@@ -270,6 +271,13 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
         single = [(ids[0], VARIANTS[0])]
 
         def once(mode: str) -> float:
+            if mode in "abc":
+                # on this thread; then its OpenMP workers go, which would otherwise slow the engine's (model/omp.py)
+                return omp.released(on_this_thread)(mode)
+            adapter_ids = [None] * len(prompts) if mode == "e" else ids
+            return asyncio.run(_engine_all(inline if mode == "f" else engine, prompts, adapter_ids, args.new_tokens))
+
+        def on_this_thread(mode: str) -> float:
             if mode == "a":
                 return run_peft_sequential(model, tok, adapters, prompts, root, args.new_tokens)
             if mode == "b":
@@ -279,10 +287,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
                 rate = run_hf_batched(pm, tok, prompts, args.new_tokens)
                 model.peft_config = {}
                 return rate
-            if mode == "c":
-                return run_hf_batched(model, tok, prompts, args.new_tokens)
-            adapter_ids = [None] * len(prompts) if mode == "e" else ids
-            return asyncio.run(_engine_all(inline if mode == "f" else engine, prompts, adapter_ids, args.new_tokens))
+            return run_hf_batched(model, tok, prompts, args.new_tokens)
 
         # warm-up: one short pass of each engine/HF path so first-call costs are not measured; every adapter is used
         # once, so its virtual tokens' keys/values are computed before timing (once per adapter version, as in a
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
         if inline is not None:
             asyncio.run(_engine_all(inline, prompts, ids, warm_tokens) if warm_tokens > 1
                         else _engine_all(inline, prompts[:4], ids[:4], 2))
-        run_hf_batched(model, tok, prompts[:4], 2)
+        omp.released(run_hf_batched)(model, tok, prompts[:4], 2)
         for r in range(args.rounds or 2):
             for mode in args.modes:
                 rate = once(mode)
