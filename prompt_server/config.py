@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0,
         description="Memory for cached prompt heads' keys and values, reused by prompts that start the same way "
-                    "under the same adapter version (LRU); 0 turns prefix caching off",
+                    "under the same adapter version (a segmented LRU); 0 turns prefix caching off",
     )
     pinned_adapters: str = Field(
         "", description="Comma-separated adapter ids whose virtual-token keys/values are never evicted"

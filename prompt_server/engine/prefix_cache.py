@@ -61,6 +61,8 @@ Path = list[tuple[Node, int]]  # nodes from the root down, with the tokens of ea
 
 # The share of the budget that spans a lookup has reused may hold; beyond it the least recent go back on probation.
 PROTECTED_SHARE = 0.8
+# Adapter versions whose trees a store compares a new span with (those most recently stored into).
+RECENT_TREES = 8
 
 
 class PrefixCache:
@@ -71,6 +73,11 @@ class PrefixCache:
     tails of prompts seen once), then protected leaves (a chat template's system prompt under each adapter outlives
     them all); protected spans hold at most PROTECTED_SHARE of the budget. A span is never evicted while another
     hangs from it, so every path stays whole.
+
+    A new span whose first tokens the tree of another adapter version also holds from the same position (one of the
+    RECENT_TREES last stored into) starts protected, cut where the two part: a head that prompts under several
+    adapters begin with (a chat template's system prompt, few-shot examples) is one that this adapter's next prompt
+    will begin with too, however many other prompts come in between.
     """
 
     def __init__(self, budget_bytes: int):
@@ -81,6 +88,7 @@ class PrefixCache:
         self._probation: collections.OrderedDict[Node, None] = collections.OrderedDict()
         self._protected: collections.OrderedDict[Node, None] = collections.OrderedDict()
         self._protected_bytes = 0
+        self._recent: collections.deque[AdapterKey] = collections.deque(maxlen=RECENT_TREES)
         self.bytes = 0  # a counter, so other threads may read it
         self.stats = PrefixStats()
 
@@ -147,14 +155,38 @@ class PrefixCache:
             if path and path[-1][1] < len(path[-1][0].tokens):  # the head leaves this span partway: split it there
                 path[-1] = (self._split(*path[-1]), path[-1][1])
             parent = path[-1][0] if path else root
-            leaf = Node(adapter, tokens[n:], kv[:, :, :, n - start :].contiguous(), parent)
-            parent.children[leaf.tokens[0]] = leaf
-            self._probation[leaf] = None
-            self.bytes += leaf.nbytes
-            self.stats.stored += 1
-            path.append((leaf, len(leaf.tokens)))
+            common = self._common_elsewhere(adapter, tokens)
+            for a, b, protect in ((n, common, True), (max(n, common), len(tokens), False)):
+                if a >= b:
+                    continue
+                node = Node(adapter, tokens[a:b], kv[:, :, :, a - start : b - start].contiguous(), parent)
+                parent.children[node.tokens[0]] = node
+                if protect:
+                    self._protected[node] = None
+                    self._protected_bytes += node.nbytes
+                else:
+                    self._probation[node] = None
+                self.bytes += node.nbytes
+                self.stats.stored += 1
+                path.append((node, len(node.tokens)))
+                parent = node
+            if common > n:
+                self._demote({node for node, _ in path})
+            if adapter in self._recent:
+                self._recent.remove(adapter)
+            self._recent.append(adapter)
         for node, _ in reversed(path):  # used now, each in its segment; deepest first so a parent is the more recent
             (self._protected if node in self._protected else self._probation).move_to_end(node)
+
+    def _common_elsewhere(self, adapter: AdapterKey, tokens: list[int]) -> int:
+        """How many of `tokens`' first tokens the tree of another recently stored adapter version holds (0 if fewer
+        than MIN_REUSE_TOKENS): a read, which changes no span's place."""
+        most = 0
+        for other in self._recent:
+            root = self._roots.get(other)
+            if other != adapter and root is not None:
+                most = max(most, _walk(root, tokens, len(tokens))[1])
+        return most if most >= MIN_REUSE_TOKENS else 0
 
     def _split(self, node: Node, at: int) -> Node:
         """Cut `node`'s span after its first `at` tokens: a new node above it holds those (in `node`'s segment), and

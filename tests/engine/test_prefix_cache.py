@@ -215,7 +215,7 @@ def test_spans_never_reused_go_first_and_a_span_others_hang_from_never_goes():
     cache = PrefixCache(10 * unit)
     cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
     assert cache.lookup(A, [1, 2, 3, 4, 5, 6, 0])[0] == 6  # reused: protected
-    cache.store(NO_ADAPTER, [1, 2, 3, 4], kv(4))  # 10, on probation
+    cache.store(NO_ADAPTER, [8, 2, 3, 4], kv(4))  # 10, on probation
     # 4 more tokens: the span on probation goes, though the protected one is older
     cache.store(NO_ADAPTER, [9, 9, 9, 9], kv(4))
     assert spans(cache) == [(NO_ADAPTER, 0, [9, 9, 9, 9]), (A, 0, [1, 2, 3, 4, 5, 6])]
@@ -286,3 +286,31 @@ def test_one_version_per_adapter_id_whatever_emptied_its_tree():
     assert cache.lookup(a2, [1, 2, 3, 4, 0]) == (0, None) and cache.lookup(A, [1, 2, 3, 4, 0])[0] == 4
     cache.store(NO_ADAPTER, [1], kv(1))  # no adapter is an id of its own, never dropping another's tree
     assert spans(cache) == [(NO_ADAPTER, 0, [1]), (A, 0, [1, 2, 3, 4])] and cache.bytes == 5 * unit
+
+
+def test_a_head_that_another_adapters_tree_holds_starts_protected_and_outlives_the_tails():
+    """A chat template's system prompt under adapter after adapter: each new tree's copy of it starts protected
+    (cut where the prompts part), so the unique tails stored after it go first, and its next prompt finds it."""
+    unit = kv(1).numel() * 4
+    b, c, d = ("b", 1, "sha-b"), ("c", 1, "sha-c"), ("d", 1, "sha-d")
+    system = [7, 7, 7, 7, 7]
+    cache = PrefixCache(15 * unit)
+    cache.store(A, system + [1, 1], kv(7))  # the first tree: nothing to compare with, all on probation
+    cache.store(b, system + [2, 2], kv(7))  # b's prompt begins as A's: the head protected, the tail on probation
+    assert spans(cache) == [(A, 0, system + [1, 1]), (b, 5, [2, 2]), (b, 0, system)]
+    assert cache.bytes == 14 * unit and cache.stats.stored == 3
+    # 10 tokens of a prompt seen once: A's whole prompt and b's tail go, b's system prompt stays
+    cache.store(NO_ADAPTER, [9] * 10, kv(10))
+    assert spans(cache) == [(NO_ADAPTER, 0, [9] * 10), (b, 0, system)] and cache.stats.evictions == 2
+    assert cache.lookup(b, system + [3, 3])[0] == 5
+    # as far as the two prompts agree: c's first 7 tokens are in b's tree, its 8th is not
+    cache = PrefixCache(100 * unit)
+    cache.store(b, system + [2, 2], kv(7))
+    cache.store(c, system + [2, 2, 3], kv(8))
+    assert spans(cache) == [(b, 0, system + [2, 2]), (c, 7, [3]), (c, 0, system + [2, 2])]
+    # 3 tokens in common are too few to count; a whole prompt that another tree holds starts protected, as one span
+    cache.store(d, [7, 7, 7, 1], kv(4))
+    cache.store(A, system, kv(5))
+    assert spans(cache) == [(b, 0, system + [2, 2]), (c, 7, [3]), (d, 0, [7, 7, 7, 1]), (c, 0, system + [2, 2]),
+                            (A, 0, system)]
+    assert cache.stats.stored == 5
