@@ -269,6 +269,9 @@ class PrefixCache:
             stack.extend(node.children.values())
             if node.kv is not None:
                 self._forget(node)
+            # a tree is a web of cycles (parent <-> children): unlinked, its keys/values are freed now, not at the
+            # collector's next full pass, which may come only after many more versions' trees have been dropped
+            node.kv, node.parent, node.children = None, None, {}
 
 
 def _walk(root: Node, tokens: list[int], limit: int) -> tuple[Path, int]:

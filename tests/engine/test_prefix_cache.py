@@ -314,3 +314,28 @@ def test_a_head_that_another_adapters_tree_holds_starts_protected_and_outlives_t
     assert spans(cache) == [(b, 0, system + [2, 2]), (c, 7, [3]), (d, 0, [7, 7, 7, 1]), (c, 0, system + [2, 2]),
                             (A, 0, system)]
     assert cache.stats.stored == 5
+
+
+def test_a_dropped_versions_tree_frees_its_keys_and_values_at_once_not_at_the_next_garbage_collection():
+    """A tree's nodes point at each other (parent <-> children), so a dropped tree left as it was is freed only by
+    the cycle collector's next full pass, and under steady adapter replacement memory held that way ran past the
+    budget. With the collector off, dropping a version's tree and evicting spans free their tensors right away."""
+    import gc
+    import weakref
+
+    a2 = ("a", 2, "sha-a2")
+    cache = PrefixCache(10 * kv(1).numel() * 4)  # room for 10 tokens
+    gc.disable()
+    try:
+        cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
+        cache.store(A, [1, 2, 3, 4, 7, 8], kv(6))  # splits the first span: a tree of three nodes
+        assert [(start, tokens) for _, start, tokens in spans(cache)] == [(4, [5, 6]), (4, [7, 8]), (0, [1, 2, 3, 4])]
+        held = [weakref.ref(e.kv) for e in cache.entries()]
+        cache.store(a2, [1, 2, 3, 4, 5, 6], kv(6))  # another version of "a": version 1's tree goes
+        assert spans(cache) == [(a2, 0, [1, 2, 3, 4, 5, 6])]
+        assert [ref() is None for ref in held] == [True, True, True]
+        evicted = weakref.ref(cache.entries()[0].kv)
+        cache.store(NO_ADAPTER, [9] * 8, kv(8))  # room for it only by evicting a2's span
+        assert [adapter for adapter, _, _ in spans(cache)] == [NO_ADAPTER] and evicted() is None
+    finally:
+        gc.enable()
