@@ -116,8 +116,7 @@ class PrefixCache:
         for node, _ in reversed(path):  # reused: protected now, deepest first so a parent is the more recent
             if node in self._probation:
                 del self._probation[node]
-                self._protected[node] = None
-                self._protected_bytes += node.nbytes
+                self._enter(node, protect=True)
             else:
                 self._protected.move_to_end(node)
         self._demote({node for node, _ in path})
@@ -161,11 +160,7 @@ class PrefixCache:
                     continue
                 node = Node(adapter, tokens[a:b], kv[:, :, :, a - start : b - start].contiguous(), parent)
                 parent.children[node.tokens[0]] = node
-                if protect:
-                    self._protected[node] = None
-                    self._protected_bytes += node.nbytes
-                else:
-                    self._probation[node] = None
+                self._enter(node, protect)
                 self.bytes += node.nbytes
                 self.stats.stored += 1
                 path.append((node, len(node.tokens)))
@@ -199,12 +194,8 @@ class PrefixCache:
         self._forget(node)
         node.tokens, node.kv, node.parent = node.tokens[at:], node.kv[:, :, :, at:].clone(), upper
         upper.children[node.tokens[0]] = node
-        self._probation[node] = None
-        if protected:
-            self._protected[upper] = None
-            self._protected_bytes += upper.nbytes
-        else:
-            self._probation[upper] = None
+        self._enter(node, protect=False)
+        self._enter(upper, protected)
         self.bytes += upper.nbytes + node.nbytes
         return upper
 
@@ -219,7 +210,7 @@ class PrefixCache:
             if node not in keep:
                 del self._protected[node]
                 self._protected_bytes -= node.nbytes
-                self._probation[node] = None
+                self._enter(node, protect=False)
 
     def _make_room(self, need: int, keep: set[Node]) -> bool:
         """Evict leaves, those on probation first, each segment least recently used first, until `need` more bytes
@@ -232,6 +223,14 @@ class PrefixCache:
             self._remove(victim)
             self.stats.evictions += 1
         return True
+
+    def _enter(self, node: Node, protect: bool) -> None:
+        """Put a span that is in neither segment into one, as its most recent."""
+        if protect:
+            self._protected[node] = None
+            self._protected_bytes += node.nbytes
+        else:
+            self._probation[node] = None
 
     def _forget(self, node: Node) -> None:
         """Take a span out of its segment and out of `bytes`."""
