@@ -14,7 +14,10 @@ from contextvars import ContextVar
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -105,6 +108,12 @@ class Metrics:
         }
         self.engine = EngineCollector(engine_stats or dict, adapters_loaded or (lambda: 0))
         self.registry.register(self.engine)
+        # the process's own, as prometheus_client's default registry has them: resident memory, CPU seconds and
+        # open files (process_*, where /proc exists), the cycle collector's passes per generation (python_gc_*;
+        # tensors that only the collector frees wait for its next full pass), the Python version (python_info)
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._lock = threading.Lock()  # one generation's histograms are updated together
 
     def count_request(self, route: str, adapter: str, status: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import psutil
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.registry import Collector
 
@@ -67,8 +69,22 @@ def test_names_types_and_help_are_the_documented_ones():
         "prompt_server_engine_queue_depth": "gauge",
         "prompt_server_engine_running": "gauge",
         "prompt_server_engine_steps_total": "counter",
+        # prometheus_client's process, garbage-collector and platform collectors, in every app's registry
+        "process_cpu_seconds_total": "counter",
+        "process_max_fds": "gauge",
+        "process_open_fds": "gauge",
+        "process_resident_memory_bytes": "gauge",
+        "process_start_time_seconds": "gauge",
+        "process_virtual_memory_bytes": "gauge",
+        "python_gc_collections_total": "counter",
+        "python_gc_objects_collected_total": "counter",
+        "python_gc_objects_uncollectable_total": "counter",
+        "python_info": "gauge",
     }
-    helps = dict(re.findall(r"^# HELP (\S+) (.*)$", text, re.MULTILINE))
+    resident = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.MULTILINE).group(1))
+    assert resident == pytest.approx(psutil.Process().memory_info().rss, rel=0.2)
+    assert re.search(r'^python_gc_collections_total\{generation="2"\} \d', text, re.MULTILINE)
+    helps = dict(re.findall(r"^# HELP (prompt_server\S+) (.*)$", text, re.MULTILINE))
     assert helps == {
         "prompt_server_requests_total": "HTTP requests by route, adapter and status code.",
         **{f"prompt_server_{h}": f"{h.replace('_', ' ')} per generation request." for h in histograms},
