@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-
-import torch
-
 from prompt_server.config import Settings
 from prompt_server.engine.engine import Engine
 from prompt_server_bench.bench_soak import run_soak
+from tests.cycles import collector_off
 from tests.engine.conftest import build_world
 
 
@@ -21,17 +18,10 @@ def test_mixed_load_with_replacements_keeps_caches_bounded_and_memory_flat(tiny_
     settings = Settings(max_batch_size=6, prompt_kv_cache_bytes=9 * token, prefix_cache_bytes=256 * token)
     engine = Engine(world.loaded, world.registry, settings)
     engine.start()
-    gc.collect()
-    gc.disable()  # what only the cycle collector would free piles up, and is counted below
     try:
-        result = run_soak(engine, world.registry, world.dirs, seconds=8, clients=6)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        cyclic_tensors = [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor)]
+        with collector_off() as cyclic_tensors:  # what only the collector would free piles up, and is counted
+            result = run_soak(engine, world.registry, world.dirs, seconds=8, clients=6)
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
         engine.stop()
     assert set(result.outcomes) == {"ok"} and result.outcomes["ok"] > 50, result.outcomes
     assert result.replaced > 3
