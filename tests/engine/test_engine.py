@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from prompt_server.engine.types import (
 )
 from prompt_server.model import omp
 from tests.engine.conftest import put_dir, run_engine
+from tests.threads import name_this_thread, named
 from tests.tiny import VARIANTS
 
 PROMPTS = ["the cat sat on the mat", "hello world", "once upon a time there was", "a b c"]
@@ -629,14 +629,17 @@ def test_an_idle_engine_frees_its_threads_openmp_workers_and_the_next_step_start
     parallel region, so each step also runs one that is not."""
     a = torch.randn(256, 512)
     pools: list[set[str]] = []
+    name: list[str] = []  # the engine thread's, given at its first step: its OpenMP workers started later carry it
 
     def threads() -> set[str]:
-        return set(os.listdir("/proc/self/task"))
+        return named(name[0]) if name else set()
 
     async def go(engine):
         step = engine._step
 
         def stepped():
+            if not name:
+                name.append(name_this_thread("engine"))
             before = threads()
             a @ a.t()
             pools.append(threads() - before)  # this step's workers when it started the pool, else nothing

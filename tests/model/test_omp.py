@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import torch
 
 from prompt_server.model import omp
+from tests.threads import name_this_thread, named
 
 needs_libgomp = pytest.mark.skipif(omp._libgomp() is None, reason="torch's OpenMP runtime here is not libgomp")
 needs_workers = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP workers")
 
 
 def _threads() -> set[str]:
-    """The process's threads (by id): others may come and go, so the tests look at the ones that appear."""
-    return set(os.listdir("/proc/self/task"))
+    """The calling thread and the threads it started (its OpenMP workers among them), named alike by
+    `_on_a_thread`: threads the rest of the process starts meanwhile do not count."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return named(f.read().strip())
 
 
 def _on_a_thread(fn):
     out: list = []
-    worker = threading.Thread(target=lambda: out.append(fn()))
+
+    def target():
+        name_this_thread("omp-test")
+        out.append(fn())
+
+    worker = threading.Thread(target=target)
     worker.start()
     worker.join()
     return out[0]
