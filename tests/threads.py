@@ -30,3 +30,9 @@ def named(name: str) -> set[str]:
         except FileNotFoundError:  # ended meanwhile
             pass
     return found
+
+
+def mine() -> set[str]:
+    """The calling thread and every thread named as it is (those it started after it was named)."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return named(f.read().strip())

@@ -10,6 +10,7 @@ import torch
 from prompt_server.engine.admission import adapter_key
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.types import GenerateRequest
+from tests.cycles import collector_off
 from tests.engine.conftest import put_dir, run_engine
 from tests.tiny import make_peft, save_peft
 
@@ -320,13 +321,11 @@ def test_a_dropped_versions_tree_frees_its_keys_and_values_at_once_not_at_the_ne
     """A tree's nodes point at each other (parent <-> children), so a dropped tree left as it was is freed only by
     the cycle collector's next full pass, and under steady adapter replacement memory held that way ran past the
     budget. With the collector off, dropping a version's tree and evicting spans free their tensors right away."""
-    import gc
     import weakref
 
     a2 = ("a", 2, "sha-a2")
     cache = PrefixCache(10 * kv(1).numel() * 4)  # room for 10 tokens
-    gc.disable()
-    try:
+    with collector_off() as left:
         cache.store(A, [1, 2, 3, 4, 5, 6], kv(6))
         cache.store(A, [1, 2, 3, 4, 7, 8], kv(6))  # splits the first span: a tree of three nodes
         assert [(start, tokens) for _, start, tokens in spans(cache)] == [(4, [5, 6]), (4, [7, 8]), (0, [1, 2, 3, 4])]
@@ -337,5 +336,4 @@ def test_a_dropped_versions_tree_frees_its_keys_and_values_at_once_not_at_the_ne
         evicted = weakref.ref(cache.entries()[0].kv)
         cache.store(NO_ADAPTER, [9] * 8, kv(8))  # room for it only by evicting a2's span
         assert [adapter for adapter, _, _ in spans(cache)] == [NO_ADAPTER] and evicted() is None
-    finally:
-        gc.enable()
+    assert left == []

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from prompt_server.model import omp
-from tests.threads import name_this_thread, named
+from tests.threads import mine as _threads  # the thread and its OpenMP workers, named by _on_a_thread
+from tests.threads import name_this_thread
 
 needs_libgomp = pytest.mark.skipif(omp._libgomp() is None, reason="torch's OpenMP runtime here is not libgomp")
 needs_workers = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP workers")
-
-
-def _threads() -> set[str]:
-    """The calling thread and the threads it started (its OpenMP workers among them), named alike by
-    `_on_a_thread`: threads the rest of the process starts meanwhile do not count."""
-    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
-        return named(f.read().strip())
 
 
 def _on_a_thread(fn):
