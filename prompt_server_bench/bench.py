@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
                              "series on both servers, interleaved point by point (default 1, the rounds pooled)")
     parser.add_argument("--modes", default="abcde", help="which modes to run, e.g. 'cde'")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every mode runs")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where every mode runs (--http: both servers)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="every mode's (--http: both servers')")
     parser.add_argument("--http", action="store_true", help="benchmark the HTTP servers instead (see bench_http)")
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help="instead: mixed load for SECONDS with adapters replaced as it runs; reports resident "
@@ -403,8 +405,9 @@ def _main_http(args) -> int:
         return [adapter_id for adapter_id, _ in made]
 
     points = run_http(args, loaded.path, adapters_into, prompts)
-    header = (f"model {loaded.model_id}, float32 on the CPU ({platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores), {args.new_tokens} new tokens per request"
+    where = (f"the GPU ({torch.cuda.get_device_name()})" if args.device == "cuda" else
+             f"the CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    header = (f"model {loaded.model_id}, {args.dtype} on {where}, {args.new_tokens} new tokens per request"
               f"{' (EOS ignored)' if args.ignore_eos else ''}, greedy, streamed; every adapter request on a "
               f"different adapter; {args.rounds or 1} round(s), pooled")
     report(points, args, header)

@@ -351,12 +351,13 @@ def run_http(args, model_dir: Path, write_adapters, prompts: list[str]) -> list[
         queue = max(1024, 4 * len(prompts))
         cmds = {ours: [sys.executable, "-m", "prompt_server.cli", "serve", "--model", str(model_dir), "--adapters",
                        str(store), "--port", ours.rsplit(":", 1)[1], "--max-batch-size", str(widest),
-                       "--max-queue", str(queue), "--max-virtual-tokens", str(max([128, *args.virtual_tokens]))]}
+                       "--max-queue", str(queue), "--max-virtual-tokens", str(max([128, *args.virtual_tokens])),
+                       "--device", args.device, "--dtype", args.dtype]}
         if not args.skip_transformers:
             theirs = f"http://127.0.0.1:{free_port()}"
             # `transformers serve [FORCE_MODEL] --continuous-batching`
             cmds[theirs] = shlex.split(args.transformers_cmd) + [
-                "serve", str(model_dir), "--continuous-batching", "--dtype", "float32",
+                "serve", str(model_dir), "--continuous-batching", "--device", args.device, "--dtype", args.dtype,
                 "--host", "127.0.0.1", "--port", theirs.rsplit(":", 1)[1]]
         procs = {}
         for url, cmd in cmds.items():

@@ -107,7 +107,7 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
     loaded = load_model(tiny_llama_dir, device="cpu", dtype="float32")
     args = argparse.Namespace(endpoints=["completions", "chat"], concurrency=[1, 4], rates=[8.0], new_tokens=6,
                               requests_per_client=2, open_seconds=1.0, virtual_tokens=[4], skip_transformers=False,
-                              ignore_eos=True, rounds=1,
+                              ignore_eos=True, rounds=1, device="cpu", dtype="float32",
                               transformers_cmd=str(TRANSFORMERS_CMD), out=str(tmp_path / "out"))
 
     def adapters_into(store: Path, n_virtual: int) -> list[str]:
