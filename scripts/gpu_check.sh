@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the fast test suite (CUDA tests included) and the in-process benchmark in bfloat16.
+# On a machine with a CUDA GPU, in about seven minutes: the CUDA tests, the engine tests on the GPU, the in-process
+# benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
 #
-#   scripts/gpu_check.sh MODEL_CONFIG_DIR
+#   scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]
 #
 # MODEL_CONFIG_DIR holds a model's config.json and tokenizer files (weights not needed): a model of that shape is
 # built with random weights, which is enough for throughput (every request generates exactly --new-tokens tokens).
 # Python packages the machine lacks (fastapi, pydantic-settings, ...) must already be importable, e.g. from wheels
-# installed with `pip install --target DIR` and DIR on PYTHONPATH.
+# installed with `pip install --target DIR` and DIR on PYTHONPATH. Logs and the HTTP benchmark's table, numbers and
+# plot go to OUT_DIR (default: $OUT, else a new temporary folder); a summary is printed last.
+#
+# Steps, each under its own time limit so that one that hangs leaves the others their time:
+#   1. tests/engine/test_cuda.py, and beside it every engine test (tests/engine, fast ones) with
+#      PROMPT_SERVER_TEST_DEVICE=cuda: the ones built on tests/engine/conftest.py's build_world then run the engine
+#      and PEFT on the GPU in float32 and compare them
+#   2. the in-process benchmark (prompt_server_bench), 64 requests x 32 tokens, 20 and 100 virtual tokens
+#   3. prompt-server bench --http at 32 clients, /v1/completions, against transformers serve --continuous-batching
 set -u
-config_dir=${1:?usage: scripts/gpu_check.sh MODEL_CONFIG_DIR}
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+config_dir=${1:?usage: scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]}
+out=${2:-${OUT:-$(mktemp -d)}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+t0=$SECONDS
+stamp() { echo "[$((SECONDS - t0)) s] $*"; }
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    python3 -c "import sys, torch, transformers, peft; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    echo "cpus $(nproc)"
+} 2>&1 | tee "$out/env.txt"
+
 model=$(mktemp -d)
-python3 - "$config_dir" "$model" <<'PY'
+stamp "random-weight model of $config_dir at $model (in the background)"
+python3 - "$config_dir" "$model" >>"$out/env.txt" 2>&1 <<'PY' &
 import shutil, sys
 from pathlib import Path
 
@@ -28,15 +47,44 @@ for f in src.iterdir():
         shutil.copy(f, dst / f.name)
 print("random-weight model of", src, "at", dst)
 PY
-echo "== tests (CPU suite on this machine's transformers, plus tests/engine/test_cuda.py on the GPU)"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" --ignore=tests/e2e/test_clients.py tests 2>&1 | tail -25
-echo "== CUDA tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed"
-echo "== bench, cuda bfloat16, 32 requests x 32 tokens, 8 and 100 virtual tokens"
-timeout 200 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes bcdef --rounds 2 \
-    2>&1 | grep -v "Loading\|Writing\|warn" | tail -14
-timeout 150 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef --rounds 2 \
-    --virtual-tokens 100 2>&1 | grep -v "Loading\|Writing\|warn" | tail -12
-echo "== bench, cuda bfloat16, 32 requests x 32 tokens, 8 virtual tokens: CUDA graphs off (PROMPT_SERVER_CUDA_GRAPHS=0)"
-PROMPT_SERVER_CUDA_GRAPHS=0 timeout 150 python3 -m prompt_server_bench --model "$model" --device cuda \
-    --dtype bfloat16 --modes de --rounds 2 2>&1 | grep -v "Loading\|Writing\|warn" | tail -8
+model_pid=$!
+
+stamp "1. CUDA tests, and the engine tests on the GPU, side by side"
+timeout 170 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py >"$out/cuda-tests.log" 2>&1 &
+cuda_pid=$!
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6" || echo "")
+PROMPT_SERVER_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not slow" -rfE $workers \
+    --ignore=tests/engine/test_cuda.py tests/engine >"$out/engine-cuda.log" 2>&1 &
+engine_pid=$!
+wait $model_pid; echo "model: rc $?" >>"$out/env.txt"
+wait $cuda_pid; cuda_rc=$?
+wait $engine_pid; engine_rc=$?
+stamp "tests done: CUDA tests rc $cuda_rc, engine tests on the GPU rc $engine_rc"
+
+stamp "2. in-process benchmark, cuda bfloat16, 64 requests x 32 tokens"
+{
+    timeout 100 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes bcdef \
+        --rounds 2 --requests 64 --virtual-tokens 20
+    timeout 50 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes de \
+        --rounds 2 --requests 64 --virtual-tokens 100
+} >"$out/bench.log" 2>&1
+
+stamp "3. HTTP benchmark, cuda bfloat16, 32 clients, /v1/completions, against transformers serve"
+tf=$(mktemp)
+cat >"$tf" <<'SH'
+#!/bin/sh
+exec python3 -c 'import sys; from transformers.cli.transformers import main; sys.argv[0] = "transformers"; sys.exit(main())' "$@"
+SH
+chmod +x "$tf"
+timeout 140 python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32 \
+    --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100 --transformers-cmd "$tf" \
+    --out "$out/http" >"$out/http.log" 2>&1
+http_rc=$?
+stamp "HTTP benchmark rc $http_rc"
+
+echo "================ summary"
+cat "$out/env.txt"
+echo "== CUDA tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|error" "$out/cuda-tests.log" | tail -15
+echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed" "$out/engine-cuda.log" | tail -25
+echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -30
+echo "== HTTP benchmark"; if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from prompt_server.config import Settings
 from prompt_server.engine.engine import Engine
 from prompt_server.model.loader import LoadedModel, load_model
 from tests.tiny import VARIANTS, make_peft, save_peft
+
+# Where build_world loads its model when a test names no device: PROMPT_SERVER_TEST_DEVICE=cuda runs every engine
+# test built on it on the GPU, against PEFT on the GPU (scripts/gpu_check.sh).
+TEST_DEVICE = os.environ.get("PROMPT_SERVER_TEST_DEVICE", "cpu")
 
 
 @dataclass
@@ -40,11 +45,11 @@ class World:
         prompt_ids = self.loaded.tokenizer(prompt).input_ids
         chosen = [t.id for t in result.tokens]
         assert chosen == self.oracle(adapter_id, prompt, len(chosen)), adapter_id
-        ids = torch.tensor([prompt_ids + chosen])
+        ids = torch.tensor([prompt_ids + chosen], device=self.loaded.device)
         model = self.peft[adapter_id] if adapter_id else self.loaded.model
         with torch.inference_mode():
             logits = model(input_ids=ids).logits[0, -ids.shape[1]:].log_softmax(-1)
-        expected = logits[len(prompt_ids) - 1 : -1].gather(-1, torch.tensor(chosen)[:, None]).squeeze(-1)
+        expected = logits[len(prompt_ids) - 1 : -1].gather(-1, ids[0, len(prompt_ids):, None]).squeeze(-1).cpu()
         torch.testing.assert_close(torch.tensor([t.logprob for t in result.tokens]), expected, atol=1e-4, rtol=0)
 
 
@@ -53,8 +58,8 @@ def put_dir(registry: AdapterRegistry, adapter_id: str, path: Path, labels=None)
     return registry.put(adapter_id, files, labels)
 
 
-def build_world(model_dir: Path, tmp: Path, device: str = "cpu", dtype: str = "float32") -> World:
-    loaded = load_model(model_dir, device=device, dtype=dtype, progress=False)
+def build_world(model_dir: Path, tmp: Path, device: str | None = None, dtype: str = "float32") -> World:
+    loaded = load_model(model_dir, device=device or TEST_DEVICE, dtype=dtype, progress=False)
     registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
     peft, dirs = {}, {}
     for i, variant in enumerate(VARIANTS):

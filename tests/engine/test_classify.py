@@ -51,7 +51,7 @@ def test_verbalizer_labels_score_continuations_like_peft(llama_world):
         for label in labels:
             prompt = tok(text).input_ids
             cont = tok(" " + label, add_special_tokens=False).input_ids
-            ids = torch.tensor([prompt + cont])
+            ids = torch.tensor([prompt + cont], device=world.loaded.device)
             with torch.inference_mode():
                 logp = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].log_softmax(-1)
             # PEFT returns logits for virtual + real positions; the real ones are the last len(ids)

@@ -369,7 +369,7 @@ def test_prefill_logprobs_match_the_model(llama_world):
     got = run_engine(world, lambda e: _one(e, greedy(PROMPTS[2], n=2, prefill_logprobs=True)))
     assert [t.id for t in got.prefill] == ids
     with torch.inference_mode():
-        logits = world.loaded.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        logits = world.loaded.model(torch.tensor([ids], device=world.loaded.device)).logits[0].log_softmax(-1)
     expected = [logits[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     assert got.prefill[1:] and all(abs(t.logprob - e) < 1e-4 for t, e in zip(got.prefill[1:], expected))
     assert abs(got.tokens[0].logprob - logits[-1].max().item()) < 1e-4
