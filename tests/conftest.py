@@ -6,12 +6,26 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import save_tiny_model
 
 # Servers and engines the tests start run on the CPU in float32, where PEFT parity is exact, also on a machine with a
 # GPU ("auto" would pick it); the CUDA tests (tests/engine/test_cuda.py) ask for the GPU by name.
 os.environ.setdefault("PROMPT_SERVER_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Float32 parity on a GPU needs true float32 in every product, PEFT's included: TF32 rounds to 10 mantissa bits.
+    torch leaves it off for matrix products but on for cuDNN, which runs PEFT's P-tuning LSTM on CUDA (the server
+    collapses that encoder on the CPU, in float32). With it on, the engine tests on an H200 found the oracle's keys
+    for a P-tuning LSTM adapter up to 3.5e-4 off the server's, and log-probabilities up to 1.6e-4 off, in the tests
+    whose adapters include one. Nothing changes on the CPU."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,6 @@ CASES = [(a, PROMPTS[i % 2]) for i, a in enumerate((None, *VARIANTS, None))]
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """TF32 matmuls round to 10 mantissa bits: float32 parity needs true float32."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def _serve(world):
     async def go(engine):
         handles = [engine.submit(GenerateRequest(prompt=p, adapter_id=a, max_new_tokens=NEW_TOKENS, ignore_eos=True))
