@@ -155,6 +155,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# the engine's counters a round line shows, and how: its decode steps (forward passes with running rows), the running
+# batch's cache laid out anew, and on a GPU the decode steps replayed from CUDA graphs and the graphs recorded
+# (model/graphs.py; a new cache layout records its graphs again)
+STEP_COUNTERS = {"steps": "decode steps", "cache_relayouts": "cache relayouts",
+                 "decode_graph_steps": "replayed from CUDA graphs", "decode_graph_captures": "graphs recorded"}
+
+
+def _step_counts(before: dict, engine) -> str:
+    """`, decode steps N, ...`: the STEP_COUNTERS `engine` counted since `before` (its stats() then); empty for HF's
+    modes."""
+    if engine is None:
+        return ""
+    after = engine.stats()
+    return "".join(f", {label} {after[k] - before.get(k, 0):g}" for k, label in STEP_COUNTERS.items() if k in after)
+
+
 async def _engine_all(engine, prompts, adapter_ids, new_tokens) -> float:
     from prompt_server.engine.types import GenerateRequest
 
@@ -305,9 +321,11 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
         omp.released(run_hf_batched)(model, tok, prompts[:4], 2)
         for r in range(args.rounds or 2):
             for mode in args.modes:
+                served_by = None if mode in "abc" else inline if mode == "f" else engine
+                before = served_by.stats() if served_by is not None else {}
                 rate = once(mode)
                 rates[mode].append(rate)
-                print(f"round {r + 1} {mode}: {rate:7.1f} tok/s", file=sys.stderr)
+                print(f"round {r + 1} {mode}: {rate:7.1f} tok/s{_step_counts(before, served_by)}", file=sys.stderr)
         engine.stop()
         if inline is not None:
             inline.stop()
