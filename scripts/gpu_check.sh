@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in about seven minutes: the CUDA tests, the engine tests on the GPU, the in-process
+# On a machine with a CUDA GPU, in about nine minutes: the CUDA tests, the engine tests on the GPU, the in-process
 # benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
 #
 #   scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]
@@ -50,16 +50,23 @@ PY
 model_pid=$!
 
 stamp "1. CUDA tests, and the engine tests on the GPU, side by side"
-timeout 170 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py >"$out/cuda-tests.log" 2>&1 &
+# Each pytest process gets two OpenMP threads: the workers share the machine's cores (with torch's default, each
+# would start one thread per core). SIGINT at the limit, so that pytest still prints what failed until then.
+export OMP_NUM_THREADS=2
+timeout -s INT -k 20 170 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py \
+    >"$out/cuda-tests.log" 2>&1 &
 cuda_pid=$!
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6" || echo "")
-PROMPT_SERVER_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not slow" -rfE $workers \
-    --ignore=tests/engine/test_cuda.py tests/engine >"$out/engine-cuda.log" 2>&1 &
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 7" || echo "")
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90" || echo "")
+PROMPT_SERVER_TEST_DEVICE=cuda timeout -s INT -k 20 230 python3 -m pytest -v --tb=short -p no:cacheprovider \
+    -p no:benchmark -m "not slow" -rfE $workers $per_test --ignore=tests/engine/test_cuda.py tests/engine \
+    >"$out/engine-cuda.log" 2>&1 &
 engine_pid=$!
 wait $model_pid; echo "model: rc $?" >>"$out/env.txt"
 wait $cuda_pid; cuda_rc=$?
 wait $engine_pid; engine_rc=$?
 stamp "tests done: CUDA tests rc $cuda_rc, engine tests on the GPU rc $engine_rc"
+unset OMP_NUM_THREADS
 
 stamp "2. in-process benchmark, cuda bfloat16, 64 requests x 32 tokens"
 {
@@ -85,6 +92,7 @@ stamp "HTTP benchmark rc $http_rc"
 echo "================ summary"
 cat "$out/env.txt"
 echo "== CUDA tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|error" "$out/cuda-tests.log" | tail -15
-echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed" "$out/engine-cuda.log" | tail -25
+echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed|KeyboardInterrupt" "$out/engine-cuda.log" \
+    | grep -v "^\[gw" | tail -25
 echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -30
 echo "== HTTP benchmark"; if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
