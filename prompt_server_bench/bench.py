@@ -164,11 +164,21 @@ STEP_COUNTERS = {"steps": "decode steps", "cache_relayouts": "cache relayouts",
 
 def _step_counts(before: dict, engine) -> str:
     """`, decode steps N, ...`: the STEP_COUNTERS `engine` counted since `before` (its stats() then); empty for HF's
-    modes."""
+    modes. On a GPU also the device allocations the caching allocator made meanwhile (each cudaMalloc stalls the
+    host, which a step bound by launching kernels feels)."""
     if engine is None:
         return ""
     after = engine.stats()
-    return "".join(f", {label} {after[k] - before.get(k, 0):g}" for k, label in STEP_COUNTERS.items() if k in after)
+    text = "".join(f", {label} {after[k] - before.get(k, 0):g}" for k, label in STEP_COUNTERS.items() if k in after)
+    if "device_allocs" in before:
+        text += f", device allocations {_device_allocs() - before['device_allocs']:g}"
+    return text
+
+
+def _device_allocs() -> float:
+    """Blocks the CUDA caching allocator has taken from the device since the process started."""
+    stats = torch.cuda.memory_stats()
+    return float(stats.get("num_device_alloc", stats.get("segment.all.allocated", 0)))
 
 
 async def _engine_all(engine, prompts, adapter_ids, new_tokens) -> float:
@@ -323,6 +333,8 @@ def main(argv: list[str] | None = None, prog: str = "prompt-server bench") -> in
             for mode in args.modes:
                 served_by = None if mode in "abc" else inline if mode == "f" else engine
                 before = served_by.stats() if served_by is not None else {}
+                if served_by is not None and loaded.device.type == "cuda":
+                    before["device_allocs"] = _device_allocs()
                 rate = once(mode)
                 rates[mode].append(rate)
                 print(f"round {r + 1} {mode}: {rate:7.1f} tok/s{_step_counts(before, served_by)}", file=sys.stderr)
