@@ -16,6 +16,7 @@
 #      and PEFT on the GPU in float32 and compare them
 #   2. the in-process benchmark (prompt_server_bench), 64 requests x 32 tokens, 20 and 100 virtual tokens
 #   3. prompt-server bench --http at 32 clients, /v1/completions, against transformers serve --continuous-batching
+#   4. with time left, the same with prefix caching off, prompt-server alone
 set -u
 config_dir=${1:?usage: scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]}
 out=${2:-${OUT:-$(mktemp -d)}}
@@ -87,7 +88,18 @@ timeout 140 python3 -m prompt_server_bench --http --model "$model" --device cuda
     --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100 --transformers-cmd "$tf" \
     --out "$out/http" >"$out/http.log" 2>&1
 http_rc=$?
+rm -f "$out/http/bench-http.png"  # the device tool brings back 8 files at most; the table and the numbers suffice
 stamp "HTTP benchmark rc $http_rc"
+
+# With time left: the same with prefix caching off and prompt-server alone, so that no series reuses a prompt head
+# (what the adapter series lose against no adapter, less what no adapter gains by sharing heads across requests).
+if [ $((SECONDS - t0)) -lt 470 ]; then
+    stamp "4. HTTP benchmark, prefix caching off, prompt-server alone"
+    PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 100 python3 -m prompt_server_bench --http --model "$model" \
+        --device cuda --dtype bfloat16 --concurrency 32 --rates "" --rounds 2 --endpoints completions \
+        --virtual-tokens 20,100 --skip-transformers --out "$(mktemp -d)" >"$out/http-no-prefix-cache.log" 2>&1
+    stamp "HTTP benchmark without prefix caching rc $?"
+fi
 
 echo "================ summary"
 cat "$out/env.txt"
@@ -95,4 +107,8 @@ echo "== CUDA tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|error" "$out
 echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed|KeyboardInterrupt" "$out/engine-cuda.log" \
     | grep -v "^\[gw" | tail -25
 echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -30
-echo "== HTTP benchmark"; if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
+echo "== HTTP benchmark (the server's counters per point: $out/http.log)"
+if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
+if [ -f "$out/http-no-prefix-cache.log" ]; then
+    echo "== HTTP benchmark, prefix caching off"; grep -v "Loading\|Writing\|warn" "$out/http-no-prefix-cache.log" | tail -16
+fi
