@@ -16,8 +16,9 @@ from prompt_server.engine.engine import Engine
 from prompt_server.model.loader import LoadedModel, load_model
 from tests.tiny import VARIANTS, make_peft, save_peft
 
-# Where build_world loads its model when a test names no device: PROMPT_SERVER_TEST_DEVICE=cuda runs every engine
-# test built on it on the GPU, against PEFT on the GPU (scripts/gpu_check.sh).
+# Where build_world (and the encoder-decoder and encoder tests' fixtures) load the server's model when a test names no
+# device: PROMPT_SERVER_TEST_DEVICE=cuda runs those engine tests on the GPU, build_world's against PEFT on the GPU, the
+# others against PEFT on the CPU (scripts/gpu_check.sh).
 TEST_DEVICE = os.environ.get("PROMPT_SERVER_TEST_DEVICE", "cpu")
 
 

@@ -18,7 +18,7 @@ from prompt_server.engine.types import ClassifyRequest, GenerateRequest, Invalid
 from prompt_server.model.batch import PrefillRow
 from prompt_server.model.encoder import EncoderRunner
 from prompt_server.model.loader import ModelLoadError, load_model
-from tests.engine.conftest import put_dir
+from tests.engine.conftest import TEST_DEVICE, put_dir
 from tests.tiny import VARIANTS, make_peft, save_peft, save_tiny_arch, save_tiny_encoder
 
 TEXTS = ["what a lovely day", "this is terrible and slow, I hated it", "ok"]
@@ -27,9 +27,10 @@ FAMILIES = ("bert", "roberta")
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def encoder(request, tmp_path_factory):
-    """(model dir, loaded model, registry holding one SEQ_CLS adapter of every kind, their PeftModels)."""
+    """(model dir, loaded model, registry holding one SEQ_CLS adapter of every kind, their PeftModels). The server's
+    model on TEST_DEVICE, PEFT's on the CPU."""
     model_dir = save_tiny_encoder(request.param, tmp_path_factory.mktemp(request.param) / "model")
-    loaded = load_model(model_dir, device="cpu", dtype="float32", progress=False)
+    loaded = load_model(model_dir, device=TEST_DEVICE, dtype="float32", progress=False)
     registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
     peft = {}
     for i, variant in enumerate(VARIANTS):
@@ -86,7 +87,7 @@ def test_every_kind_mixed_in_one_engine_step_matches_peft_alone(encoder):
     for text, pred in zip(TEXTS, base):
         ids = tok(text, return_tensors="pt").input_ids
         with torch.inference_mode():
-            expected = loaded.model(input_ids=ids).logits[0].softmax(-1)
+            expected = loaded.model(input_ids=ids.to(loaded.device)).logits[0].softmax(-1).cpu()
         assert list(pred.scores) == ["negative", "positive"]  # the model's id2label
         assert torch.allclose(torch.tensor(list(pred.scores.values())), expected, atol=1e-4)
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from prompt_server.adapters.registry import AdapterRegistry
 from prompt_server.engine.types import ClassifyRequest, GenerateRequest, InvalidRequest
 from prompt_server.model.loader import LoadedModel, load_model
-from tests.engine.conftest import put_dir, run_engine
+from tests.engine.conftest import TEST_DEVICE, put_dir, run_engine
 from tests.tiny import SEQ2SEQ_ARCHITECTURES, VARIANTS, make_peft, save_peft, save_tiny_seq2seq
 
 PROMPTS = ["the cat sat on the mat", "hello world", "once upon a time there was a little cat", "ok"]
@@ -128,7 +128,8 @@ def s2s(request, tmp_path_factory) -> Seq2SeqWorld:
     model_dir = save_tiny_seq2seq(request.param, tmp / "model")
     peft, dirs = build_seq2seq_peft(model_dir, tmp)
     base = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    loaded = load_model(model_dir, device="cpu", dtype="float32", progress=False)
+    # the server's model on TEST_DEVICE; PEFT's, the oracle, on the CPU
+    loaded = load_model(model_dir, device=TEST_DEVICE, dtype="float32", progress=False)
     registry = AdapterRegistry(loaded.spec, device=loaded.device, dtype=loaded.dtype)
     for adapter_id, path in dirs.items():
         put_dir(registry, adapter_id, path)
