@@ -253,6 +253,10 @@ def _native_plan(model: Any, pad_id: int, chosen: ServingPlan, cache_dir: Path |
     if chosen.forward_path != "lean":
         return chosen  # the other paths run their models' own attention
     why = native.supported(model)
+    weight = next(model.parameters())
+    # a model the kernels are for that does not get them is worth a warning; on a GPU, or in another dtype, torch's
+    # kernels are simply what runs
+    level = logging.WARNING if weight.device.type == "cpu" and weight.dtype == torch.float32 else logging.INFO
     if why is None:
         try:
             native.load(cache_dir or default_cache_dir())
@@ -261,7 +265,7 @@ def _native_plan(model: Any, pad_id: int, chosen: ServingPlan, cache_dir: Path |
             return replace(chosen, native_kernels=True)
         except (RuntimeError, SelfCheckFailed) as exc:
             why = str(exc)
-    log.warning("the lean forward runs on torch's kernels only: %s", why)
+    log.log(level, "the lean forward runs on torch's kernels only: %s", why)
     return chosen
 
 
