@@ -7,13 +7,13 @@
 # MODEL_CONFIG_DIR holds a model's config.json and tokenizer files (weights not needed): a model of that shape is
 # built with random weights, which is enough for throughput (every request generates exactly --new-tokens tokens).
 # Python packages the machine lacks (fastapi, pydantic-settings, ...) must already be importable, e.g. from wheels
-# installed with `pip install --target DIR` and DIR on PYTHONPATH. Logs and the HTTP benchmark's table, numbers and
-# plot go to OUT_DIR (default: $OUT, else a new temporary folder); a summary is printed last.
+# installed with `pip install --target DIR` and DIR on PYTHONPATH. Logs and the HTTP benchmark's table and numbers go
+# to OUT_DIR (default: $OUT, else a new temporary folder), eight files at most; a summary is printed last.
 #
 # Steps, each under its own time limit so that one that hangs leaves the others their time:
 #   1. tests/engine/test_cuda.py, and beside it every engine test (tests/engine, fast ones) with
-#      PROMPT_SERVER_TEST_DEVICE=cuda: the ones built on tests/engine/conftest.py's build_world then run the engine
-#      and PEFT on the GPU in float32 and compare them
+#      PROMPT_SERVER_TEST_DEVICE=cuda: most of them then serve from the GPU in float32 and compare with PEFT (on the
+#      GPU for the causal ones, on the CPU for the encoder-decoder and encoder ones)
 #   2. the in-process benchmark (prompt_server_bench), 64 requests x 32 tokens, 20 and 100 virtual tokens
 #   3. prompt-server bench --http at 32 clients, /v1/completions, against transformers serve --continuous-batching
 #   4. with time left, the same with prefix caching off, prompt-server alone
@@ -106,7 +106,7 @@ cat "$out/env.txt"
 echo "== CUDA tests"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|error" "$out/cuda-tests.log" | tail -15
 echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed|KeyboardInterrupt" "$out/engine-cuda.log" \
     | grep -v "^\[gw" | tail -25
-echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -30
+echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -45
 echo "== HTTP benchmark (the server's counters per point: $out/http.log)"
 if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
 if [ -f "$out/http-no-prefix-cache.log" ]; then
