@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in about nine minutes: the CUDA tests, the engine tests on the GPU, the in-process
+# On a machine with a CUDA GPU, in at most about nine and a half minutes (a device call may run ten): the CUDA tests, the engine tests on the GPU, the in-process
 # benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
 #
 #   scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]
@@ -14,7 +14,7 @@
 #   1. tests/engine/test_cuda.py, and beside it every engine test (tests/engine, fast ones) with
 #      PROMPT_SERVER_TEST_DEVICE=cuda: most of them then serve from the GPU in float32 and compare with PEFT (on the
 #      GPU for the causal ones, on the CPU for the encoder-decoder and encoder ones)
-#   2. the in-process benchmark (prompt_server_bench), 64 requests x 32 tokens, 20 and 100 virtual tokens
+#   2. the in-process benchmark (prompt_server_bench), 64 requests x 128 tokens, 20 and 100 virtual tokens
 #   3. prompt-server bench --http at 32 clients, /v1/completions, against transformers serve --continuous-batching
 #   4. with time left, the same with prefix caching off, prompt-server alone
 set -u
@@ -54,12 +54,12 @@ stamp "1. CUDA tests, and the engine tests on the GPU, side by side"
 # Each pytest process gets two OpenMP threads: the workers share the machine's cores (with torch's default, each
 # would start one thread per core). SIGINT at the limit, so that pytest still prints what failed until then.
 export OMP_NUM_THREADS=2
-timeout -s INT -k 20 170 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py \
+timeout -s INT -k 20 150 python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_cuda.py \
     >"$out/cuda-tests.log" 2>&1 &
 cuda_pid=$!
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 7" || echo "")
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90" || echo "")
-PROMPT_SERVER_TEST_DEVICE=cuda timeout -s INT -k 20 230 python3 -m pytest -v --tb=short -p no:cacheprovider \
+PROMPT_SERVER_TEST_DEVICE=cuda timeout -s INT -k 20 190 python3 -m pytest -v --tb=short -p no:cacheprovider \
     -p no:benchmark -m "not slow" -rfE $workers $per_test --ignore=tests/engine/test_cuda.py tests/engine \
     >"$out/engine-cuda.log" 2>&1 &
 engine_pid=$!
@@ -69,12 +69,14 @@ wait $engine_pid; engine_rc=$?
 stamp "tests done: CUDA tests rc $cuda_rc, engine tests on the GPU rc $engine_rc"
 unset OMP_NUM_THREADS
 
-stamp "2. in-process benchmark, cuda bfloat16, 64 requests x 32 tokens"
+# Rounds of a few seconds: at 64 requests of 32 tokens a round lasted under a second on an H200, and the
+# rounds of one mode differed by up to 2x.
+stamp "2. in-process benchmark, cuda bfloat16, 64 requests x 128 tokens"
 {
-    timeout 100 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes bcdef \
-        --rounds 2 --requests 64 --virtual-tokens 20
-    timeout 50 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes de \
-        --rounds 2 --requests 64 --virtual-tokens 100
+    timeout 110 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef \
+        --rounds 2 --requests 64 --new-tokens 128 --virtual-tokens 20
+    timeout 60 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes de \
+        --rounds 2 --requests 64 --new-tokens 128 --virtual-tokens 100
 } >"$out/bench.log" 2>&1
 
 stamp "3. HTTP benchmark, cuda bfloat16, 32 clients, /v1/completions, against transformers serve"
@@ -84,8 +86,10 @@ cat >"$tf" <<'SH'
 exec python3 -c 'import sys; from transformers.cli.transformers import main; sys.argv[0] = "transformers"; sys.exit(main())' "$@"
 SH
 chmod +x "$tf"
-timeout 140 python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32 \
-    --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100 --transformers-cmd "$tf" \
+# six requests per client: at two, a series lasted under two seconds on an H200
+timeout 170 python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32 \
+    --requests-per-client 6 --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100 \
+    --transformers-cmd "$tf" \
     --out "$out/http" >"$out/http.log" 2>&1
 http_rc=$?
 rm -f "$out/http/bench-http.png"  # the device tool brings back 8 files at most; the table and the numbers suffice
@@ -93,10 +97,11 @@ stamp "HTTP benchmark rc $http_rc"
 
 # With time left: the same with prefix caching off and prompt-server alone, so that no series reuses a prompt head
 # (what the adapter series lose against no adapter, less what no adapter gains by sharing heads across requests).
-if [ $((SECONDS - t0)) -lt 470 ]; then
+if [ $((SECONDS - t0)) -lt 480 ]; then
     stamp "4. HTTP benchmark, prefix caching off, prompt-server alone"
-    PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 100 python3 -m prompt_server_bench --http --model "$model" \
-        --device cuda --dtype bfloat16 --concurrency 32 --rates "" --rounds 2 --endpoints completions \
+    PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 90 python3 -m prompt_server_bench --http --model "$model" \
+        --device cuda --dtype bfloat16 --concurrency 32 --requests-per-client 6 --rates "" --rounds 2 \
+        --endpoints completions \
         --virtual-tokens 20,100 --skip-transformers --out "$(mktemp -d)" >"$out/http-no-prefix-cache.log" 2>&1
     stamp "HTTP benchmark without prefix caching rc $?"
 fi
