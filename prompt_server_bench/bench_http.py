@@ -232,8 +232,8 @@ def slots(args) -> list[tuple[str, str, float]]:
 
 # prompt-server's engine counters a point records (/metrics, prompt_server_engine_<name>_total): prefix-cache hits
 # and the prompt tokens they saved, prefix-cache evictions, soft prompts computed and evicted, decode steps, the
-# running batch's cache laid out anew (counted from its first relayout on); and on a GPU the decode steps replayed from
-# CUDA graphs and the graphs recorded (model/graphs.py)
+# running batch's cache laid out anew; and on a GPU the decode steps replayed from CUDA graphs and the graphs recorded
+# (model/graphs.py)
 CACHE_COUNTERS = ("prefix_cache_hits", "prefix_cache_reused_tokens", "prefix_cache_evictions", "prompt_kv_misses",
                   "prompt_kv_evictions", "steps", "cache_relayouts", "decode_graph_steps", "decode_graph_captures")
 
