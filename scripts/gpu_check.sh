@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in at most about nine and a half minutes (a device call may run ten): the CUDA tests, the engine tests on the GPU, the in-process
-# benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
+# On a machine with a CUDA GPU, in at most about nine and a half minutes: the CUDA tests, the engine tests on the GPU,
+# the in-process benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
 #
 #   scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]
 #
@@ -26,8 +26,9 @@ t0=$SECONDS
 stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-    python3 -c "import sys, torch, transformers, peft; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    python3 -c "import sys, torch, transformers, peft; print('python', sys.version.split()[0],
+'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__,
+'peft', peft.__version__)"
     echo "cpus $(nproc)"
 } 2>&1 | tee "$out/env.txt"
 
@@ -87,10 +88,9 @@ exec python3 -c 'import sys; from transformers.cli.transformers import main; sys
 SH
 chmod +x "$tf"
 # six requests per client: at two, a series lasted under two seconds on an H200
-timeout 170 python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32 \
-    --requests-per-client 6 --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100 \
-    --transformers-cmd "$tf" \
-    --out "$out/http" >"$out/http.log" 2>&1
+http=(python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32
+      --requests-per-client 6 --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100)
+timeout 170 "${http[@]}" --transformers-cmd "$tf" --out "$out/http" >"$out/http.log" 2>&1
 http_rc=$?
 rm -f "$out/http/bench-http.png"  # the device tool brings back 8 files at most; the table and the numbers suffice
 stamp "HTTP benchmark rc $http_rc"
@@ -99,10 +99,8 @@ stamp "HTTP benchmark rc $http_rc"
 # (what the adapter series lose against no adapter, less what no adapter gains by sharing heads across requests).
 if [ $((SECONDS - t0)) -lt 480 ]; then
     stamp "4. HTTP benchmark, prefix caching off, prompt-server alone"
-    PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 90 python3 -m prompt_server_bench --http --model "$model" \
-        --device cuda --dtype bfloat16 --concurrency 32 --requests-per-client 6 --rates "" --rounds 2 \
-        --endpoints completions \
-        --virtual-tokens 20,100 --skip-transformers --out "$(mktemp -d)" >"$out/http-no-prefix-cache.log" 2>&1
+    PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 90 "${http[@]}" --skip-transformers --out "$(mktemp -d)" \
+        >"$out/http-no-prefix-cache.log" 2>&1
     stamp "HTTP benchmark without prefix caching rc $?"
 fi
 
@@ -115,5 +113,6 @@ echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/b
 echo "== HTTP benchmark (the server's counters per point: $out/http.log)"
 if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
 if [ -f "$out/http-no-prefix-cache.log" ]; then
-    echo "== HTTP benchmark, prefix caching off"; grep -v "Loading\|Writing\|warn" "$out/http-no-prefix-cache.log" | tail -16
+    echo "== HTTP benchmark, prefix caching off"
+    grep -v "Loading\|Writing\|warn" "$out/http-no-prefix-cache.log" | tail -16
 fi
