@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 
 _serial = itertools.count()
 
@@ -36,3 +37,13 @@ def mine() -> set[str]:
     """The calling thread and every thread named as it is (those it started after it was named)."""
     with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
         return named(f.read().strip())
+
+
+def mine_within(allowed: set[str], timeout: float = 5.0) -> set[str]:
+    """`mine()` once it holds no thread outside `allowed`, or as it is after `timeout` seconds. libgomp's freed
+    workers leave its barrier, then exit on their own (detached, never joined), so a pool just released can still
+    be listed for a moment after the call that freed it has returned."""
+    deadline = time.monotonic() + timeout
+    while (threads := mine()) - allowed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads

@@ -9,7 +9,7 @@ import torch
 
 from prompt_server.model import omp
 from tests.threads import mine as _threads  # the thread and its OpenMP workers, named by _on_a_thread
-from tests.threads import name_this_thread
+from tests.threads import mine_within, name_this_thread
 
 needs_libgomp = pytest.mark.skipif(omp._libgomp() is None, reason="torch's OpenMP runtime here is not libgomp")
 needs_workers = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP workers")
@@ -39,7 +39,7 @@ def test_release_frees_the_calling_threads_workers_and_torch_starts_new_ones():
         a @ b  # a parallel region: this thread's pool of workers
         with_pool = _threads()
         freed = omp.release() and omp.release()  # the second time with no workers to free
-        after = _threads()
+        after = mine_within(before)
         again = a @ b  # a new pool, the same result
         return before, with_pool, freed, after, _threads(), again
 
@@ -64,10 +64,10 @@ def test_released_runs_the_function_then_frees_its_threads_workers_even_when_it_
     def run():
         before = _threads()
         value = omp.released(lambda x: (a @ a.t()).shape[0] + x)(1)
-        after_ok = _threads()
+        after_ok = mine_within(before)
         with pytest.raises(ValueError, match="bad upload"):
             omp.released(fails)()
-        return before, value, after_ok, _threads()
+        return before, value, after_ok, mine_within(before)
 
     before, value, after_ok, after_raise = _on_a_thread(run)
     assert value == 257 and not after_ok - before and not after_raise - before
