@@ -170,6 +170,12 @@ def _step_counts(before: dict, engine) -> str:
         return ""
     after = engine.stats()
     text = "".join(f", {label} {after[k] - before.get(k, 0):g}" for k, label in STEP_COUNTERS.items() if k in after)
+    # where the round's time went (Engine._count_step; a step is counted once it has handed out its tokens, so the
+    # round's last one may fall to the next round)
+    for kind, label in (("prefill", "prefill steps"), ("decode_only", "decode-only steps")):
+        n = after[f"{kind}_steps"] - before.get(f"{kind}_steps", 0)
+        seconds = after[f"{kind}_step_seconds"] - before.get(f"{kind}_step_seconds", 0)
+        text += f", {label} {n:g} ({seconds:.2f} s)"
     if "device_allocs" in before:
         text += f", device allocations {_device_allocs() - before['device_allocs']:g}"
     return text

@@ -84,7 +84,7 @@ class Point:
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round pooled into this point
-    # what the server's caches did during the point (prompt-server's engine counters, `cache_counters`)
+    # what the server's engine counted during the point (prompt-server's engine counters, `engine_counters`)
     server: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -232,14 +232,16 @@ def slots(args) -> list[tuple[str, str, float]]:
 
 # prompt-server's engine counters a point records (/metrics, prompt_server_engine_<name>_total): prefix-cache hits
 # and the prompt tokens they saved, prefix-cache evictions, soft prompts computed and evicted, decode steps, the
-# running batch's cache laid out anew; and on a GPU the decode steps replayed from CUDA graphs and the graphs recorded
+# running batch's cache laid out anew; the steps that ran prompts and the decode-only ones, each with their seconds
+# (where the engine's time went); and on a GPU the decode steps replayed from CUDA graphs and the graphs recorded
 # (model/graphs.py)
-CACHE_COUNTERS = ("prefix_cache_hits", "prefix_cache_reused_tokens", "prefix_cache_evictions", "prompt_kv_misses",
-                  "prompt_kv_evictions", "steps", "cache_relayouts", "decode_graph_steps", "decode_graph_captures")
+ENGINE_COUNTERS = ("prefix_cache_hits", "prefix_cache_reused_tokens", "prefix_cache_evictions", "prompt_kv_misses",
+                   "prompt_kv_evictions", "steps", "cache_relayouts", "prefill_steps", "prefill_step_seconds",
+                   "decode_only_steps", "decode_only_step_seconds", "decode_graph_steps", "decode_graph_captures")
 
 
-def cache_counters(url: str) -> dict[str, float]:
-    """CACHE_COUNTERS from the server's /metrics; none from a server without them (transformers serve)."""
+def engine_counters(url: str) -> dict[str, float]:
+    """ENGINE_COUNTERS from the server's /metrics; none from a server without them (transformers serve)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -252,7 +254,7 @@ def cache_counters(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(resp.text):
         for sample in family.samples:
             name = sample.name.removeprefix("prompt_server_engine_").removesuffix("_total")
-            if sample.name.startswith("prompt_server_engine_") and name in CACHE_COUNTERS:
+            if sample.name.startswith("prompt_server_engine_") and name in ENGINE_COUNTERS:
                 found[name] = sample.value
     return found
 
@@ -261,16 +263,16 @@ def measure(url: str, series: str, models: list[str], prompts: list[str], args, 
             loop: str, level: float) -> Point:
     """One point, a request per prompt of `prompts`, in order: `extra` holds the request fields that make this
     server ignore EOS (with --ignore-eos), so every server generates the same number of tokens for every request.
-    The server's cache counters are read before and after (`cache_counters`), and the point keeps what they
+    The server's engine counters are read before and after (`engine_counters`), and the point keeps what they
     counted during it."""
     extra = extra if args.ignore_eos else {}
     point = Point(series, endpoint, loop, level, extra)
-    before = cache_counters(url)
+    before = engine_counters(url)
     if loop == "closed":
         asyncio.run(closed_loop(point, url, models, prompts, args.new_tokens))
     else:
         asyncio.run(open_loop(point, url, models, prompts, args.new_tokens))
-    after = cache_counters(url)
+    after = engine_counters(url)
     point.server = {k: after[k] - before[k] for k in after if k in before}
     return point
 

@@ -31,8 +31,13 @@ def test_every_mode_runs_and_the_table_and_ratios_are_reported(tiny_llama_dir, c
     assert sorted(lines) == list("abcdef")
     assert all(lines[m] == "" for m in "abc")
     for m in "def":
-        counts = re.fullmatch(r", decode steps (\d+), cache relayouts (\d+)", lines[m])
+        counts = re.fullmatch(r", decode steps (\d+), cache relayouts (\d+), prefill steps (\d+) \(([0-9.]+) s\), "
+                              r"decode-only steps (\d+) \(([0-9.]+) s\)", lines[m])
         assert counts and 1 <= int(counts.group(1)) <= 3 and int(counts.group(2)) <= 2, lines[m]
+        # 3 requests: prefilled in 1-3 steps, their second tokens decoded in at most 2 more; a step is counted once
+        # it has handed out its tokens, so the line may also hold the step before the round's first
+        assert int(counts.group(3)) <= 4 and int(counts.group(5)) <= 3, lines[m]
+        assert float(counts.group(4)) >= 0 and float(counts.group(6)) >= 0, lines[m]
     rates = dict(re.findall(r"^\| ([a-f]) \| .+ \| ([0-9.]+) \|$", out, re.MULTILINE))
     assert sorted(rates) == list("abcdef") and all(float(r) > 0 for r in rates.values())
     assert "3 requests x 2 new tokens" in out and "4 virtual tokens per adapter" in out

@@ -15,7 +15,7 @@ from prompt_server.model.loader import load_model
 from prompt_server_bench import bench_http
 from prompt_server_bench.bench import write_adapters
 from prompt_server_bench.bench_http import (
-    CACHE_COUNTERS,
+    ENGINE_COUNTERS,
     OURS_BASE,
     TRANSFORMERS,
     Point,
@@ -130,8 +130,11 @@ def test_sweep_against_transformers_serve_writes_table_json_and_plot(tiny_llama_
             assert p.server == {}  # it has no such counters
         else:
             # on the CPU no decode step is replayed from a CUDA graph, so the server has no graph counters
-            assert set(p.server) == set(CACHE_COUNTERS) - {"decode_graph_steps", "decode_graph_captures"}
+            assert set(p.server) == set(ENGINE_COUNTERS) - {"decode_graph_steps", "decode_graph_captures"}
             assert p.server["steps"] >= 5  # a decode step for every token of a request after its first
+            # every point prefills its prompts, and the engine's steps ran within the point (a second for the reads)
+            assert p.server["prefill_steps"] >= 1 and p.server["prefill_step_seconds"] > 0
+            assert p.server["prefill_step_seconds"] + p.server["decode_only_step_seconds"] < p.wall + 1
             # soft prompts were computed at the warm-up and stay cached
             assert p.server["prompt_kv_misses"] == p.server["prompt_kv_evictions"] == 0
     # the 8 prompts come round again, so prefix caching finds whole heads

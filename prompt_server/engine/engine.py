@@ -51,6 +51,8 @@ log = logging.getLogger("prompt_server.engine")
 
 # Prompt positions whose full-vocabulary logprobs are held at once (decoder_input_details).
 LOGPROB_CHUNK = 128
+# Steps and their wall time, by kind (Engine._count_step); exported from the start
+STEP_TIME_STATS = ("prefill_steps", "prefill_step_seconds", "decode_only_steps", "decode_only_step_seconds")
 
 
 class Engine:
@@ -101,7 +103,8 @@ class Engine:
         self._stopping = False
         self.ready = False
         # counters exported from the start, also while they are zero
-        self._stats: dict[str, float] = dict.fromkeys(("requests", "steps", "cache_relayouts"), 0.0)
+        self._stats: dict[str, float] = dict.fromkeys(
+            ("requests", "steps", "cache_relayouts", *STEP_TIME_STATS), 0.0)
 
     # ---- caller side (event loop thread) -------------------------------------------------------------------
     def start(self) -> None:
@@ -302,6 +305,14 @@ class Engine:
         with self._cond:
             self._stats[key] = self._stats.get(key, 0.0) + n
 
+    def _count_step(self, kind: str, seconds: float) -> None:
+        """A finished step's wall time (its tokens handed out included; on a GPU reading them waits for its
+        kernels): `prefill_steps`/`prefill_step_seconds` for steps that ran prompt tokens (newcomers' chunks, a
+        classification), with or without the running rows' next tokens, `decode_only_*` for the others."""
+        with self._cond:
+            self._stats[f"{kind}_steps"] += 1
+            self._stats[f"{kind}_step_seconds"] += seconds
+
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -319,8 +330,11 @@ class Engine:
                 if self._stopping:
                     break
             try:
+                started = time.perf_counter()
                 with torch.inference_mode():
-                    self._step()
+                    kind = self._step()
+                if kind is not None:  # where the engine's time goes: steps that ran prompts, and decode-only steps
+                    self._count_step(kind, time.perf_counter() - started)
             except Exception as exc:  # a failed decode step fails the running rows; the loop and the queue go on
                 log.exception("engine step failed")
                 rows = [] if self._batch is None else self._batch.sequences()
@@ -343,8 +357,9 @@ class Engine:
             else:
                 item.handle.push(exc)
 
-    def _step(self) -> None:
-        """One forward for the running rows' next tokens and the newcomers' prompts, then hand out the tokens."""
+    def _step(self) -> str | None:
+        """One forward for the running rows' next tokens and the newcomers' prompts, then hand out the tokens.
+        -> "prefill" when it ran prompt tokens, "decode_only" when only the running rows', None when nothing."""
         self._drop_cancelled()
         seqs, jobs = self._schedule()
         if jobs:
@@ -385,7 +400,7 @@ class Engine:
                 if self.reads_pieces and self.runner.reads_pieces else None,
             )
         if decode is None and not groups:
-            return
+            return "prefill" if jobs else None
         try:
             decoded, prefilled = self.runner.step(decode, [(g.inputs, g.spare) for g in groups])
         except Exception:  # find the part that fails, each part alone; the others go on
@@ -411,6 +426,7 @@ class Engine:
         if self._batch is not None and self._batch.relayouts:
             self._count("cache_relayouts", self._batch.relayouts)
             self._batch.relayouts = 0
+        return "prefill" if groups or jobs else "decode_only"
 
     def _make_room(self, batch: RunningBatch, group: Prepared) -> None:
         """When newcomers do not fit the running batch's free slots, its cache would be laid out again and the

@@ -65,6 +65,10 @@ def test_metrics_count_requests_and_latencies(client):
     assert "# TYPE prompt_server_engine_prefix_cache_stored_total counter" in text
     assert "# TYPE prompt_server_engine_prompt_kv_bytes gauge" in text
     assert _sample(text, "prompt_server_engine_cache_relayouts_total") >= 0
+    # where the engine's time goes, by kind of step (exported from the start; the values: tests/engine/test_engine.py)
+    for kind in ("prefill", "decode_only"):
+        assert f"# TYPE prompt_server_engine_{kind}_steps_total counter" in text
+        assert f"# TYPE prompt_server_engine_{kind}_step_seconds_total counter" in text
     assert ok >= 1
     assert _sample(text, "prompt_server_requests_total", route="/generate", adapter="unknown", status="404") >= 1
     count = "prompt_server_time_to_first_token_seconds_count"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
 
 from prompt_server.config import Settings
-from prompt_server.engine.engine import Engine
+from prompt_server.engine.engine import STEP_TIME_STATS, Engine
 from prompt_server.engine.types import (
     AdapterNotFound,
+    ClassifyRequest,
     EngineStopped,
     GenerateRequest,
     InvalidRequest,
@@ -217,6 +219,30 @@ def test_cancelling_one_row_leaves_the_others_unchanged(world):
     assert [t.id for t in kept[0].tokens] == world.oracle("prefix", PROMPTS[0], 20)
     assert [t.id for t in kept[1].tokens] == world.oracle("prompt_tuning", PROMPTS[1], 20)
     assert stats["running"] == 0
+
+
+def test_steps_and_their_time_are_counted_by_kind(llama_world):
+    """stats() splits the engine's steps and their wall time into steps that ran prompt tokens and decode-only ones:
+    a request alone for 5 tokens is one prefill step (its first token) and 4 decode-only steps, a classification one
+    prefill step. The counters exist from the start."""
+
+    async def go(engine):
+        before = engine.stats()
+        start = time.perf_counter()
+        await engine.submit(greedy(PROMPTS[0], "prompt_tuning", n=5)).result()
+        await engine.classify(ClassifyRequest(inputs=[PROMPTS[1]], labels=["yes", "no"]))
+        for _ in range(200):  # a step is counted once it has handed out its tokens
+            stats = engine.stats()
+            if stats["decode_only_steps"] >= 4 and stats["prefill_steps"] >= 2:
+                break
+            await asyncio.sleep(0.01)
+        return before, engine.stats(), time.perf_counter() - start
+
+    before, after, wall = run_engine(llama_world, go)
+    assert all(before[k] == 0 for k in STEP_TIME_STATS)
+    assert after["prefill_steps"] == 2 and after["decode_only_steps"] == 4 and after["steps"] == 4
+    assert after["prefill_step_seconds"] > 0 and after["decode_only_step_seconds"] > 0
+    assert after["prefill_step_seconds"] + after["decode_only_step_seconds"] < wall
 
 
 def test_finish_reasons_eos_stop_and_length(llama_world):
