@@ -143,6 +143,22 @@ def test_admit_writes_newcomers_into_free_slots_right_aligned():
     assert b.positions.tolist() == [10, 50, 12] and b.next_ids.tolist() == [100, 500, 102]
 
 
+def test_admit_takes_rows_from_any_slots_into_any_free_slots():
+    """Both sides with holes: the newcomers' live slots 1 and 2 go, in order, into the batch's free slots 1 and 3,
+    keys and values alike; the other slots are untouched."""
+    b = batch_of([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 9, 9]], [[1, 1, 1]] * 4)
+    b.filter([0, 2])
+    new = batch_of([[10, 11], [20, 21], [30, 31]], [[1, 1], [0, 1], [1, 1]])
+    new.filter([1, 2])
+    assert not new.dense and b.alive == [0, 2]
+    b.admit(new, max_rows=8, max_tokens=10**6)
+    assert b.relayouts == 0 and b.alive == [0, 1, 2, 3]
+    expected = [[0, 1, 2], [3, 20, 21], [6, 7, 8], [9, 30, 31]]  # slot 1's first column: its freed row's, masked
+    assert cols(b) == expected and b.kv.values[0][:, 0, :3, 0].tolist() == expected
+    assert b.mask.int().tolist() == [[1, 1, 1], [0, 0, 1], [1, 1, 1], [0, 1, 1]]
+    assert b.positions.tolist() == [10, 11, 12, 12] and b.next_ids.tolist() == [100, 101, 102, 102]
+
+
 def test_join_writes_the_running_rows_into_a_part_with_room_for_them():
     """A running batch with no free slot and a prefilled part with one (PrefillInputs.with_room): the running row
     goes into the part's free slot, right-aligned, and the part's cache becomes the batch's; nothing is laid out
