@@ -96,8 +96,7 @@ class Layout:
         """Row i's keys/values so far, for its next chunk: the prefix region's last columns (soft prompt, head,
         earlier chunks), then this step's chunk."""
         row, pmax, width = group.rows[i], group.inputs.prefix_width, kv.width
-        p = row.prefix_len
-        return columns(kv, i, torch.cat([torch.arange(pmax - p, pmax), torch.arange(width - len(row.ids), width)]))
+        return columns(kv, i, [(pmax - row.prefix_len, pmax), (width - len(row.ids), width)])
 
     def store_heads(self, group: Prepared, kv, done: list[int]) -> None:
         """Keep each finished prompt's head (all but its last token) for later prompts that start the same way: the
@@ -114,17 +113,34 @@ class Layout:
             have = self.prefix_cache.cached_length(key, tokens)
             if have >= head:
                 continue
-            # row i's columns: the n prompt tokens before this step end the prefix region, its tokens end the batch
+            # row i's columns: the n prompt tokens before this step end the prefix region, its tokens end the batch;
+            # the first `have` of them are cached already
             tail = len(row.ids)
-            cols = torch.cat([torch.arange(pmax - n, pmax), torch.arange(width - tail, width - tail + head - n)])
-            self.prefix_cache.store(key, tokens, columns(kv, i, cols[have:]), start=have)
+            spans = _skip([(pmax - n, pmax), (width - tail, width - tail + head - n)], have)
+            self.prefix_cache.store(key, tokens, columns(kv, i, spans), start=have)
 
 
-def columns(kv, row: int, cols: torch.Tensor) -> torch.Tensor:
-    """Row `row`'s keys/values at cache columns `cols` -> [L, 2, kv_heads, len(cols), head_dim]."""
-    cols = cols.to(kv.keys[0].device)
-    keys = torch.stack([k[row].index_select(1, cols) for k in kv.keys])  # [L, kv_heads, n, d]
-    values = torch.stack([v[row].index_select(1, cols) for v in kv.values])
+def _skip(spans: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+    """The column spans [a, b) without their first k columns in all."""
+    out = []
+    for a, b in spans:
+        drop = min(k, b - a)
+        k -= drop
+        if a + drop < b:
+            out.append((a + drop, b))
+    return out
+
+
+def columns(kv, row: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Row `row`'s keys/values at the cache columns of `spans` ([a, b) each, in order) -> [L, 2, kv_heads, columns,
+    head_dim]: slices, copied once; from a cache allocated for all layers at once (KV.whole), one slice per span for
+    every layer (on a GPU a kernel per span, not one per span and layer)."""
+    spans = [(a, b) for a, b in spans if b > a]
+    if kv.whole is not None:
+        parts = [kv.whole[:, :, row, :, a:b] for a, b in spans]
+        return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)
+    keys = torch.stack([torch.cat([k[row, :, a:b] for a, b in spans], dim=1) for k in kv.keys])  # [L, kv, n, d]
+    values = torch.stack([torch.cat([v[row, :, a:b] for a, b in spans], dim=1) for v in kv.values])
     return torch.stack([keys, values], dim=1)
 
 

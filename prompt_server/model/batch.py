@@ -93,6 +93,25 @@ class PrefillInputs:
             out[:, i, :, at : at + t.shape[3]] = t[layer]
         return out
 
+    def all_layers(self, layers: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        """Every layer's keys and values for the rows at once, [layers, 2, slots, kv_heads, columns, head_dim], laid
+        out as layer_cache lays out each layer: each piece is copied once for all its layers, a kernel per piece
+        where layer_cache launches one per piece and layer. For a GPU, where a step is bound by launching kernels
+        (16 rows behind a soft prompt and a cached head: 960 copies a step become 32); the runner slices each
+        layer's from it. Not on the CPU, where one allocation this large would be mapped afresh by the C library
+        on every prefill (model/memory.py)."""
+        n, kv_heads, _, head_dim = like.shape
+        out = like.new_empty(layers, 2, max(n, self.slots), kv_heads, columns, head_dim)
+        if self.slots > n:
+            out[:, :, n:] = 0
+        pieces, rows, cols, fill = self._plan
+        for i, at in enumerate(fill):
+            if at:
+                out[:, :, i, :, :at] = 0
+        for t, i, at in zip(pieces, rows, cols):
+            out[:, :, i, :, at : at + t.shape[3]] = t
+        return out
+
     @cached_property
     def _plan(self) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
         """Where every piece goes, the same for every layer: (pieces, each one's row, each one's first column, each
@@ -180,11 +199,15 @@ class KV:
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int,
-                 cross: CrossKV | None = None):
+                 cross: CrossKV | None = None, whole: torch.Tensor | None = None):
         self.keys = keys
         self.values = values
         self.width = width
         self.cross = cross  # encoder-decoder models: the rows' cross-attention keys/values, slot for slot
+        # [L, 2, B, kv_heads, capacity, head_dim] whose [l, 0] and [l, 1] are keys[l] and values[l], where the cache
+        # was allocated for all layers at once (PrefillInputs.all_layers): a row's columns of every layer are then
+        # one slice of it (engine/admission.py's columns); None otherwise
+        self.whole = whole
 
     @property
     def batch_size(self) -> int:
@@ -201,6 +224,7 @@ class KV:
             return
         self.keys = [_resized(k, self.width, need) for k in self.keys]
         self.values = [_resized(v, self.width, need) for v in self.values]
+        self.whole = None
 
 
 class CrossKV:

@@ -284,6 +284,9 @@ class LlamaRunner(CausalRunner):
         self.attn_scale = attn.scaling
         self.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         cpu = model.device.type == "cpu"
+        # a prefill's cache allocated for all layers at once, each soft prompt or cached head copied once for all
+        # its layers (PrefillInputs.all_layers): off the CPU, where a step is bound by launching kernels
+        self.whole_cache = not cpu
         self.linear: Linear = _linear_weight_first if cpu else _linear
         self.pad_rows = _cpu_rows if cpu else int
         self.decode_kernel = None
@@ -567,6 +570,7 @@ class _PrefillPart(_Part):
         self.rows = torch.arange(self.n, device=dev)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.whole: torch.Tensor | None = None  # every layer's cache, where the runner allocates them at once
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, n, s, d, pw = self.r, self.n, self.s, self.r.head_dim, self.pw
@@ -576,8 +580,14 @@ class _PrefillPart(_Part):
         # the rows' new cache, their prefixes already in front; the step's columns are written below, and only the
         # spare ones are zeroed (a slot freed later keeps them, and torch's attention must meet no NaN in the columns
         # it masks)
-        cache = self.inputs.layer_cache(layer, self.width + self.spare, k, r.place)  # [2, slots, kv, columns, d]
-        cache[:, :n, :, self.width :] = 0
+        if r.whole_cache:
+            if self.whole is None:
+                self.whole = self.inputs.all_layers(len(r.layers), self.width + self.spare, k)
+                self.whole[:, :, :n, :, self.width :] = 0
+            cache = self.whole[layer]  # [2, slots, kv, columns, d]
+        else:
+            cache = self.inputs.layer_cache(layer, self.width + self.spare, k, r.place)
+            cache[:, :n, :, self.width :] = 0
         self.keys.append(cache[0])
         self.values.append(cache[1])
         kc, vc = cache[0, :n], cache[1, :n]  # the rows' own slots (free slots past them: with_room)
@@ -596,5 +606,5 @@ class _PrefillPart(_Part):
         return out.transpose(1, 2).reshape(n * s, -1)
 
     def finish(self, hidden: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        return hidden.view(self.n, self.s, -1), KV(self.keys, self.values, self.width)
+        return hidden.view(self.n, self.s, -1), KV(self.keys, self.values, self.width, whole=self.whole)
 

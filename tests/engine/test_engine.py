@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from prompt_server.engine.types import (
     SamplingParams,
 )
 from prompt_server.model import omp
+from prompt_server.model.batch import PrefillInputs
 from tests.engine.conftest import put_dir, run_engine
 from tests.threads import name_this_thread, named
 from tests.tiny import VARIANTS
@@ -68,6 +70,48 @@ def test_rows_joining_a_running_batch_match_running_alone(world):
         world.oracle(None, PROMPTS[3], 10),
     ]
     assert [[t.id for t in r.tokens] for r in others] == expected
+
+
+def test_prefills_that_allocate_every_layer_at_once_match_peft(llama_world, monkeypatch):
+    """As on a GPU (LlamaRunner.whole_cache, torch's attention): a prefill's cache is allocated for all layers at
+    once, each soft prompt and cached head copied once for all its layers (PrefillInputs.all_layers), and prompt
+    heads are kept from it in one slice per span (admission.columns). PEFT's tokens and log-probabilities for every
+    kind, with rows joining a running batch, a prompt prefilled in chunks, and the same prompts again from cached
+    heads."""
+    world = dataclasses.replace(llama_world, loaded=dataclasses.replace(
+        llama_world.loaded, plan=dataclasses.replace(llama_world.loaded.plan, native_kernels=False)))
+    allocated = []
+    all_layers = PrefillInputs.all_layers
+
+    def spy(self, layers, columns, like):
+        allocated.append(layers)
+        return all_layers(self, layers, columns, like)
+
+    monkeypatch.setattr(PrefillInputs, "all_layers", spy)
+    long = "Once upon a time there was a little cat who lived in a small house by the river, and it was glad."
+    cases = [(a, f"the cat sat on the mat {i}", 6) for i, a in enumerate((None, *VARIANTS))] + [("prefix", long, 5)]
+
+    async def go(engine):
+        engine.runner.whole_cache = True
+        first = engine.submit(greedy(PROMPTS[2], "prompt_tuning", n=16))
+        late, seen = [], 0
+        async for _ in first:
+            seen += 1
+            if seen == 3:
+                late = [engine.submit(greedy(p, a, n=n)) for a, p, n in cases]
+        results = [await first.result()] + [await h.result() for h in late]
+        before = engine.stats()["prefix_cache_reused_tokens"]
+        again = [await engine.submit(greedy(p, a, n=n)).result() for a, p, n in cases]
+        return results, again, engine.stats()["prefix_cache_reused_tokens"] - before
+
+    results, again, reused = run_engine(world, go, max_step_tokens=16)
+    assert [t.id for t in results[0].tokens] == world.oracle("prompt_tuning", PROMPTS[2], 16)
+    for (adapter_id, prompt, _), result, repeat in zip(cases, results[1:], again):
+        world.check_logprobs(adapter_id, prompt, result)
+        world.check_logprobs(adapter_id, prompt, repeat)
+    assert len(world.loaded.tokenizer(long).input_ids) > 16  # chunked
+    assert allocated and set(allocated) == {len(world.loaded.model.model.layers)}
+    assert reused > 0  # the repeats started from the heads kept through the whole-cache slices
 
 
 def test_newcomers_take_freed_slots_without_copying_the_running_batch(llama_world):

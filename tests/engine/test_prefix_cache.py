@@ -7,9 +7,10 @@ import os
 
 import torch
 
-from prompt_server.engine.admission import adapter_key
+from prompt_server.engine.admission import _skip, adapter_key, columns
 from prompt_server.engine.prefix_cache import MIN_REUSE_TOKENS, NO_ADAPTER, PrefixCache
 from prompt_server.engine.types import GenerateRequest
+from prompt_server.model.batch import KV
 from tests.cycles import collector_off
 from tests.engine.conftest import put_dir, run_engine
 from tests.tiny import make_peft, save_peft
@@ -337,3 +338,26 @@ def test_a_dropped_versions_tree_frees_its_keys_and_values_at_once_not_at_the_ne
         cache.store(NO_ADAPTER, [9] * 8, kv(8))  # room for it only by evicting a2's span
         assert [adapter for adapter, _, _ in spans(cache)] == [NO_ADAPTER] and evicted() is None
     assert left == []
+
+
+def test_columns_reads_a_rows_spans_alike_from_per_layer_and_whole_caches():
+    """What a prompt head or a chunk keeps of a row (admission.columns): its columns of every layer, keys and values,
+    span after span, the same from a cache allocated layer by layer and one allocated for all layers at once (a
+    slice per span); `_skip` drops a head's first columns that are cached already, across spans."""
+    layers, slots, heads, width, d = 3, 2, 2, 9, 4
+    whole = torch.arange(layers * 2 * slots * heads * width * d, dtype=torch.float32).view(
+        layers, 2, slots, heads, width, d)
+    per_layer = KV([whole[i, 0].clone() for i in range(layers)], [whole[i, 1].clone() for i in range(layers)], width)
+    at_once = KV([whole[i, 0] for i in range(layers)], [whole[i, 1] for i in range(layers)], width, whole=whole)
+    spans = [(1, 3), (5, 5), (6, 9)]  # an empty span in between
+    expected = torch.cat([whole[:, :, 1, :, 1:3], whole[:, :, 1, :, 6:9]], dim=3)  # [L, 2, heads, 5, d]
+    for kv in (per_layer, at_once):
+        got = columns(kv, 1, spans)
+        assert torch.equal(got, expected) and got.is_contiguous()
+        one = columns(kv, 0, [(2, 4)])
+        assert torch.equal(one, whole[:, :, 0, :, 2:4]) and one.is_contiguous()
+        assert one.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()  # a copy, not a view
+    assert _skip([(1, 3), (6, 9)], 0) == [(1, 3), (6, 9)]
+    assert _skip([(1, 3), (6, 9)], 1) == [(2, 3), (6, 9)]
+    assert _skip([(1, 3), (6, 9)], 3) == [(7, 9)]
+    assert _skip([(1, 3), (6, 9)], 5) == []
