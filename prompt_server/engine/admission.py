@@ -124,7 +124,7 @@ def _skip(spans: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
     """The column spans [a, b) without their first k columns in all."""
     out = []
     for a, b in spans:
-        drop = min(k, b - a)
+        drop = max(0, min(k, b - a))
         k -= drop
         if a + drop < b:
             out.append((a + drop, b))
@@ -136,6 +136,7 @@ def columns(kv, row: int, spans: list[tuple[int, int]]) -> torch.Tensor:
     head_dim]: slices, copied once; from a cache allocated for all layers at once (KV.whole), one slice per span for
     every layer (on a GPU a kernel per span, not one per span and layer)."""
     spans = [(a, b) for a, b in spans if b > a]
+    assert spans, "no columns to keep"  # callers keep at least one: a head not cached yet, a chunk's tokens
     if kv.whole is not None:
         parts = [kv.whole[:, :, row, :, a:b] for a, b in spans]
         return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)

@@ -306,9 +306,11 @@ class Engine:
             self._stats[key] = self._stats.get(key, 0.0) + n
 
     def _count_step(self, kind: str, seconds: float) -> None:
-        """A finished step's wall time (its tokens handed out included; on a GPU reading them waits for its
-        kernels): `prefill_steps`/`prefill_step_seconds` for steps that ran prompt tokens (newcomers' chunks, a
-        classification), with or without the running rows' next tokens, `decode_only_*` for the others."""
+        """A finished step's wall time, its tokens handed out included: `prefill_steps`/`prefill_step_seconds` for
+        steps that ran prompt tokens (newcomers' chunks, a classification), with or without the running rows' next
+        tokens, `decode_only_*` for the others. A step that fails is not counted. On a GPU, reading the tokens waits
+        for the step's kernels; a step that hands out none (a prompt chunk alone) does not wait, and what its kernels
+        still had to run falls to the next step's time."""
         with self._cond:
             self._stats[f"{kind}_steps"] += 1
             self._stats[f"{kind}_step_seconds"] += seconds

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from prompt_server.config import Settings
+from prompt_server.engine import admission
 from prompt_server.engine.engine import STEP_TIME_STATS, Engine
 from prompt_server.engine.types import (
     AdapterNotFound,
@@ -88,6 +89,14 @@ def test_prefills_that_allocate_every_layer_at_once_match_peft(llama_world, monk
         return all_layers(self, layers, columns, like)
 
     monkeypatch.setattr(PrefillInputs, "all_layers", spy)
+    kept_from = []  # whether each head or chunk kept was sliced from a cache allocated for all layers
+    columns = admission.columns
+
+    def columns_spy(kv, row, spans):
+        kept_from.append(kv.whole is not None)
+        return columns(kv, row, spans)
+
+    monkeypatch.setattr(admission, "columns", columns_spy)
     long = "Once upon a time there was a little cat who lived in a small house by the river, and it was glad."
     cases = [(a, f"the cat sat on the mat {i}", 6) for i, a in enumerate((None, *VARIANTS))] + [("prefix", long, 5)]
 
@@ -111,7 +120,8 @@ def test_prefills_that_allocate_every_layer_at_once_match_peft(llama_world, monk
         world.check_logprobs(adapter_id, prompt, repeat)
     assert len(world.loaded.tokenizer(long).input_ids) > 16  # chunked
     assert allocated and set(allocated) == {len(world.loaded.model.model.layers)}
-    assert reused > 0  # the repeats started from the heads kept through the whole-cache slices
+    assert kept_from and all(kept_from)  # heads, and the long prompt's chunks, sliced from the whole cache
+    assert reused > 0  # the repeats started from those heads
 
 
 def test_newcomers_take_freed_slots_without_copying_the_running_batch(llama_world):
