@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, in at most about nine and a half minutes: the CUDA tests, the engine tests on the GPU,
-# the in-process benchmark and the HTTP benchmark against `transformers serve`, both in bfloat16.
+# the in-process benchmark, the HTTP benchmark against `transformers serve` and the whole-cache A/B, in bfloat16.
 #
 #   scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]
 #
@@ -16,7 +16,9 @@
 #      GPU for the causal ones, on the CPU for the encoder-decoder and encoder ones)
 #   2. the in-process benchmark (prompt_server_bench), 64 requests x 128 tokens, 20 and 100 virtual tokens
 #   3. prompt-server bench --http at 32 clients, /v1/completions, against transformers serve --continuous-batching
-#   4. with time left, the same with prefix caching off, prompt-server alone
+#   4. scripts/whole_cache_ab.py: prefills allocating every layer's cache at once (the default on a GPU) against
+#      layer by layer, each with adapters of 100 virtual tokens and without
+#   5. with time left, the HTTP benchmark with prefix caching off, prompt-server alone
 set -u
 config_dir=${1:?usage: scripts/gpu_check.sh MODEL_CONFIG_DIR [OUT_DIR]}
 out=${2:-${OUT:-$(mktemp -d)}}
@@ -74,9 +76,9 @@ unset OMP_NUM_THREADS
 # rounds of one mode differed by up to 2x.
 stamp "2. in-process benchmark, cuda bfloat16, 64 requests x 128 tokens"
 {
-    timeout 110 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef \
+    timeout 90 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes cdef \
         --rounds 2 --requests 64 --new-tokens 128 --virtual-tokens 20
-    timeout 60 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes de \
+    timeout 50 python3 -m prompt_server_bench --model "$model" --device cuda --dtype bfloat16 --modes de \
         --rounds 2 --requests 64 --new-tokens 128 --virtual-tokens 100
 } >"$out/bench.log" 2>&1
 
@@ -90,15 +92,21 @@ chmod +x "$tf"
 # six requests per client: at two, a series lasted under two seconds on an H200
 http=(python3 -m prompt_server_bench --http --model "$model" --device cuda --dtype bfloat16 --concurrency 32
       --requests-per-client 6 --rates "" --rounds 2 --endpoints completions --virtual-tokens 20,100)
-timeout 170 "${http[@]}" --transformers-cmd "$tf" --out "$out/http" >"$out/http.log" 2>&1
+timeout 150 "${http[@]}" --transformers-cmd "$tf" --out "$out/http" >"$out/http.log" 2>&1
 http_rc=$?
-rm -f "$out/http/bench-http.png"  # the device tool brings back 8 files at most; the table and the numbers suffice
+# the device tool brings back 8 files at most: the table and http.log (every point's numbers and counters) suffice
+rm -f "$out/http/bench-http.png" "$out/http/bench-http.json"
 stamp "HTTP benchmark rc $http_rc"
 
-# With time left: the same with prefix caching off and prompt-server alone, so that no series reuses a prompt head
-# (what the adapter series lose against no adapter, less what no adapter gains by sharing heads across requests).
+stamp "4. whole-cache A/B, cuda bfloat16, 32 clients, 64 requests x 32 tokens per series and round"
+timeout 80 python3 scripts/whole_cache_ab.py --model "$model" --device cuda --dtype bfloat16 --rounds 2 \
+    --requests 64 >"$out/whole-cache-ab.log" 2>&1
+stamp "whole-cache A/B rc $?"
+
+# With time left: the HTTP benchmark with prefix caching off and prompt-server alone, so that no series reuses a
+# prompt head (what the adapter series lose against no adapter, less what no adapter gains by sharing heads).
 if [ $((SECONDS - t0)) -lt 480 ]; then
-    stamp "4. HTTP benchmark, prefix caching off, prompt-server alone"
+    stamp "5. HTTP benchmark, prefix caching off, prompt-server alone"
     PROMPT_SERVER_PREFIX_CACHE_BYTES=0 timeout 90 "${http[@]}" --skip-transformers --out "$(mktemp -d)" \
         >"$out/http-no-prefix-cache.log" 2>&1
     stamp "HTTP benchmark without prefix caching rc $?"
@@ -112,6 +120,7 @@ echo "== engine tests on the GPU"; grep -E "^(FAILED|ERROR)|passed|failed|Keyboa
 echo "== in-process benchmark"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/bench.log" | tail -45
 echo "== HTTP benchmark (the server's counters per point: $out/http.log)"
 if [ -f "$out/http/bench-http.md" ]; then cat "$out/http/bench-http.md"; else tail -20 "$out/http.log"; fi
+echo "== whole-cache A/B"; grep -v "Loading\|Writing\|warn\|it/s\]" "$out/whole-cache-ab.log" | tail -20
 if [ -f "$out/http-no-prefix-cache.log" ]; then
     echo "== HTTP benchmark, prefix caching off"
     grep -v "Loading\|Writing\|warn" "$out/http-no-prefix-cache.log" | tail -16
