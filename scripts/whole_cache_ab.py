@@ -8,6 +8,9 @@ On a GPU, where a step is bound by launching kernels, this measures what copying
 once for all layers saves against one copy per layer:
 
     python scripts/whole_cache_ab.py --model DIR --device cuda --dtype bfloat16 [--rounds 3]
+
+The forward settings come from the environment as the server's do (PROMPT_SERVER_NATIVE_KERNELS=0: torch's
+kernels on the CPU, as on a GPU).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def main() -> int:
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_grad_enabled(False)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
+    settings = Settings()  # the forward settings from the environment, as the server reads them
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=False,
+                        native_kernels=settings.native_kernels, cuda_graphs=settings.cuda_graphs)
     fresh = (f"{p} (take {i})" for i in itertools.count() for p in make_prompts(args.requests))
     rates: dict[str, list[float]] = {s: [] for s in SERIES}
     seconds: dict[str, list[tuple[float, float]]] = {s: [] for s in SERIES}
