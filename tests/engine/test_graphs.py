@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from prompt_server.engine.types import GenerateRequest
 from prompt_server.model import graphs
 from tests.engine.conftest import World, run_engine
 from tests.tiny import VARIANTS
 
 
-def test_rows_decoded_by_the_static_step_match_peft(llama_world, monkeypatch):
+@pytest.mark.parametrize("whole", [False, True], ids=["layer-by-layer", "all-layers-at-once"])
+def test_rows_decoded_by_the_static_step_match_peft(llama_world, monkeypatch, whole):
+    """`whole`: prefills allocate every layer's cache at once, as they do on a GPU (LlamaRunner.whole_cache), so
+    the recorded steps read and write views of one allocation."""
     monkeypatch.setattr(graphs, "WIDTH_BUCKET", 8)  # several buckets within a short generation
     loaded = llama_world.loaded
     world: World = dataclasses.replace(  # as on a GPU: torch's attention, no CPU kernels
@@ -32,6 +37,7 @@ def test_rows_decoded_by_the_static_step_match_peft(llama_world, monkeypatch):
 
         dg._capture_for = recording
         engine.runner.graphs = dg
+        engine.runner.whole_cache = whole
         first = engine.submit(GenerateRequest(prompt="hello world", adapter_id="prefix", max_new_tokens=24,
                                               ignore_eos=True))
         late, seen = [], 0
