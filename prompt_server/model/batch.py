@@ -80,18 +80,12 @@ class PrefillInputs:
         in one call, where it can take them."""
         n, kv_heads, _, head_dim = like.shape
         out = like.new_empty(2, max(n, self.slots), kv_heads, columns, head_dim)
-        if self.slots > n:
-            out[:, n:] = 0
-        pieces, rows, cols, fill = self._plan
         if place is not None and out.device.type == "cpu" and self._native_dtypes in (set(), {out.dtype}):
-            place(out, pieces, rows, cols, fill, layer)
+            if self.slots > n:
+                out[:, n:] = 0
+            place(out, *self._plan, layer)
             return out
-        for i, at in enumerate(fill):
-            if at:
-                out[:, i, :, :at] = 0
-        for t, i, at in zip(pieces, rows, cols):
-            out[:, i, :, at : at + t.shape[3]] = t[layer]
-        return out
+        return self._lay_out(out, n, layer)
 
     def all_layers(self, layers: int, columns: int, like: torch.Tensor) -> torch.Tensor:
         """Every layer's keys and values for the rows at once, [layers, 2, slots, kv_heads, columns, head_dim], laid
@@ -101,15 +95,21 @@ class PrefillInputs:
         layer's from it. Not on the CPU, where one allocation this large would be mapped afresh by the C library
         on every prefill (model/memory.py)."""
         n, kv_heads, _, head_dim = like.shape
-        out = like.new_empty(layers, 2, max(n, self.slots), kv_heads, columns, head_dim)
+        return self._lay_out(like.new_empty(layers, 2, max(n, self.slots), kv_heads, columns, head_dim), n, None)
+
+    def _lay_out(self, out: torch.Tensor, n: int, layer: int | None) -> torch.Tensor:
+        """The rows' pieces into `out` [..., slots, kv_heads, columns, head_dim], whose leading axes are (2,) for one
+        layer (`layer`: the pieces' layer to copy) or (layers, 2) for all (`layer` None): the free slots past n
+        zeroed, each row's columns left of its prefix zeroed, each piece copied where _plan puts it."""
+        every = out if layer is None else out[None]  # [layers or 1, 2, slots, kv_heads, columns, head_dim]
         if self.slots > n:
-            out[:, :, n:] = 0
+            every[:, :, n:] = 0
         pieces, rows, cols, fill = self._plan
         for i, at in enumerate(fill):
             if at:
-                out[:, :, i, :, :at] = 0
+                every[:, :, i, :, :at] = 0
         for t, i, at in zip(pieces, rows, cols):
-            out[:, :, i, :, at : at + t.shape[3]] = t
+            every[:, :, i, :, at : at + t.shape[3]] = t if layer is None else t[layer]
         return out
 
     @cached_property
