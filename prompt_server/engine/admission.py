@@ -86,7 +86,7 @@ class Layout:
                         head = join(pieces)
                         held += [(weakref.ref(t), n) for t, n in pieces]
                 if self.keep_pieces:
-                    s.shared = held[:2]  # the decode kernel reads a row's first two pieces where they came from
+                    s.shared = held  # the decode kernel reads the ones other rows share where they came from
             end = min(len(s.prompt_ids), start + max(s.chunk, 1))
             rows.append(PrefillRow(ids=s.prompt_ids[start:end], virtual=virtual, prefix=prefix, head=head))
             starts.append(start)

@@ -481,17 +481,20 @@ class _DecodePart(_Part):
 
 def _redirects(pieces: list[list[tuple[torch.Tensor | None, int]]] | None, mask: torch.Tensor, rows: torch.Tensor,
                like: torch.Tensor, layers: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The decode kernel's shared pieces: (the distinct tensors, [n, 5] long per row: the column its first redirected
-    piece starts at, then up to two (piece index, columns)), or ([], None) when no row has any.
+    """The decode kernel's shared pieces: (the distinct tensors, [n, 1 + 2K] long per row: the column its first
+    redirected piece starts at, then (piece index, columns) for each redirected piece, -1 past its last), or ([], None)
+    when no row has any. K is the most pieces any row has redirected.
 
     `pieces`: per row, (the tensor its first kept columns were copied from, or None where its cache has let it go;
     the columns used), in order (model/batch.py lays them out there, and every later copy keeps the columns in
-    order). Only pieces that two or more rows of the step share are read there (the same tensor, whatever columns of
-    it each row uses): they stay in cache from one row to the next (30 layers x 32 rows on one 100-token adapter:
-    12.5-13.7 instead of 15.9-17.6 ms, scripts/decode_attention_ab.py --shared 100), where a piece only one row reads
-    is read as fast from its copy. A row reads its slot where a piece does not fit the kernel (not float32 on the CPU
-    with [P, head_dim] contiguous, or not `layers` layers of the heads of `like`, a layer's keys [slots, kv_heads,
-    C, d]) or its mask does not keep every column the pieces would stand for."""
+    order): its adapter's soft prompt or prefix, then the spans of the cached head it stands behind, as many as the
+    prefix tree split it into. Only pieces that two or more rows of the step share are read there (the same tensor,
+    whatever columns of it each row uses): they stay in cache from one row to the next (30 layers x 32 rows on one
+    100-token adapter: 12.5-13.7 instead of 15.9-17.6 ms, scripts/decode_attention_ab.py --shared 100), where a piece
+    only one row reads is read as fast from its copy. A row's redirected pieces are its first run of consecutive
+    shared ones; the rest it reads from its slot, as it does a piece that does not fit the kernel (not float32 on the
+    CPU with [P, head_dim] contiguous, or not `layers` layers of the heads of `like`, a layer's keys [slots,
+    kv_heads, C, d]), and all of them where its mask does not keep every column the pieces would stand for."""
     if not pieces or not any(t is not None for row in pieces for t, _ in row):
         return [], None
 
@@ -511,41 +514,36 @@ def _redirects(pieces: list[list[tuple[torch.Tensor | None, int]]] | None, mask:
                 uses[key(t)] = uses.get(key(t), 0) + 1
     shared: list[torch.Tensor] = []
     index: dict[tuple, int] = {}
-    table = torch.full((len(pieces), 5), -1, dtype=torch.long)
-    offsets = torch.zeros(len(pieces), dtype=torch.long)
-    spans: list[tuple[int, int, int]] = []  # (row, offset of its first redirected column, columns) where redirected
-    for i, row in enumerate(pieces):
-        if len(row) > 2:
-            continue
-        at, j, total = 0, 0, 0
-        for t, n in row:  # the shared ones among a row's (at most two) pieces are consecutive columns
+    runs: list[tuple[int, list[int]]] = []  # per row: (offset of its first redirected column, [piece, columns, ...])
+    for row in pieces:
+        at, offset = 0, 0
+        run: list[int] = []
+        for t, n in row:  # the row's first run of consecutive shared pieces
             if t is not None and uses[key(t)] >= 2 and fits(t, n):
                 if key(t) not in index:
                     index[key(t)] = len(shared)
                     shared.append(t)
                 elif t.shape[3] > shared[index[key(t)]].shape[3]:  # two views of one tensor: the longer serves both
                     shared[index[key(t)]] = t
-                if j == 0:
-                    offsets[i] = at
-                table[i, 1 + 2 * j] = index[key(t)]
-                table[i, 2 + 2 * j] = n
-                j += 1
-                total += n
-            elif j:
+                if not run:
+                    offset = at
+                run += [index[key(t)], n]
+            elif run:
                 break
             at += n
-        if j:
-            spans.append((i, int(offsets[i]), total))
+        runs.append((offset, run))
     if not shared:
         return [], None
     kept = mask[rows]
-    first = kept.to(torch.int8).argmax(1)  # each row's first kept column
-    for i, off, n in spans:  # the columns the pieces stand for must all be the row's own
-        a = int(first[i]) + off
-        if not bool(kept[i, a : a + n].all()):
-            table[i, 1:] = -1
-    table[:, 0] = first + offsets
-    return shared, table
+    first = kept.to(torch.int8).argmax(1).tolist()  # each row's first kept column
+    width = max(len(run) for _, run in runs)
+    table = []
+    for i, (offset, run) in enumerate(runs):
+        a = first[i] + offset
+        if run and not bool(kept[i, a : a + sum(run[1::2])].all()):  # the columns they stand for: the row's own
+            run = []
+        table.append([a, *run] + [-1] * (width - len(run)))
+    return shared, torch.tensor(table, dtype=torch.long)
 
 
 class _PrefillPart(_Part):

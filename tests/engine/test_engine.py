@@ -650,10 +650,11 @@ def test_a_soft_prompt_that_cannot_be_computed_fails_only_its_own_requests(llama
 def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied_from(llama_world, monkeypatch,
                                                                                     settings):
     """Rows that share their adapter's soft prompt or prefix, or a cached prompt head, decode reading them from the
-    one tensor they were copied from (model/forward.py _redirects, the CPU decode kernel): both pieces, the soft
-    prompt alone, the head alone. The tokens are those of reading the copies (log-probabilities within 1e-5), and
-    PEFT's; also with rows joining a batch of 4 slots and relaid out, prompts prefilled in chunks, and a prefix cache
-    so small that it evicts heads running rows still stand behind."""
+    one tensor they were copied from (model/forward.py _redirects, the CPU decode kernel): the prefix and a head the
+    prefix tree split in two (three pieces), the prefix and a head, the soft prompt alone, the head alone. The tokens
+    are those of reading the copies (log-probabilities within 1e-5), and PEFT's; also with rows joining a batch of 4
+    slots and relaid out, prompts prefilled in chunks, and a prefix cache so small that it evicts heads running rows
+    still stand behind."""
     from prompt_server.model import forward
 
     if llama_world.loaded.device.type != "cpu":
@@ -672,14 +673,16 @@ def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied
     head = "once upon a time there was a little cat who"
     cases = [("prefix", head + " sat"), ("prefix", head + " ran"), ("prefix", "the cat sat on the mat"),
              ("prompt_tuning", PROMPTS[0]), ("prompt_tuning", PROMPTS[1]), (None, head + " slept"),
-             (None, head + " woke"), ("p_tuning_mlp", head + " sang")]
+             (None, head + " woke"), ("p_tuning_mlp", head + " sang"), ("prefix", head + " ate fish now"),
+             ("prefix", head + " ate fish too")]
 
     def serve(shared: bool):
         async def go(engine):
             assert engine.runner.reads_pieces
             engine.runner.reads_pieces = shared
-            for a in ("prefix", None, "p_tuning_mlp"):  # the head, cached under each of them as a span of its own
-                for end in (" ate", " drank"):
+            # the head, cached under each of them as a span of its own, then " ate" and " drank" after it
+            for a in ("prefix", None, "p_tuning_mlp"):
+                for end in (" ate fish", " drank milk"):
                     await engine.submit(greedy(head + end, a, n=2)).result()
             tables.clear()
             handles = [engine.submit(greedy(p, a, n=8)) for a, p in cases]
@@ -698,10 +701,12 @@ def test_rows_on_one_adapter_or_one_cached_head_read_them_where_they_were_copied
                                    torch.tensor([t.logprob for t in copy.tokens]), atol=1e-5, rtol=0)
         llama_world.check_logprobs(adapter_id, prompt, result)
     assert tables, "no decode step read a shared piece"
-    entries = {tuple(int(x) > -1 for x in row[1::2]) for table in tables for row in table}
-    # a row reading its soft prompt and its head (prefix rows on the cached head), one reading one piece (the
-    # prompt-tuning rows' soft prompt; the rows without adapter on the cached head), and one reading none
-    assert {(True, True), (True, False), (False, False)} <= entries
+    pieces = {sum(int(x) > -1 for x in row[1::2]) for table in tables for row in table}
+    # rows reading their prefix and the two spans of their head, their prefix and their head, one piece (the
+    # prompt-tuning rows' soft prompt; the rows without adapter on the cached head), none
+    assert {2, 1, 0} <= pieces
+    if not settings:  # (a batch of 4 slots may never hold both rows on the split head at once)
+        assert 3 in pieces
 
 
 @pytest.mark.skipif(omp._libgomp() is None or torch.get_num_threads() < 2,

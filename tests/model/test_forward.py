@@ -65,10 +65,10 @@ def test_a_prefill_with_room_computes_what_one_without_does(tmp_path):
 
 
 def test_only_pieces_two_rows_share_are_redirected_with_the_column_they_start_at():
-    """_redirects: per row (its first redirected piece's column, piece, columns, piece, columns); a piece only one row
-    has is read from the row's copy, so a row may start at its second piece; one cached head shared by rows that use
-    different lengths of it is one piece; rows without shared pieces, with a piece their cache let go (None), with a
-    piece of another shape, or whose mask does not keep the pieces' columns get -1."""
+    """_redirects: per row (its first redirected piece's column, then (piece, columns) for each, -1 after); a piece
+    only one row has is read from the row's copy, so a row may start at its second piece; one cached head shared by
+    rows that use different lengths of it is one piece; rows without shared pieces, with a piece their cache let go
+    (None), with a piece of another shape, or whose mask does not keep the pieces' columns get -1."""
     def piece(p, heads=1):
         return torch.zeros(2, 2, heads, p, 8)
 
@@ -97,3 +97,27 @@ def test_only_pieces_two_rows_share_are_redirected_with_the_column_they_start_at
     assert forward._redirects([[(own, 5)], [(own2, 6)], []], mask[:3], torch.arange(3), like, 2) == ([], None)
     assert forward._redirects([[(None, 3)], [(None, 3)]], mask[:2], torch.arange(2), like, 2) == ([], None)
     assert forward._redirects(None, mask, rows, like, 2) == ([], None)
+
+
+def test_a_row_redirects_every_piece_of_its_first_run_of_shared_ones():
+    """A prefix adapter's keys/values, then a cached head the prefix tree split into three spans: every one of them
+    shared is redirected, however many, and the table is as wide as the longest run; a run stops at the first piece
+    the row does not share (the rest is read from its copy, even a shared piece after it)."""
+    def piece(p):
+        return torch.zeros(2, 2, 1, p, 8)
+
+    prefix, a, b, c, own, own2 = piece(4), piece(3), piece(2), piece(5), piece(6), piece(6)
+    pieces = [[(prefix, 4), (a, 3), (b, 2), (c, 5)],  # all four shared
+              [(prefix, 4), (a, 3), (b, 2), (c, 1)],  # the last span, used shorter
+              [(prefix, 4), (a, 3), (own, 6), (c, 2)],  # its own span ends the run: c is read from its copy
+              [(own2, 6)]]
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    mask[3, :14] = False
+    shared, table = forward._redirects(pieces, mask, torch.arange(4), torch.zeros(4, 1, 20, 8), 2)
+    assert [id(t) for t in shared] == [id(prefix), id(a), id(b), id(c)]
+    assert table.tolist() == [
+        [0, 0, 4, 1, 3, 2, 2, 3, 5],
+        [0, 0, 4, 1, 3, 2, 2, 3, 1],
+        [0, 0, 4, 1, 3, -1, -1, -1, -1],
+        [14, -1, -1, -1, -1, -1, -1, -1, -1],
+    ]

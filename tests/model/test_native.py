@@ -81,22 +81,26 @@ def test_kernel_matches_softmax_attention(kernel, kv, g, d, width):
 
 @pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (1, 3, 24)])  # a specialised shape and the generic loop
 def test_kernel_reads_shared_pieces_where_the_rows_columns_were_copied_from(kernel, kv, g, d):
-    """Rows whose first kept columns are copies of shared pieces (a soft prompt, then a cached head; one piece; none;
-    two rows on the same pieces): given the pieces, the kernel reads those columns there, bit for bit the result of
-    reading the copies, and with the copies overwritten by garbage still the result for the pieces' values."""
+    """Rows whose first kept columns are copies of shared pieces (a prefix, then a cached head in three spans; a soft
+    prompt, then a cached head; one piece; none; two rows on the same pieces): given the pieces, the kernel reads
+    those columns there, bit for bit the result of reading the copies, and with the copies overwritten by garbage
+    still the result for the pieces' values."""
     gen = torch.Generator().manual_seed(11)
-    layers, layer, slots, start, width = 3, 1, 6, 2, 40
+    layers, layer, slots, start, width = 3, 1, 7, 2, 40
     soft = torch.randn(layers, 2, kv, 9, d, generator=gen)  # [L, 2, KV, P, D]
     head = torch.randn(layers, 2, kv, 5, d, generator=gen)
     other = torch.randn(layers, 2, kv, 4, d, generator=gen)
+    spans = [torch.randn(layers, 2, kv, p, d, generator=gen) for p in (3, 1, 6)]
     keys = torch.randn(slots, kv, start + width + 3, d, generator=gen)
     values = torch.randn(slots, kv, start + width + 3, d, generator=gen)
     keep = torch.rand(slots, width, generator=gen) > 0.3
     keep[:, -1] = True
-    rows = torch.tensor([0, 1, 3, 4, 5])
-    plan = {0: ([soft, head], 4), 1: ([soft, head], 2), 3: ([other], 0), 4: ([], 0), 5: ([soft], 11)}
-    shared, index = [soft, head, other], {id(soft): 0, id(head): 1, id(other): 2}
-    redirect = torch.full((len(rows), 5), -1, dtype=torch.long)
+    rows = torch.tensor([0, 1, 3, 4, 5, 6])
+    plan = {0: ([soft, head], 4), 1: ([soft, head], 2), 3: ([other], 0), 4: ([], 0), 5: ([soft], 11),
+            6: ([other, *spans], 7)}
+    shared = [soft, head, other, *spans]
+    index = {id(t): i for i, t in enumerate(shared)}
+    redirect = torch.full((len(rows), 9), -1, dtype=torch.long)
     for i, slot in enumerate(rows.tolist()):
         pieces, first = plan[slot]
         keep[slot, :first] = False
@@ -109,6 +113,8 @@ def test_kernel_reads_shared_pieces_where_the_rows_columns_were_copied_from(kern
             keep[slot, at - start : at - start + p] = True
             redirect[i, 1 + 2 * j], redirect[i, 2 + 2 * j] = index[id(t)], p
             at += p
+        redirect[i, 3 + 2 * len(pieces) :: 2] = 0  # past the -1 that ends a row's list: never read
+        redirect[i, 4 + 2 * len(pieces) :: 2] = 40
     q = torch.randn(len(rows), kv, g, d, generator=gen)
     scale = 1 / math.sqrt(d)
     copies = kernel(q, keys, values, rows, keep, start, scale, [], None, 0)
@@ -130,6 +136,7 @@ def test_kernel_reads_shared_pieces_where_the_rows_columns_were_copied_from(kern
     ("window", "leave the window"),
     ("layer", "holding layer 2"),
     ("shape", "redirect: long"),
+    ("third", "names piece 0 for 10 columns"),
 ])
 def test_kernel_refuses_bad_pieces_with_the_reason(kernel, case, message):
     q = torch.randn(2, 1, 2, 16)
@@ -138,7 +145,9 @@ def test_kernel_refuses_bad_pieces_with_the_reason(kernel, case, message):
     pieces = [torch.randn(2, 2, 1, 6, 16)]
     redirect = torch.tensor([[1, 0, 6, -1, 0], [1, -1, 0, -1, 0]])
     layer = 1
-    if case == "index":
+    if case == "third":  # any width 1 + 2K: every piece listed is checked
+        redirect = torch.tensor([[1, 0, 2, 0, 3, 0, 10], [1, -1, 0, -1, 0, -1, 0]])
+    elif case == "index":
         redirect[0, 1] = 3
     elif case == "columns":
         redirect[0, 2] = 10

@@ -80,24 +80,28 @@ void softmax_rows(float* scores, int64_t G, int64_t W, float* inv) {
   }
 }
 
-// Where a task reads column w (0 .. W-1 of its window) from: columns [b0, e0) from piece 0, [e0, e1) from piece 1
-// (the keys/values the row's copies were made from), every other column from the row's slot. No pieces: b0 = e0 =
-// e1 = 0.
+// Where a task reads column w (0 .. W-1 of its window) from: columns [b, e) from the row's pieces, in order (the
+// keys/values the row's copies were made from), every other column from the row's slot. No pieces: b = e = 0.
 struct Redirect {
-  int64_t b0 = 0, e0 = 0, e1 = 0;
-  const float *k0 = nullptr, *v0 = nullptr, *k1 = nullptr, *v1 = nullptr;
+  int64_t b = 0, e = 0;
+  int64_t count = 0;               // pieces, listed at entry[1], entry[3], ... with their columns after each
+  const int64_t* entry = nullptr;  // the row's redirect entry
 };
 
-// The address of each of the task's W columns (keys or values), into `at`: filled once per task, so the loops below
-// read through it with no branch. Integers, not pointers, so that no pointer is formed past an object.
-inline void column_addresses(std::uintptr_t* at, const float* slot, const float* piece0, const float* piece1,
-                             const Redirect& r, int64_t W, int64_t D) {
+// The address of each of the task's W columns (keys or values, kv = 0 or 1), into `at`: filled once per task, so the
+// loops below read through it with no branch. Integers, not pointers, so that no pointer is formed past an object.
+template <typename PieceAt>
+inline void column_addresses(std::uintptr_t* at, const float* slot, const Redirect& r, int64_t kv, int64_t h,
+                             const PieceAt& piece_at, int64_t W, int64_t D) {
   const std::uintptr_t bytes = static_cast<std::uintptr_t>(D) * sizeof(float);
   const std::uintptr_t s = reinterpret_cast<std::uintptr_t>(slot);
   for (int64_t w = 0; w < W; ++w) at[w] = s + static_cast<std::uintptr_t>(w) * bytes;
-  const std::uintptr_t p0 = reinterpret_cast<std::uintptr_t>(piece0), p1 = reinterpret_cast<std::uintptr_t>(piece1);
-  for (int64_t w = r.b0; w < r.e0; ++w) at[w] = p0 + static_cast<std::uintptr_t>(w - r.b0) * bytes;
-  for (int64_t w = r.e0; w < r.e1; ++w) at[w] = p1 + static_cast<std::uintptr_t>(w - r.e0) * bytes;
+  int64_t w = r.b;
+  for (int64_t j = 0; j < r.count; ++j) {
+    const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(piece_at(r.entry[1 + 2 * j], kv, h));
+    const int64_t end = w + r.entry[2 + 2 * j];
+    for (int64_t c = 0; w < end; ++w, ++c) at[w] = p + static_cast<std::uintptr_t>(c) * bytes;
+  }
 }
 
 // How the loops below find column w: in the task's slot (every column there, as without pieces), or through the
@@ -239,9 +243,10 @@ Fixed fixed_for(int64_t G, int64_t D) {
 // q [n, KV, G, D] (row order); keys, values [slots, KV, capacity, D], each head's [capacity, D] contiguous;
 // rows [n] the rows' slots; keep [slots', W] with unit column stride: which of columns start..start+W-1 each slot
 // attends. Shared pieces (optional): pieces, each [L, 2, KV, P, D] float32 with [P, D] blocks contiguous, and
-// redirect [n, 5] long per row: (its first kept column, piece index or -1, columns, piece index or -1, columns):
-// the row's kept columns from its first on are read from those pieces' layer `layer`, in order, instead of from its
-// slot (they must hold the same values: the slot's columns are copies of them). -> [n, KV, G, D].
+// redirect [n, 1 + 2K] long per row: (the column its pieces start at, then up to K (piece index, columns), a piece
+// index of -1 ending the list): the row's columns from that one on are read from those pieces' layer `layer`, in
+// order, instead of from its slot (they must hold the same values: the slot's columns are copies of them).
+// -> [n, KV, G, D].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& rows, const at::Tensor& keep, int64_t start, double scale,
                             at::TensorList pieces, const std::optional<at::Tensor>& redirect, int64_t layer) {
@@ -268,24 +273,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   }
   // each row's redirect, checked once: its pieces' columns lie in the window
   std::vector<Redirect> redirects(n);
+  int64_t stride = 0;
   if (redirect.has_value()) {
     const at::Tensor& rd = *redirect;
-    TORCH_CHECK(rd.dim() == 2 && rd.size(0) == n && rd.size(1) == 5 && rd.scalar_type() == at::kLong &&
-                    rd.is_contiguous(), "redirect: long [n, 5]");
+    TORCH_CHECK(rd.dim() == 2 && rd.size(0) == n && rd.size(1) >= 3 && rd.size(1) % 2 == 1 &&
+                    rd.scalar_type() == at::kLong && rd.is_contiguous(), "redirect: long [n, 1 + 2K]");
+    stride = rd.size(1);
+    const int64_t K = (stride - 1) / 2;
     const int64_t* rp = rd.data_ptr<int64_t>();
     const int64_t count = static_cast<int64_t>(pieces.size());
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t* e = rp + 5 * i;
-      const int64_t idx[2] = {e[1], e[3]}, len[2] = {e[1] < 0 ? 0 : e[2], e[3] < 0 || e[1] < 0 ? 0 : e[4]};
-      for (int j = 0; j < 2; ++j)
-        TORCH_CHECK(idx[j] < count && len[j] >= 0 && (idx[j] < 0 || len[j] <= pieces[idx[j]].size(3)),
-                    "redirect: row ", i, " names piece ", idx[j], " for ", len[j], " columns");
+      const int64_t* e = rp + stride * i;
       Redirect& r = redirects[i];
-      r.b0 = e[0] - start;
-      r.e0 = r.b0 + len[0];
-      r.e1 = r.e0 + len[1];
-      TORCH_CHECK(len[0] == 0 || (r.b0 >= 0 && r.e1 <= W), "redirect: row ", i, "'s pieces leave the window");
-      if (len[0] == 0) r.b0 = r.e0 = r.e1 = 0;
+      int64_t m = 0, total = 0;
+      for (; m < K && e[1 + 2 * m] >= 0; ++m) {
+        const int64_t idx = e[1 + 2 * m], len = e[2 + 2 * m];
+        TORCH_CHECK(idx < count && len >= 0 && len <= pieces[idx].size(3),
+                    "redirect: row ", i, " names piece ", idx, " for ", len, " columns");
+        total += len;
+      }
+      if (total == 0) continue;
+      r.b = e[0] - start;
+      r.e = r.b + total;
+      r.count = m;
+      r.entry = e;
+      TORCH_CHECK(r.b >= 0 && r.e <= W, "redirect: row ", i, "'s pieces leave the window");
     }
   }
   const float* qp = q.data_ptr<float>();
@@ -297,7 +309,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t ms0 = keep.stride(0);
   const float sc = static_cast<float>(scale);
   const Fixed fixed = fixed_for(G, D);
-  const int64_t* rp = redirect.has_value() ? redirect->data_ptr<int64_t>() : nullptr;
   // piece j's keys (kv = 0) or values (kv = 1) of KV head h in layer `layer`
   auto piece_at = [&](int64_t j, int64_t kv, int64_t h) -> const float* {
     const at::Tensor& p = pieces[j];
@@ -313,28 +324,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       const float* vt = vp + s * vs0 + h * vs1 + start * D;
       const bool* keep_row = mp + s * ms0;
       float* ot = op + t * G * D;
-      Redirect r = redirects[i];
-      if (r.e1 > r.b0) {
-        const int64_t* e = rp + 5 * i;
-        r.k0 = piece_at(e[1], 0, h);
-        r.v0 = piece_at(e[1], 1, h);
-        if (r.e1 > r.e0) {
-          r.k1 = piece_at(e[3], 0, h);
-          r.v1 = piece_at(e[3], 1, h);
-        }
-      }
-      const bool listed = r.e1 > r.b0;
+      const Redirect& r = redirects[i];
+      const bool listed = r.e > r.b;
       if (listed) {
-        column_addresses(ka.data(), kt, r.k0, r.k1, r, W, D);
-        column_addresses(va.data(), vt, r.v0, r.v1, r, W, D);
+        column_addresses(ka.data(), kt, r, 0, h, piece_at, W, D);
+        column_addresses(va.data(), vt, r, 1, h, piece_at, W, D);
       }
       if (fixed.in_slot != nullptr) {
         const float* next = nullptr;  // the next task's first key column: its slot's, or its first piece's
         if (t + 1 < end) {
           const int64_t i1 = (t + 1) / KV, h1 = (t + 1) % KV;
           const Redirect& r1 = redirects[i1];
-          next = r1.b0 == 0 && r1.e1 > 0 ? piece_at(rp[5 * i1 + 1], 0, h1)
-                                         : kp + slot[i1] * ks0 + h1 * ks1 + start * D;
+          next = r1.b == 0 && r1.e > 0 ? piece_at(r1.entry[1], 0, h1) : kp + slot[i1] * ks0 + h1 * ks1 + start * D;
         }
         if (listed) {
           fixed.listed(qt, Listed{ka.data()}, Listed{va.data()}, keep_row, W, sc, ot, scores.data(), next);
@@ -344,8 +345,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
         }
       } else {
         if (!listed) {
-          column_addresses(ka.data(), kt, nullptr, nullptr, r, W, D);
-          column_addresses(va.data(), vt, nullptr, nullptr, r, W, D);
+          column_addresses(ka.data(), kt, r, 0, h, piece_at, W, D);
+          column_addresses(va.data(), vt, r, 1, h, piece_at, W, D);
         }
         attend_any(qt, ka.data(), va.data(), keep_row, W, sc, ot, scores.data(), G, D);
       }
