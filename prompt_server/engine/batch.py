@@ -126,6 +126,17 @@ class RunningBatch:
         self._changed()
         return self
 
+    def make_room(self, parts: list[RunningBatch], max_rows: int, max_tokens: int) -> None:
+        """Room for every row of `parts` at once (the newcomer groups of one step, which admit would take one at a
+        time): at most one layout, where each group in turn could need one, being more rows or wider than the last."""
+        n = sum(len(p) for p in parts)
+        if len(self.rows) - len(self) >= n and all(p.kv.width - p.start <= self.kv.width for p in parts):
+            return
+        width = max([self.kv.width - self.start] + [p.kv.width - p.start for p in parts])
+        spare = spare_for(self.sequences() + [s for p in parts for s in p.sequences()])
+        self._relayout(grown_slots(len(self.alive) + n, len(self.rows), width + spare, max_rows, max_tokens), width,
+                       spare)
+
     def join(self, part: RunningBatch, max_rows: int, max_tokens: int) -> RunningBatch:
         """The batch holding this one's rows and `part`'s: `part` written into this one's free slots (admit), or,
         when this one has no room for it and `part` has room for this one (a prefill given room,

@@ -414,6 +414,7 @@ class Engine:
             self._count("steps", 1)
             self._count("batch_size_sum", len(batch))
             self._batch = self._emit(batch, self.runner.logits(decoded))
+        parts = []
         for group, out in zip(groups, prefilled):
             if out is None:
                 continue
@@ -424,7 +425,13 @@ class Engine:
                 self._fail_group(group.seqs, exc)
                 continue
             if part is not None:
-                self._admit_rows(part)
+                parts.append(part)
+        if len(parts) > 1:  # several groups: the batch grows once for all of them
+            if self._batch is None:
+                self._batch, parts = parts[0], parts[1:]
+            self._batch.make_room(parts, self.settings.max_batch_size, self.settings.max_batch_tokens)
+        for part in parts:
+            self._admit_rows(part)
         if self._batch is not None and self._batch.relayouts:
             self._count("cache_relayouts", self._batch.relayouts)
             self._batch.relayouts = 0

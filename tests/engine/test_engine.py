@@ -189,6 +189,45 @@ def test_newcomers_the_free_slots_cannot_hold_take_the_running_row_into_their_ca
     assert engine.stats()["cache_relayouts"] == 0
 
 
+def test_newcomer_groups_of_one_step_grow_the_batch_once(llama_world):
+    """A wave of newcomers of very different lengths arrives in one step: they are prefilled in groups of similar
+    length, each more rows than the batch's free slots and wider than the last. The batch's cache is laid out once
+    for all of them (RunningBatch.make_room), not once per group, and every row decodes what PEFT decodes for it
+    alone."""
+    world = llama_world
+    engine = Engine(world.loaded, world.registry, Settings())
+    engine.ready = True  # no engine thread: the test steps it
+    cases = [(None, PROMPTS[3]), ("prefix", PROMPTS[3]), (None, PROMPTS[2] * 4), ("prompt_tuning", PROMPTS[2] * 4),
+             (None, PROMPTS[2] * 9)]
+
+    async def go():
+        first = engine.submit(greedy(PROMPTS[0], None, n=8))
+        with torch.inference_mode():
+            engine._step()
+            running = engine._batch
+            assert len(running) == len(running.rows) == 1
+            late = [engine.submit(greedy(p, a, n=5)) for a, p in cases]
+            groups = []
+            prepare = engine.layout.prepare
+
+            def counted(seqs):
+                groups.append(len(seqs))
+                return prepare(seqs)
+
+            engine.layout.prepare = counted
+            engine._step()
+            assert len(groups) >= 3  # three groups, each needing more room than the last
+            assert engine._batch is running and len(running) == 6
+            assert engine.stats()["cache_relayouts"] == 1  # once for all of them
+            while engine._batch is not None:
+                engine._step()
+        return await first.result(), [await h.result() for h in late]
+
+    first, late = asyncio.run(go())
+    assert [t.id for t in first.tokens] == world.oracle(None, PROMPTS[0], 8)
+    assert [[t.id for t in r.tokens] for r in late] == [world.oracle(a, p, 5) for a, p in cases]
+
+
 def test_newcomers_much_shorter_than_the_running_row_join_its_batch_as_before(llama_world):
     """Running rows more than twice as wide as the newcomers: the newcomers' prefill would attend over that width,
     so no room is made; the batch's cache is laid out again for more slots (one copy) and the newcomers are written

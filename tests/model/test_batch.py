@@ -191,6 +191,32 @@ def test_admit_lays_the_cache_out_again_only_when_it_must_grow():
     assert b.relayouts == 1 and cols(b)[3] == [0, 0, 8]
 
 
+def test_several_parts_of_one_step_cost_one_layout_not_one_each():
+    """A step's newcomer groups, each wider than the last and together more than the free slots: make_room lays the
+    cache out once, for all their rows and the widest of them; each then joins without another copy, right-aligned.
+    Where they fit already, make_room copies nothing."""
+    b = batch_of([[1, 2]], [[1, 1]], capacity=3)
+    parts = [batch_of([[3, 4, 5]] * 2, [[1, 1, 1]] * 2), batch_of([[6, 7, 8, 9]], [[0, 1, 1, 1]])]
+    b.make_room(parts, max_rows=8, max_tokens=10**6)
+    # the widest part's first column is used by none of its rows: 3 columns hold them all
+    assert b.relayouts == 1 and len(b.rows) == 4 and b.kv.width == 3
+    assert b.kv.capacity == 3 + 3  # spare columns for the longest remaining row
+    for part in parts:
+        b = b.join(part, max_rows=8, max_tokens=10**6)
+    assert b.relayouts == 1 and b.alive == [0, 1, 2, 3]
+    assert cols(b) == [[0, 1, 2], [3, 4, 5], [3, 4, 5], [7, 8, 9]]
+    assert b.mask.int().tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    assert b.kv.values[0][:, 0, :3, 0].tolist() == cols(b)
+    b.filter([0, 3])
+    b.make_room([batch_of([[1]], [[1]]), batch_of([[2, 3]], [[1, 1]])], max_rows=8, max_tokens=10**6)
+    assert b.relayouts == 1  # two free slots and room for both: nothing moved
+    # one at a time, the same parts would have laid the cache out twice: first for more rows, then for a wider one
+    one = batch_of([[1, 2]], [[1, 1]], capacity=3)
+    for part in (batch_of([[3, 4, 5]] * 2, [[1, 1, 1]] * 2), batch_of([[6, 7, 8, 9]], [[0, 1, 1, 1]])):
+        one = one.join(part, max_rows=8, max_tokens=10**6)
+    assert one.relayouts == 2
+
+
 def test_slots_never_grow_past_max_rows_or_the_token_budget():
     b = batch_of([[1], [2], [3]], [[1], [1], [1]])
     b.admit(batch_of([[4]], [[1]]), max_rows=4, max_tokens=10**6)
