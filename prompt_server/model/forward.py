@@ -540,7 +540,8 @@ def _redirects(pieces: list[list[tuple[torch.Tensor | None, int]]] | None, mask:
     table = []
     for i, (offset, run) in enumerate(runs):
         a = first[i] + offset
-        if run and not bool(kept[i, a : a + sum(run[1::2])].all()):  # the columns they stand for: the row's own
+        n = sum(run[1::2])  # the columns they stand for must all be the row's own
+        if run and (a + n > kept.shape[1] or not bool(kept[i, a : a + n].all())):
             run = []
         table.append([a, *run] + [-1] * (width - len(run)))
     return shared, torch.tensor(table, dtype=torch.long)

@@ -121,3 +121,7 @@ def test_a_row_redirects_every_piece_of_its_first_run_of_shared_ones():
         [0, 0, 4, 1, 3, -1, -1, -1, -1],
         [14, -1, -1, -1, -1, -1, -1, -1, -1],
     ]
+    # pieces standing for more columns than the row's window holds are never redirected
+    short = torch.ones(2, 6, dtype=torch.bool)
+    _, table = forward._redirects([[(prefix, 4), (a, 3)]] * 2, short, torch.arange(2), torch.zeros(2, 1, 6, 8), 2)
+    assert table.tolist() == [[0, -1, -1, -1, -1]] * 2

@@ -137,6 +137,8 @@ def test_kernel_reads_shared_pieces_where_the_rows_columns_were_copied_from(kern
     ("layer", "holding layer 2"),
     ("shape", "redirect: long"),
     ("third", "names piece 0 for 10 columns"),
+    ("empty", "names piece 0 for 0 columns"),
+    ("overflow", "leave the window"),
 ])
 def test_kernel_refuses_bad_pieces_with_the_reason(kernel, case, message):
     q = torch.randn(2, 1, 2, 16)
@@ -153,6 +155,10 @@ def test_kernel_refuses_bad_pieces_with_the_reason(kernel, case, message):
         redirect[0, 2] = 10
     elif case == "window":
         redirect[0, 0] = 5  # columns 5..10 of a window of 1..8
+    elif case == "empty":
+        redirect[0, 2] = 0
+    elif case == "overflow":  # a first column so large that first + columns would wrap around
+        redirect[0, 0] = 2**63 - 2
     elif case == "layer":
         layer = 2
     elif case == "shape":

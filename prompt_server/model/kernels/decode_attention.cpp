@@ -288,16 +288,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       int64_t m = 0, total = 0;
       for (; m < K && e[1 + 2 * m] >= 0; ++m) {
         const int64_t idx = e[1 + 2 * m], len = e[2 + 2 * m];
-        TORCH_CHECK(idx < count && len >= 0 && len <= pieces[idx].size(3),
+        TORCH_CHECK(idx < count && len > 0 && len <= pieces[idx].size(3),
                     "redirect: row ", i, " names piece ", idx, " for ", len, " columns");
         total += len;
       }
-      if (total == 0) continue;
+      if (m == 0) continue;
+      // compared without forming e[0] - start + total, which a bad e[0] could overflow
+      TORCH_CHECK(e[0] >= start && e[0] - start <= W && total <= W - (e[0] - start),
+                  "redirect: row ", i, "'s pieces leave the window");
       r.b = e[0] - start;
       r.e = r.b + total;
       r.count = m;
       r.entry = e;
-      TORCH_CHECK(r.b >= 0 && r.e <= W, "redirect: row ", i, "'s pieces leave the window");
     }
   }
   const float* qp = q.data_ptr<float>();
@@ -345,8 +347,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
         }
       } else {
         if (!listed) {
-          column_addresses(ka.data(), kt, r, 0, h, piece_at, W, D);
-          column_addresses(va.data(), vt, r, 1, h, piece_at, W, D);
+          column_addresses(ka.data(), kt, Redirect{}, 0, h, piece_at, W, D);
+          column_addresses(va.data(), vt, Redirect{}, 1, h, piece_at, W, D);
         }
         attend_any(qt, ka.data(), va.data(), keep_row, W, sc, ot, scores.data(), G, D);
       }
