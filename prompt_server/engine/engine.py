@@ -426,12 +426,7 @@ class Engine:
                 continue
             if part is not None:
                 parts.append(part)
-        if len(parts) > 1:  # several groups: the batch grows once for all of them
-            if self._batch is None:
-                self._batch, parts = parts[0], parts[1:]
-            self._batch.make_room(parts, self.settings.max_batch_size, self.settings.max_batch_tokens)
-        for part in parts:
-            self._admit_rows(part)
+        self._join(parts)
         if self._batch is not None and self._batch.relayouts:
             self._count("cache_relayouts", self._batch.relayouts)
             self._batch.relayouts = 0
@@ -456,6 +451,29 @@ class Engine:
                             self.settings.max_batch_tokens)
         group.inputs = group.inputs.with_room(slots, lead)
         group.spare = spare
+
+    def _join(self, parts: list[RunningBatch]) -> None:
+        """A step's prefilled rows join the running batch; several groups grow it once for all of them. Rows whose
+        joining fails (room for them could not be allocated, say) fail as their prefill would; the running rows and
+        the loop go on."""
+        try:
+            if len(parts) > 1:
+                if self._batch is None:
+                    self._batch, parts = parts[0], parts[1:]
+                self._batch.make_room(parts, self.settings.max_batch_size, self.settings.max_batch_tokens)
+        except Exception as exc:
+            log.exception("making room for newcomers failed")
+            for part in parts:
+                self._fail_group(part.sequences(), exc)
+            return
+        for i, part in enumerate(parts):
+            try:
+                self._admit_rows(part)
+            except Exception as exc:
+                log.exception("newcomers could not join the running batch")
+                for rest in parts[i:]:
+                    self._fail_group(rest.sequences(), exc)
+                return
 
     def _admit_rows(self, part: RunningBatch) -> None:
         """Newly prefilled rows join the running batch: into its free slots, or the running rows into theirs when

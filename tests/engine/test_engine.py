@@ -228,6 +228,45 @@ def test_newcomer_groups_of_one_step_grow_the_batch_once(llama_world):
     assert [[t.id for t in r.tokens] for r in late] == [world.oracle(a, p, 5) for a, p in cases]
 
 
+def test_newcomers_that_cannot_join_fail_and_the_running_rows_go_on(llama_world, monkeypatch):
+    """Room for a step's newcomer groups cannot be made (an allocation fails, say): those newcomers fail with the
+    reason, as a failed prefill does, instead of being left waiting; the running row decodes on as PEFT does, and the
+    engine serves the next request."""
+    from prompt_server.engine.batch import RunningBatch
+    from prompt_server.engine.types import GenerationFailed
+
+    world = llama_world
+    engine = Engine(world.loaded, world.registry, Settings())
+    engine.ready = True  # no engine thread: the test steps it
+    cases = [(None, PROMPTS[3]), ("prefix", PROMPTS[2] * 4), (None, PROMPTS[2] * 9)]
+
+    def refuse(self, parts, max_rows, max_tokens):
+        raise RuntimeError("injected fault")
+
+    async def go():
+        first = engine.submit(greedy(PROMPTS[0], None, n=8))
+        with torch.inference_mode():
+            engine._step()
+            late = [engine.submit(greedy(p, a, n=5)) for a, p in cases]
+            with monkeypatch.context() as m:
+                m.setattr(RunningBatch, "make_room", refuse)
+                engine._step()
+            assert len(engine._batch) == 1 and not engine._prefilling
+            while engine._batch is not None:
+                engine._step()
+            for h in late:
+                with pytest.raises(GenerationFailed, match="prefill failed: injected fault"):
+                    await h.result()
+            again = engine.submit(greedy(PROMPTS[3], None, n=5))
+            while engine._batch is not None or engine._has_work():
+                engine._step()
+        return await first.result(), await again.result()
+
+    first, again = asyncio.run(go())
+    assert [t.id for t in first.tokens] == world.oracle(None, PROMPTS[0], 8)
+    assert [t.id for t in again.tokens] == world.oracle(None, PROMPTS[3], 5)
+
+
 def test_newcomers_much_shorter_than_the_running_row_join_its_batch_as_before(llama_world):
     """Running rows more than twice as wide as the newcomers: the newcomers' prefill would attend over that width,
     so no room is made; the batch's cache is laid out again for more slots (one copy) and the newcomers are written
