@@ -99,13 +99,8 @@ class RunningBatch:
         n = len(new)
         if n == 0:
             return self
-        width = max(self.kv.width - self.start, new.kv.width - new.start)
+        self.make_room([new], max_rows, max_tokens)
         free = [i for i, r in enumerate(self.rows) if r is None]
-        if len(free) < n or new.kv.width - new.start > self.kv.width:
-            spare = spare_for(self.sequences() + new.sequences())
-            self._relayout(grown_slots(len(self.alive) + n, len(self.rows), width + spare, max_rows, max_tokens),
-                           width, spare)
-            free = [i for i, r in enumerate(self.rows) if r is None]
         slots = torch.tensor(free[:n], dtype=torch.long, device=self.mask.device)
         w, col = new.kv.width - new.start, self.kv.width
         src = new.slots
@@ -127,8 +122,8 @@ class RunningBatch:
         return self
 
     def make_room(self, parts: list[RunningBatch], max_rows: int, max_tokens: int) -> None:
-        """Room for every row of `parts` at once (the newcomer groups of one step, which admit would take one at a
-        time): at most one layout, where each group in turn could need one, being more rows or wider than the last."""
+        """Room for every row of `parts` at once (the newcomer groups of one step, which admit would otherwise make
+        room for one at a time): free slots for them all and columns for the widest, laid out at most once."""
         n = sum(len(p) for p in parts)
         if len(self.rows) - len(self) >= n and all(p.kv.width - p.start <= self.kv.width for p in parts):
             return

@@ -540,8 +540,8 @@ def _redirects(pieces: list[list[tuple[torch.Tensor | None, int]]] | None, mask:
     table = []
     for i, (offset, run) in enumerate(runs):
         a = first[i] + offset
-        n = sum(run[1::2])  # the columns they stand for must all be the row's own
-        if run and (a + n > kept.shape[1] or not bool(kept[i, a : a + n].all())):
+        cols = sum(run[1::2])  # the columns they stand for must all be the row's own
+        if run and (a + cols > kept.shape[1] or not bool(kept[i, a : a + cols].all())):
             run = []
         table.append([a, *run] + [-1] * (width - len(run)))
     return shared, torch.tensor(table, dtype=torch.long)

@@ -273,12 +273,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   }
   // each row's redirect, checked once: its pieces' columns lie in the window
   std::vector<Redirect> redirects(n);
-  int64_t stride = 0;
   if (redirect.has_value()) {
     const at::Tensor& rd = *redirect;
     TORCH_CHECK(rd.dim() == 2 && rd.size(0) == n && rd.size(1) >= 3 && rd.size(1) % 2 == 1 &&
                     rd.scalar_type() == at::kLong && rd.is_contiguous(), "redirect: long [n, 1 + 2K]");
-    stride = rd.size(1);
+    const int64_t stride = rd.size(1);
     const int64_t K = (stride - 1) / 2;
     const int64_t* rp = rd.data_ptr<int64_t>();
     const int64_t count = static_cast<int64_t>(pieces.size());
